@@ -1,0 +1,140 @@
+/* Types and constants shared by the underlay (XDP) and port (TC) programs.
+ *
+ * Every map key and value is declared here, once: xdectl reads the ctypes
+ * types bcc derives from these declarations, it never redeclares them.
+ * Change a struct or a map and XDE_LAYOUT changes with it (xdectl hashes
+ * this file and maps.h), so an old pinned instance is refused, not misread.
+ */
+#ifndef XDE_H
+#define XDE_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_arp.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/in.h>
+
+#define GENEVE_PORT 6081
+#define GENEVE_PROTO_ETH 0x6558
+#define GENEVE_OPT_CLASS_OXIDE 0x0129
+#define GENEVE_OPT_EXTERNAL 0x00
+#define GENEVE_OPT_MULTICAST 0x01
+#define GENEVE_OPT_MSS 0x02
+#define GENEVE_OPT_CRITICAL 0x80
+#define OUTER_HOP_LIMIT 128       /* what OPTE sends */
+#define XDE_MAX_PASSTHROUGH 16    /* passthrough ports per root (clone loop bound) */
+
+/* Port flags. */
+#define PORT_F_PASSTHROUGH 1
+
+/* Key of the one-entry instance config array. */
+#define CFG_KEY 0
+
+/* Instance-wide settings: one root's ports share one underlay pair and one
+ * underlay source address (DESIGN.md section 10). */
+struct xde_cfg {
+	__u32 u1;                 /* ifindex of underlay 1, 0 while no port */
+	__u32 u2;
+	__u8 underlay_addr[16];   /* this host's underlay IPv6 address */
+	__u32 nports;
+	__u32 liveness_table;     /* routing table holding the underlay liveness routes */
+};
+
+/* One port, keyed by the ifindex of the veth end the datapath owns. */
+struct port_cfg {
+	__u32 ifindex;            /* datapath end (TC ingress is attached here) */
+	__u32 flags;              /* PORT_F_* */
+	__u32 vni;
+	__u32 bsvc_vni;
+	__u8 mac[6];              /* guest MAC */
+	__u8 gw_mac[6];           /* virtual gateway MAC */
+	__be32 ip;                /* guest IPv4 */
+	__be32 gw_ip;             /* virtual gateway IPv4 */
+	__be32 subnet;            /* VPC subnet, network byte order */
+	__u32 subnet_len;
+	__u8 bsvc_addr[16];       /* boundary services underlay address */
+	__u32 mtu;                /* guest-facing MTU */
+	char name[16];            /* guest-facing interface name */
+	char peer[16];            /* datapath end interface name */
+};
+
+/* Inbound port lookup: (VNI, destination MAC) -> datapath end ifindex.
+ * Passthrough ports are indexed with VNI_PASSTHROUGH, outside the 24 bits. */
+#define VNI_PASSTHROUGH 0xffffffff
+struct port_key {
+	__u32 vni;
+	__u8 mac[6];
+	__u8 pad[2];
+};
+
+/* Counters. One list, expanded into the per-port struct (whose field names
+ * xdectl reads through bcc) and into the index enum the programs use. */
+#define XDE_PORT_COUNTERS(X) \
+	X(rx_packets) X(rx_bytes) X(tx_packets) X(tx_bytes) \
+	X(passthrough_out) X(passthrough_in) \
+	X(encap) X(decap) X(arp_replies) X(icmp_replies) \
+	X(drop_spoof) X(drop_no_route) X(drop_no_v2p) X(drop_firewall) \
+	X(drop_arp) X(drop_mtu) X(drop_unsupported) X(drop_no_underlay) \
+	X(drop_no_pipeline)
+
+#define XDE_GLOBAL_COUNTERS(X) \
+	X(passed_to_host) X(drop_no_port) X(drop_arp_in_geneve) \
+	X(malformed_truncated) X(malformed_version) X(malformed_options) \
+	X(malformed_critical_option) X(malformed_protocol) X(malformed_inner) \
+	X(drop_unknown_port)
+
+#define XDE_FIELD(n) __u64 n;
+struct port_stats { XDE_PORT_COUNTERS(XDE_FIELD) };
+struct global_stats { XDE_GLOBAL_COUNTERS(XDE_FIELD) };
+#undef XDE_FIELD
+
+#define XDE_PINDEX(n) P_##n,
+#define XDE_GINDEX(n) G_##n,
+enum port_counter { XDE_PORT_COUNTERS(XDE_PINDEX) P_MAX };
+enum global_counter { XDE_GLOBAL_COUNTERS(XDE_GINDEX) G_MAX };
+#undef XDE_PINDEX
+#undef XDE_GINDEX
+
+/* Overlay: virtual-to-physical mapping, (VNI, guest IP) -> (MAC, host). */
+struct v2p_key {
+	__u32 vni;
+	__be32 ip;
+};
+struct v2p_val {
+	__u8 mac[6];
+	__u8 pad[2];
+	__u8 underlay[16];
+};
+
+/* Router: one LPM trie for all ports; the port's ifindex leads the key so
+ * each port has its own table. System entries (made by create) live in a
+ * second trie so that a custom entry of the same length wins over them
+ * without erasing them (OPTE's priority rule). */
+enum route_target { RT_DROP = 1, RT_IG = 2, RT_IP4 = 3, RT_SUB4 = 4 };
+struct route_key {
+	__u32 prefixlen;          /* 32 (port) + IPv4 prefix length */
+	__u32 port;
+	__be32 ip;
+};
+struct route_val {
+	__u32 target;             /* enum route_target */
+	__be32 addr;              /* RT_IP4: next hop; RT_SUB4: subnet address */
+	__u32 len;                /* RT_SUB4: subnet prefix length */
+};
+
+/* Metadata xdectl stores when it loads an instance: the layout hash and the
+ * bcc type descriptions of every map, so that later calls open the pins
+ * without compiling anything. */
+#define XDE_META_TYPES 16384
+struct xde_meta {
+	char layout[72];
+	__u32 types_len;
+	char types[XDE_META_TYPES];
+};
+
+#endif

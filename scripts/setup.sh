@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian/Ubuntu machine for xde (DESIGN.md section 8):
+# distribution packages, kernel headers for bcc, bpffs, and the project's venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: run as root (sudo make setup): it installs packages and mounts bpffs" >&2
+  exit 1
+fi
+
+arch=$(dpkg --print-architecture)
+packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping
+          tcpdump tshark iperf3 ethtool)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/{build,source}. Kernels without
+# their own headers package (custom or CI kernels) get the distribution's
+# current headers: the programs only use UAPI headers, which are stable.
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build/include/linux/kconfig.h" ] && [ ! -e "$kdir/source/include/linux/kconfig.h" ]; then
+  build=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)
+  common=${build%-"$arch"}-common
+  [ -d "$build" ] && [ -d "$common" ] || { echo "setup: no linux-headers found under /usr/src" >&2; exit 1; }
+  echo "setup: using $build for kernel $(uname -r)"
+  mkdir -p "$kdir"
+  ln -sfn "$build" "$kdir/build"
+  ln -sfn "$common" "$kdir/source"
+fi
+
+if ! grep -qs " /sys/fs/bpf bpf " /proc/mounts; then
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# A venv from the distribution's Python sees the distribution's bcc.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c "import xdectl, pytest, scapy, pyroute2, typer, prometheus_client, hypothesis" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch .venv/.installed
+fi

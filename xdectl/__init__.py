@@ -1,0 +1,1 @@
+"""xde for Linux: control plane of the eBPF overlay datapath."""

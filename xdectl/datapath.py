@@ -1,0 +1,185 @@
+"""One datapath instance: the programs and maps pinned under a root.
+
+The first command on a root compiles bpf/ with bcc and pins everything;
+every later command opens the pins. The kernel keeps the instance alive
+between commands; this module only finds it, builds it or removes it.
+"""
+import ctypes as ct
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from . import libbpf
+from .errors import XdeError
+from .maps import open_maps
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+DEFAULT_ROOT = "/sys/fs/bpf/xde"
+# The files whose content decides map layouts; their hash names the layout.
+LAYOUT_FILES = ("xde.h", "maps.h")
+# Program name -> bcc program type (BPF.XDP = 6, BPF.SCHED_CLS = 3).
+SOURCES = ("xde_xdp.c", "tc_encap.c")
+PROGRAMS = {"xdp_underlay": 6, "tc_underlay_in": 3, "tc_port_out": 3}
+
+
+def layout_hash():
+    h = hashlib.sha256()
+    for f in LAYOUT_FILES:
+        h.update((BPF_DIR / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def program_text():
+    """bpf/ sources as one compilation unit, local headers inlined.
+
+    One unit, so that the two programs share every map. Inlined, because
+    bcc only rewrites map calls (m.lookup()) and takes programs from its
+    main file, not from included headers."""
+    seen = set()
+
+    def inline(name):
+        if name in seen:
+            return ""
+        seen.add(name)
+        out = [f'#line 1 "{name}"']
+        for n, line in enumerate((BPF_DIR / name).read_text().splitlines(), 1):
+            m = re.match(r'\s*#include "([^"]+)"', line)
+            if m:
+                out += [inline(m.group(1)), f'#line {n + 1} "{name}"']
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return "\n".join(inline(f) for f in SOURCES) + "\n"
+
+
+def _bpffs_mounts():
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] == "bpf"]
+
+
+class Datapath:
+    def __init__(self, root):
+        self.root = Path(root)
+        self.maps_dir = self.root / "maps"
+        self.progs_dir = self.root / "progs"
+        self._lock_fd = None
+        self._maps = None
+
+    # --- presence and locking -------------------------------------------
+
+    def check_bpffs(self):
+        mounts = _bpffs_mounts()
+        if not any(self.root == Path(m) or Path(m) in self.root.parents for m in mounts):
+            raise XdeError(f"root {self.root} is not on a mounted bpffs "
+                           f"(mount -t bpf bpf /sys/fs/bpf, or choose --root under a bpffs)")
+
+    def exists(self):
+        return (self.maps_dir / "meta").exists()
+
+    def lock(self):
+        """Serialize changes to this root between concurrent xdectl calls."""
+        self.check_bpffs()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def release(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        # A root left without an instance is removed: a failed first create
+        # must not leave even an empty directory behind.
+        if self.root.exists() and not self.exists():
+            self._remove_pins()
+
+    # --- load ----------------------------------------------------------
+
+    def load(self):
+        """Compile bpf/ and pin programs and maps under the root (cold start)."""
+        from bcc import BPF
+        from bcc.libbcc import lib
+
+        lib.bpf_num_tables.argtypes = [ct.c_void_p]
+        lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_ulonglong]
+        lib.bpf_table_name.restype = ct.c_char_p
+        try:
+            self.maps_dir.mkdir(parents=True, exist_ok=True)
+            self.progs_dir.mkdir(exist_ok=True)
+            b = BPF(text=program_text(),
+                    cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
+                            "-Wno-unused-function"])
+            for name, kind in PROGRAMS.items():
+                fn = b.load_func(name, kind)
+                libbpf.obj_pin(fn.fd, self.progs_dir / name)
+            maps = {}
+            for i in range(lib.bpf_num_tables(b.module)):
+                name = lib.bpf_table_name(b.module, i)
+                maps[name.decode()] = {
+                    "key": json.loads(lib.bpf_table_key_desc(b.module, name)),
+                    "leaf": json.loads(lib.bpf_table_leaf_desc(b.module, name)),
+                    "type": lib.bpf_table_type(b.module, name),
+                }
+            meta = json.dumps({"layout": layout_hash(), "maps": maps}).encode()
+            table = b["meta"]
+            leaf = table.Leaf()
+            if len(meta) >= ct.sizeof(leaf):
+                raise XdeError("internal: map type descriptions exceed the meta map")
+            ct.memmove(ct.addressof(leaf), meta, len(meta))
+            table[table.Key(0)] = leaf
+        except Exception as e:
+            self._remove_pins()
+            if isinstance(e, XdeError):
+                raise
+            raise XdeError(f"cannot load the datapath under {self.root}: {e}") from e
+
+    # --- open ----------------------------------------------------------
+
+    def maps(self):
+        """The instance's maps, opened from their pins (cached)."""
+        if self._maps is None:
+            meta = self._read_meta()
+            self._maps = open_maps(meta, self.maps_dir)
+        return self._maps
+
+    def _read_meta(self):
+        fd = libbpf.obj_get(self.maps_dir / "meta")
+        try:
+            buf = ct.create_string_buffer(libbpf.map_value_size(fd))
+            libbpf.lookup(fd, ct.c_uint32(0), buf)
+        finally:
+            os.close(fd)
+        text = buf.value.decode()
+        found = json.loads(text).get("layout") if text else None
+        if found != layout_hash():
+            raise XdeError(f"the datapath pinned under {self.root} has map layout {found}, "
+                           f"this xdectl expects {layout_hash()}; remove it with "
+                           f"'xdectl --root {self.root} unload --force' and create the ports again")
+        return text
+
+    def prog_fd(self, name):
+        return libbpf.obj_get(self.progs_dir / name)
+
+    # --- remove --------------------------------------------------------
+
+    def _remove_pins(self):
+        for d in (self.maps_dir, self.progs_dir):
+            if d.exists():
+                for p in d.iterdir():
+                    p.unlink()
+                d.rmdir()
+        if self.root.exists():
+            try:
+                self.root.rmdir()
+            except OSError as e:
+                raise XdeError(f"{self.root} holds pins xdectl did not make: {e}") from e
+
+    def remove(self):
+        """Unpin everything; the kernel frees what nothing else holds."""
+        for m in (self._maps or {}).values():
+            os.close(m.fd)
+        self._maps = None
+        self._remove_pins()

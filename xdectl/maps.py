@@ -1,0 +1,124 @@
+"""Typed access to the pinned maps of one datapath instance.
+
+The key and value types are the ctypes classes bcc derives from the C
+declarations in bpf/xde.h. They are recorded (as bcc's own JSON type
+descriptions) in the instance's `meta` map when it is loaded, so a command
+that only reads or edits maps neither imports bcc nor compiles anything.
+"""
+import ctypes as ct
+import ipaddress
+import json
+
+from . import libbpf
+
+PERCPU_TYPES = {5, 6, 10}  # BPF_MAP_TYPE_{PERCPU_HASH,PERCPU_ARRAY,LRU_PERCPU_HASH}
+
+
+def decode_type(desc):
+    """Build a ctypes type from one of bcc's JSON type descriptions."""
+    from bcc import BPF  # bcc's own decoder; loads libbcc but compiles nothing
+    return BPF._decode_table_type(desc)
+
+
+class Map:
+    """One pinned map: dict-like access with bcc's ctypes key/value types."""
+
+    def __init__(self, name, fd, key_type, leaf_type, map_type):
+        self.name = name
+        self.fd = fd
+        self.Key = key_type
+        self.Leaf = leaf_type
+        self.percpu = map_type in PERCPU_TYPES
+        self.ncpus = libbpf.possible_cpus() if self.percpu else 1
+        self.max_entries = libbpf.map_info(fd).max_entries
+
+    def _leaf_buf(self):
+        if not self.percpu:
+            return self.Leaf()
+        return (self.Leaf * self.ncpus)()
+
+    def get(self, key):
+        """The value (per-CPU maps: the list of per-CPU values), or None."""
+        val = self._leaf_buf()
+        if not libbpf.lookup(self.fd, key, val):
+            return None
+        return list(val) if self.percpu else val
+
+    def set(self, key, value, flags=libbpf.BPF_ANY):
+        if self.percpu:
+            vals = (self.Leaf * self.ncpus)(*([value] * self.ncpus))
+            libbpf.update(self.fd, key, vals, flags)
+        else:
+            libbpf.update(self.fd, key, value, flags)
+
+    def delete(self, key):
+        return libbpf.delete(self.fd, key)
+
+    def keys(self):
+        out = []
+        prev = None
+        while True:
+            k = self.Key()
+            if not libbpf.next_key(self.fd, prev, k):
+                return out
+            out.append(k)
+            prev = k
+
+    def items(self):
+        for k in self.keys():
+            v = self.get(k)
+            if v is not None:
+                yield k, v
+
+    def update_batch(self, pairs):
+        """Insert many (key, value) pairs with BPF_MAP_UPDATE_BATCH."""
+        n = len(pairs)
+        if not n:
+            return 0
+        keys = (self.Key * n)(*[k for k, _ in pairs])
+        vals = (self.Leaf * n)(*[v for _, v in pairs])
+        return libbpf.update_batch(self.fd, keys, vals, n)
+
+
+def sum_percpu(values):
+    """Field-wise sum of a list of per-CPU counter structs, as a dict."""
+    fields = [f for f, _ in values[0]._fields_ if not f.startswith("__pad")]
+    return {f: sum(getattr(v, f) for v in values) for f in fields}
+
+
+def open_maps(meta_text, maps_dir):
+    """Open every pinned map described by the instance's meta JSON."""
+    meta = json.loads(meta_text)
+    out = {}
+    for name, d in meta["maps"].items():
+        fd = libbpf.obj_get(maps_dir / name)
+        out[name] = Map(name, fd, decode_type(d["key"]), decode_type(d["leaf"]), d["type"])
+    return out
+
+
+# Field helpers shared by the modules that fill map values.
+
+def mac_bytes(mac):
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def mac_str(raw):
+    return ":".join(f"{b:02x}" for b in bytes(raw)[:6])
+
+
+def set_bytes(field, data):
+    """Copy bytes into a ctypes array field."""
+    ct.memmove(field, data, len(data))
+
+
+def ip4_be(addr):
+    """IPv4 address -> the __be32 as it is stored in a ctypes uint."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+
+
+def ip4_str(be):
+    return str(ipaddress.IPv4Address(int(be).to_bytes(4, "little")))
+
+
+def ip6_str(raw):
+    return str(ipaddress.IPv6Address(bytes(raw)[:16]))

@@ -1,0 +1,158 @@
+"""Netlink operations on links, tc, XDP, routes and sysctls (pyroute2).
+
+Everything here acts on the network namespace xdectl runs in; the root's
+datapath ends and underlays live there.
+"""
+import errno
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.ethtool import Ethtool
+from pyroute2.netlink.exceptions import NetlinkError
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
+TC_PRIO = 0xD0      # the priority our filters use, so we find and remove only ours
+RT_PROTO_XDE = 0x78  # routes xdectl owns carry this protocol number
+
+
+class Netdev:
+    def __init__(self):
+        self.ipr = IPRoute()
+
+    def close(self):
+        self.ipr.close()
+
+    # --- links -----------------------------------------------------------
+
+    def index(self, name):
+        """ifindex of name, or None."""
+        found = self.ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def name(self, index):
+        try:
+            return self.ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+        except NetlinkError:
+            return None
+
+    def is_up(self, index):
+        link = self.ipr.get_links(index)[0]
+        return bool(link["flags"] & 1)
+
+    def create_veth(self, name, peer, mac, mtu):
+        self.ipr.link("add", ifname=name, kind="veth", address=mac, mtu=mtu,
+                      peer={"ifname": peer, "mtu": mtu})
+
+    def up(self, index):
+        self.ipr.link("set", index=index, state="up")
+
+    def delete(self, index):
+        try:
+            self.ipr.link("del", index=index)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+
+    def enable_gro(self, name):
+        """XDP_REDIRECT into a veth needs NAPI on the receiving end; GRO turns
+        it on without an XDP program there (DESIGN.md section 11)."""
+        eth = Ethtool()
+        try:
+            feats = eth.get_features(name)
+            feats.features["rx-gro"].enable = True
+            eth.set_features(name, feats)
+        finally:
+            eth.close()
+
+    # --- tc --------------------------------------------------------------
+
+    def attach_tc_ingress(self, index, prog_fd, name):
+        try:
+            self.ipr.tc("add", "clsact", index)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        self.ipr.tc("add-filter", "bpf", index, ":1", fd=prog_fd, name=name,
+                    parent=TC_INGRESS, prio=TC_PRIO, classid=1, direct_action=True)
+
+    def detach_tc_ingress(self, index):
+        """Remove our filter, and the clsact qdisc once nothing else uses it."""
+        try:
+            self.ipr.tc("del-filter", "bpf", index, ":1", parent=TC_INGRESS, prio=TC_PRIO)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                raise
+        if not self.tc_ingress_filters(index) and not self.tc_egress_filters(index):
+            try:
+                self.ipr.tc("del", "clsact", index)
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                    raise
+
+    def tc_ingress_filters(self, index):
+        return self._filters(index, TC_INGRESS)
+
+    def tc_egress_filters(self, index):
+        return self._filters(index, TC_EGRESS)
+
+    def _filters(self, index, parent):
+        try:
+            return [f for f in self.ipr.get_filters(index=index, parent=parent)
+                    if f.get_attr("TCA_KIND")]
+        except NetlinkError:
+            return []
+
+    # --- XDP -------------------------------------------------------------
+
+    def xdp_prog_id(self, index):
+        """id of the XDP program attached to the link, or 0."""
+        link = self.ipr.get_links(index)[0]
+        xdp = link.get_attr("IFLA_XDP")
+        if not xdp:
+            return 0
+        return xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+
+    def attach_xdp(self, index, prog_fd):
+        """Native mode where the driver has it, generic otherwise."""
+        for mode in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+            try:
+                self.ipr.link("set", index=index,
+                              xdp={"attrs": [("IFLA_XDP_FD", prog_fd),
+                                             ("IFLA_XDP_FLAGS", XDP_FLAGS_UPDATE_IF_NOEXIST | mode)]})
+                return
+            except NetlinkError as e:
+                if mode == XDP_FLAGS_SKB_MODE or e.code not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+
+    def detach_xdp(self, index):
+        for mode in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+            try:
+                self.ipr.link("set", index=index,
+                              xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", mode)]})
+            except NetlinkError as e:
+                if e.code not in (errno.ENODEV, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+
+    # --- routes ----------------------------------------------------------
+
+    def replace_route6(self, dst, oif, table):
+        self.ipr.route("replace", family=socket.AF_INET6, dst=dst, oif=oif,
+                       table=table, proto=RT_PROTO_XDE)
+
+    def del_route6(self, dst, table):
+        try:
+            self.ipr.route("del", family=socket.AF_INET6, dst=dst, table=table)
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+
+
+def sysctl(path, value):
+    """Write a sysctl of the current network namespace (/proc/sys/net is
+    per namespace)."""
+    with open(f"/proc/sys/{path}", "w") as f:
+        f.write(str(value))

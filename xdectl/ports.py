@@ -1,0 +1,387 @@
+"""Port lifecycle: create, delete, list, and removing a whole instance.
+
+A port is a veth pair: the guest-facing end carries the port's name and
+MAC; the datapath end (NAME_dp) gets the TC program. Its configuration is
+a `ports` map entry keyed by the datapath end's ifindex, so `list` reads
+the kernel, never a file.
+"""
+import ctypes as ct
+import ipaddress
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import validate
+from .datapath import Datapath
+from .errors import XdeError
+from .maps import ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
+from .netdev import Netdev, sysctl
+
+PORT_F_PASSTHROUGH = 1
+VNI_PASSTHROUGH = 0xFFFFFFFF
+LIVENESS_TABLE = 0x7864        # "xd": table of the underlay liveness routes
+LIVENESS_PREFIX = "fd78:6465:7864::"
+DEFAULT_SUBNET_LEN = 24
+
+
+@dataclass
+class PortSpec:
+    name: str
+    underlay1: str
+    underlay2: str
+    mac: str
+    ip: str
+    gw_mac: str
+    gw_ip: str
+    bsvc_addr: str
+    bsvc_vni: int
+    vni: int
+    underlay_addr: str
+    vpc_subnet: str | None = None
+    passthrough: bool = False
+
+    def validated(self):
+        """A normalised copy, or XdeError naming the first bad field."""
+        name = validate.ifname(self.name, "port name")
+        ip = validate.ipv4(self.ip, "--ip")
+        subnet = (validate.cidr4(self.vpc_subnet, "--vpc-subnet") if self.vpc_subnet
+                  else ipaddress.IPv4Network(f"{ip}/{DEFAULT_SUBNET_LEN}", strict=False))
+        if ipaddress.IPv4Address(ip) not in subnet:
+            raise XdeError(f"--ip {ip} is not inside --vpc-subnet {subnet}")
+        return PortSpec(
+            name=name,
+            underlay1=validate.ifname(self.underlay1, "underlay device"),
+            underlay2=validate.ifname(self.underlay2, "underlay device"),
+            mac=validate.mac(self.mac, "--mac"),
+            ip=ip,
+            gw_mac=validate.mac(self.gw_mac, "--gateway-mac"),
+            gw_ip=validate.ipv4(self.gw_ip, "--gateway-ip"),
+            bsvc_addr=validate.ipv6(self.bsvc_addr, "--boundary-services"),
+            bsvc_vni=validate.vni(self.bsvc_vni, "--boundary-vni"),
+            vni=validate.vni(self.vni, "--vni"),
+            underlay_addr=validate.ipv6(self.underlay_addr, "--underlay-addr"),
+            vpc_subnet=str(subnet),
+            passthrough=self.passthrough,
+        )
+
+
+def datapath_end(name):
+    return f"{name[:12]}_dp"
+
+
+def liveness_dst(ifindex):
+    return f"{LIVENESS_PREFIX}{ifindex >> 16:x}:{ifindex & 0xFFFF:x}"
+
+
+@contextmanager
+def session(root):
+    """A locked datapath root and a netlink socket, for one command."""
+    dp = Datapath(root)
+    dp.lock()
+    nd = Netdev()
+    try:
+        yield dp, nd
+    finally:
+        nd.close()
+        dp.release()
+
+
+class Undo:
+    """Steps to roll back, run in reverse if create fails half-way."""
+
+    def __init__(self):
+        self.steps = []
+
+    def add(self, fn, *args):
+        self.steps.append((fn, args))
+
+    def run(self):
+        for fn, args in reversed(self.steps):
+            try:
+                fn(*args)
+            except Exception:  # best effort: keep undoing the rest
+                pass
+
+
+def _config(maps):
+    m = maps["config"]
+    return m, m.get(m.Key(0))
+
+
+def _port_key(maps, vni, mac):
+    k = maps["port_index"].Key()
+    k.vni = vni
+    set_bytes(k.mac, mac_bytes(mac))
+    return k
+
+
+def _find_port(maps, name):
+    for k, pc in maps["ports"].items():
+        if pc.name.decode() == name:
+            return k.value, pc
+    return None, None
+
+
+def _check_links(nd, spec):
+    u1, u2 = nd.index(spec.underlay1), nd.index(spec.underlay2)
+    missing = [n for n, i in ((spec.underlay1, u1), (spec.underlay2, u2)) if i is None]
+    if missing:
+        raise XdeError(f"underlay device {missing[0]} not found in this network namespace")
+    if u1 == u2:
+        raise XdeError(f"both underlays are the same device ({spec.underlay1})")
+    for n in (spec.name, datapath_end(spec.name)):
+        if nd.index(n) is not None:
+            raise XdeError(f"interface {n} already exists")
+    return u1, u2
+
+
+def _check_instance(maps, spec, u1, u2, nd):
+    _, cfg = _config(maps)
+    if cfg.nports:
+        if (cfg.u1, cfg.u2) != (u1, u2):
+            raise XdeError(f"this root's ports use underlays {nd.name(cfg.u1)} and {nd.name(cfg.u2)}; "
+                           f"a port here cannot use {spec.underlay1} and {spec.underlay2}")
+        have = ip6_str(cfg.underlay_addr)
+        if have != spec.underlay_addr:
+            raise XdeError(f"this root's underlay address is {have}; "
+                           f"--underlay-addr {spec.underlay_addr} differs")
+    if _find_port(maps, spec.name)[0] is not None:
+        raise XdeError(f"port {spec.name} already exists on this root")
+    vni = VNI_PASSTHROUGH if spec.passthrough else spec.vni
+    if maps["port_index"].get(_port_key(maps, vni, spec.mac)) is not None:
+        raise XdeError(f"MAC {spec.mac} is already used by another port"
+                       + ("" if spec.passthrough else f" in VNI {spec.vni}"))
+    if spec.passthrough and not _free_passthru_slot(maps):
+        raise XdeError("this root already has the maximum number of passthrough ports")
+
+
+def _free_passthru_slot(maps):
+    m = maps["passthru"]
+    for i in range(m.max_entries):
+        v = m.get(m.Key(i))
+        if v is not None and v.value == 0:
+            return i
+    return None
+
+
+def _attach_underlays(dp, nd, u1, u2, undo):
+    xdp_fd, tc_fd = dp.prog_fd("xdp_underlay"), dp.prog_fd("tc_underlay_in")
+    for u in (u1, u2):
+        other = nd.xdp_prog_id(u)
+        if other:
+            raise XdeError(f"underlay {nd.name(u)} already has an XDP program (id {other}) "
+                           f"that is not this root's")
+    for u in (u1, u2):
+        nd.attach_xdp(u, xdp_fd)
+        undo.add(nd.detach_xdp, u)
+        nd.attach_tc_ingress(u, tc_fd, "xde_underlay_in")
+        undo.add(nd.detach_tc_ingress, u)
+        nd.replace_route6(liveness_dst(u), u, LIVENESS_TABLE)
+        undo.add(nd.del_route6, liveness_dst(u), LIVENESS_TABLE)
+
+
+def _detach_underlays(nd, u1, u2):
+    for u in (u1, u2):
+        if nd.name(u) is None:
+            continue
+        nd.detach_xdp(u)
+        nd.detach_tc_ingress(u)
+        nd.del_route6(liveness_dst(u), LIVENESS_TABLE)
+
+
+def create(root, spec):
+    spec = spec.validated()
+    with session(root) as (dp, nd):
+        u1, u2 = _check_links(nd, spec)
+        fresh = not dp.exists()
+        if not fresh:
+            _check_instance(dp.maps(), spec, u1, u2, nd)
+        undo = Undo()
+        try:
+            if fresh:
+                dp.load()
+                undo.add(dp.remove)
+            _create(dp, nd, spec, u1, u2, undo)
+        except BaseException:
+            undo.run()
+            raise
+
+
+def _create(dp, nd, spec, u1, u2, undo):
+    maps = dp.maps()
+    cfg_map, cfg = _config(maps)
+    peer = datapath_end(spec.name)
+    mtu = _port_mtu(nd, u1)
+    nd.create_veth(spec.name, peer, spec.mac, mtu)
+    dp_index = nd.index(peer)
+    undo.add(nd.delete, dp_index)
+    nd.enable_gro(spec.name)
+    # bpf_fib_lookup from the port's TC hook needs forwarding on its device
+    sysctl(f"net/ipv6/conf/{peer}/forwarding", 1)
+
+    pc = maps["ports"].Leaf()
+    pc.ifindex = dp_index
+    pc.flags = PORT_F_PASSTHROUGH if spec.passthrough else 0
+    pc.vni = spec.vni
+    pc.bsvc_vni = spec.bsvc_vni
+    set_bytes(pc.mac, mac_bytes(spec.mac))
+    set_bytes(pc.gw_mac, mac_bytes(spec.gw_mac))
+    pc.ip = ip4_be(spec.ip)
+    pc.gw_ip = ip4_be(spec.gw_ip)
+    subnet = ipaddress.IPv4Network(spec.vpc_subnet)
+    pc.subnet = ip4_be(subnet.network_address)
+    pc.subnet_len = subnet.prefixlen
+    set_bytes(pc.bsvc_addr, ipaddress.IPv6Address(spec.bsvc_addr).packed)
+    pc.mtu = mtu
+    pc.name = spec.name.encode()
+    pc.peer = peer.encode()
+
+    key = maps["ports"].Key(dp_index)
+    maps["port_stats"].set(key, maps["port_stats"].Leaf())
+    undo.add(maps["port_stats"].delete, key)
+    maps["ports"].set(key, pc)
+    undo.add(maps["ports"].delete, key)
+    pk = _port_key(maps, VNI_PASSTHROUGH if spec.passthrough else spec.vni, spec.mac)
+    maps["port_index"].set(pk, maps["port_index"].Leaf(dp_index))
+    undo.add(maps["port_index"].delete, pk)
+    if spec.passthrough:
+        slot = _free_passthru_slot(maps)
+        _set_passthru(maps, slot, dp_index)
+        undo.add(_set_passthru, maps, slot, 0)
+
+    if cfg.nports == 0:
+        _attach_underlays(dp, nd, u1, u2, undo)
+        cfg.u1, cfg.u2 = u1, u2
+        set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(spec.underlay_addr).packed)
+        cfg.liveness_table = LIVENESS_TABLE
+    cfg.nports += 1
+    cfg_map.set(cfg_map.Key(0), cfg)
+
+    nd.attach_tc_ingress(dp_index, dp.prog_fd("tc_port_out"), "xde_port_out")
+    nd.up(dp_index)
+    nd.up(nd.index(spec.name))
+
+
+def _port_mtu(nd, underlay):
+    link = nd.ipr.get_links(underlay)[0]
+    return link.get_attr("IFLA_MTU")
+
+
+def _set_passthru(maps, slot, value):
+    """Passthrough ports are kept packed at the start of the array: the
+    broadcast clone loop stops at the first empty slot."""
+    m = maps["passthru"]
+    m.set(m.Key(slot), m.Leaf(value))
+    if value == 0:
+        vals = [m.get(m.Key(i)).value for i in range(m.max_entries)]
+        packed = [v for v in vals if v] + [0] * vals.count(0)
+        for i, v in enumerate(packed):
+            if v != vals[i]:
+                m.set(m.Key(i), m.Leaf(v))
+
+
+def delete(root, name):
+    with session(root) as (dp, nd):
+        if not dp.exists():
+            raise XdeError(f"no port {name}: nothing is loaded under {root}")
+        maps = dp.maps()
+        index, pc = _find_port(maps, name)
+        if index is None:
+            raise XdeError(f"no port {name} on {root}")
+        _delete(maps, nd, index, pc)
+
+
+def _delete(maps, nd, index, pc):
+    key = maps["ports"].Key(index)
+    passthrough = pc.flags & PORT_F_PASSTHROUGH
+    maps["port_index"].delete(_port_key(maps, VNI_PASSTHROUGH if passthrough else pc.vni,
+                                        mac_str(pc.mac)))
+    if passthrough:
+        m = maps["passthru"]
+        for i in range(m.max_entries):
+            if m.get(m.Key(i)).value == index:
+                _set_passthru(maps, i, 0)
+                break
+    maps["ports"].delete(key)
+    maps["port_stats"].delete(key)
+    nd.delete(index)  # removes both veth ends, wherever the guest end lives now
+    cfg_map, cfg = _config(maps)
+    cfg.nports = max(0, cfg.nports - 1)
+    if cfg.nports == 0:
+        _detach_underlays(nd, cfg.u1, cfg.u2)
+        cfg.u1 = cfg.u2 = 0
+    cfg_map.set(cfg_map.Key(0), cfg)
+
+
+def list_ports(root):
+    dp = Datapath(root)
+    if not dp.exists():
+        return []
+    maps = dp.maps()
+    _, cfg = _config(maps)
+    nd = Netdev()
+    try:
+        out = []
+        for k, pc in sorted(maps["ports"].items(), key=lambda kv: kv[1].name):
+            out.append({
+                "name": pc.name.decode(),
+                "mode": "passthrough" if pc.flags & PORT_F_PASSTHROUGH else "overlay",
+                "mac": mac_str(pc.mac),
+                "ip": ip4_str(pc.ip),
+                "vni": pc.vni,
+                "gateway_mac": mac_str(pc.gw_mac),
+                "gateway_ip": ip4_str(pc.gw_ip),
+                "vpc_subnet": f"{ip4_str(pc.subnet)}/{pc.subnet_len}",
+                "boundary_services": ip6_str(pc.bsvc_addr),
+                "boundary_vni": pc.bsvc_vni,
+                "underlay_addr": ip6_str(cfg.underlay_addr),
+                "underlays": [nd.name(cfg.u1), nd.name(cfg.u2)],
+                "mtu": pc.mtu,
+                "state": _state(nd, k.value),
+            })
+        return out
+    finally:
+        nd.close()
+
+
+def _state(nd, dp_index):
+    """The datapath end has carrier while the guest end is up."""
+    try:
+        link = nd.ipr.get_links(dp_index)[0]
+    except Exception:
+        return "missing"
+    return "up" if link.get_attr("IFLA_OPERSTATE") == "UP" else "down"
+
+
+def port_stats(root, name=None):
+    dp = Datapath(root)
+    if not dp.exists():
+        return {}
+    maps = dp.maps()
+    out = {}
+    for k, pc in maps["ports"].items():
+        pname = pc.name.decode()
+        if name and pname != name:
+            continue
+        vals = maps["port_stats"].get(k)
+        out[pname] = sum_percpu(vals) if vals else {}
+    if name and name not in out:
+        raise XdeError(f"no port {name} on {root}")
+    return out
+
+
+def unload(root, force=False):
+    with session(root) as (dp, nd):
+        if not dp.exists():
+            return False
+        maps = dp.maps()
+        ports = list(maps["ports"].items())
+        if ports and not force:
+            names = ", ".join(pc.name.decode() for _, pc in ports)
+            raise XdeError(f"ports exist on {root} ({names}); delete them or use --force")
+        for k, pc in ports:
+            _delete(maps, nd, k.value, pc)
+        _, cfg = _config(maps)
+        if cfg.u1:
+            _detach_underlays(nd, cfg.u1, cfg.u2)
+        dp.remove()
+        return True
