@@ -1,24 +1,78 @@
 /* Port datapath, TC ingress on the datapath end of each port's veth: every
- * frame the guest sends enters here (DESIGN.md section 4, outbound). */
+ * frame the guest sends enters here (DESIGN.md section 4, outbound):
+ * passthrough, or gateway -> anti-spoofing -> router -> overlay encap. */
 #include "xde.h"
 #include "maps.h"
 #include "counters.h"
 #include "fib.h"
+#include "gateway.h"
+#include "router.h"
+#include "encap.h"
 
 /* Passthrough: the frame leaves unchanged on U1, on U2 while U1 is down. */
-static __always_inline int passthrough_out(struct __sk_buff *skb, __u32 port)
+static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port)
 {
-	__u32 k = CFG_KEY;
-	struct xde_cfg *cfg = config.lookup(&k);
-	if (!cfg || !cfg->u1) {
-		port_count(port, P_drop_no_underlay, 1);
-		return TC_ACT_SHOT;
-	}
 	__u32 out = cfg->u1;
 	if (!underlay_alive(skb, cfg, cfg->u1) && underlay_alive(skb, cfg, cfg->u2))
 		out = cfg->u2;
 	port_count(port, P_passthrough_out, 1);
 	return bpf_redirect(out, 0);
+}
+
+static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cfg,
+				       struct port_cfg *pc, __u32 port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return gateway_arp(skb, pc, port);
+	if (!mac_eq(eth->h_source, pc->mac)) {
+		port_count(port, P_drop_spoof, 1);
+		return TC_ACT_SHOT;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		port_count(port, P_drop_unsupported, 1);
+		return TC_ACT_SHOT;
+	}
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end || ip->ihl < 5) {
+		port_count(port, P_drop_unsupported, 1);
+		return TC_ACT_SHOT;
+	}
+	if (ip->saddr != pc->ip) {
+		port_count(port, P_drop_spoof, 1);
+		return TC_ACT_SHOT;
+	}
+	__u32 l4off = ETH_HLEN + ip->ihl * 4;
+	__be32 daddr = ip->daddr;
+	__u8 tos = ip->tos;
+	int rc = gateway_icmp(skb, pc, port, ip, l4off);
+	if (rc >= 0)
+		return rc;
+
+	struct route_val *rt = route_lookup(port, daddr);
+	if (!rt) {
+		port_count(port, P_drop_no_route, 1);
+		return TC_ACT_SHOT;
+	}
+	if (rt->target == RT_IG) {
+		__u8 bmac[ETH_ALEN] = BSVC_MAC;
+		return encap_and_send(skb, cfg, pc, port, pc->bsvc_addr, pc->bsvc_vni, bmac, tos);
+	}
+	if (rt->target != RT_SUB4 && rt->target != RT_IP4) {
+		port_count(port, P_drop_router, 1);
+		return TC_ACT_SHOT;
+	}
+	struct v2p_key vk = { .vni = pc->vni, .ip = rt->target == RT_IP4 ? rt->addr : daddr };
+	struct v2p_val *v = v2p.lookup(&vk);
+	if (!v) {
+		port_count(port, P_drop_no_v2p, 1);
+		return TC_ACT_SHOT;
+	}
+	return encap_and_send(skb, cfg, pc, port, v->underlay, pc->vni, v->mac, tos);
 }
 
 int tc_port_out(struct __sk_buff *skb)
@@ -31,10 +85,13 @@ int tc_port_out(struct __sk_buff *skb)
 	}
 	port_count(port, P_tx_packets, 1);
 	port_count(port, P_tx_bytes, skb->len);
+	__u32 k = CFG_KEY;
+	struct xde_cfg *cfg = config.lookup(&k);
+	if (!cfg || !cfg->u1) {
+		port_count(port, P_drop_no_underlay, 1);
+		return TC_ACT_SHOT;
+	}
 	if (pc->flags & PORT_F_PASSTHROUGH)
-		return passthrough_out(skb, port);
-	/* The overlay pipeline is not built yet: like the seed's unconfigured
-	 * OPTE, every frame is dropped, and counted. */
-	port_count(port, P_drop_no_pipeline, 1);
-	return TC_ACT_SHOT;
+		return passthrough_out(skb, cfg, port);
+	return overlay_out(skb, cfg, pc, port);
 }

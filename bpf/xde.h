@@ -28,9 +28,26 @@
 #define GENEVE_OPT_CRITICAL 0x80
 #define OUTER_HOP_LIMIT 128       /* what OPTE sends */
 #define XDE_MAX_PASSTHROUGH 16    /* passthrough ports per root (clone loop bound) */
+#define GENEVE_MAX_OPTS 63        /* options fit in 63 words: loop bound */
+#define ENCAP_LEN (14 + 40 + 8 + 8) /* outer Ethernet, IPv6, UDP, Geneve (no options) */
+#define BSVC_MAC { 0xA8, 0x40, 0x25, 0x77, 0x77, 0x77 }
 
 /* Port flags. */
 #define PORT_F_PASSTHROUGH 1
+
+/* Byte comparisons, unrolled: clang may turn __builtin_memcmp into a call
+ * to memcmp, which BPF does not have. */
+static __always_inline int bytes_eq(const void *a, const void *b, const int n)
+{
+	const __u8 *x = a, *y = b;
+#pragma unroll
+	for (int i = 0; i < n; i++)
+		if (x[i] != y[i])
+			return 0;
+	return 1;
+}
+#define mac_eq(a, b) bytes_eq(a, b, 6)
+#define addr6_eq(a, b) bytes_eq(a, b, 16)
 
 /* Key of the one-entry instance config array. */
 #define CFG_KEY 0
@@ -46,6 +63,32 @@ struct xde_cfg {
 };
 
 /* One port, keyed by the ifindex of the veth end the datapath owns. */
+struct geneve_hdr {
+	__u8 ver_optlen;          /* version (2 bits), option length in words (6) */
+	__u8 flags;               /* O, C */
+	__be16 proto;
+	__u8 vni[3];
+	__u8 rsvd;
+};
+
+struct geneve_opt {
+	__be16 cls;
+	__u8 type;                /* high bit: critical */
+	__u8 len;                 /* low 5 bits: body length in words */
+};
+
+struct arp_ipv4 {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[6];
+	__be32 spa;
+	__u8 tha[6];
+	__be32 tpa;
+} __attribute__((packed));
+
 struct port_cfg {
 	__u32 ifindex;            /* datapath end (TC ingress is attached here) */
 	__u32 flags;              /* PORT_F_* */
@@ -79,8 +122,9 @@ struct port_key {
 	X(passthrough_out) X(passthrough_in) \
 	X(encap) X(decap) X(arp_replies) X(icmp_replies) \
 	X(drop_spoof) X(drop_no_route) X(drop_no_v2p) X(drop_firewall) \
-	X(drop_arp) X(drop_mtu) X(drop_unsupported) X(drop_no_underlay) \
-	X(drop_no_pipeline)
+	X(drop_router) X(drop_arp) X(drop_mtu) X(drop_unsupported) \
+	X(drop_no_underlay) X(drop_underlay_unreachable) X(drop_no_port_local) \
+	X(mtu_icmp_sent)
 
 #define XDE_GLOBAL_COUNTERS(X) \
 	X(passed_to_host) X(drop_no_port) X(drop_arp_in_geneve) \
@@ -125,6 +169,7 @@ struct route_val {
 	__u32 target;             /* enum route_target */
 	__be32 addr;              /* RT_IP4: next hop; RT_SUB4: subnet address */
 	__u32 len;                /* RT_SUB4: subnet prefix length */
+	__u32 plen;               /* this entry's own prefix length (picks the longer of two tries) */
 };
 
 /* Metadata xdectl stores when it loads an instance: the layout hash and the

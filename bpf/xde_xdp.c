@@ -1,9 +1,12 @@
 /* Underlay datapath: XDP on each underlay NIC (DESIGN.md section 4,
- * inbound), plus a TC ingress hook on the same NICs that copies the
- * broadcasts passthrough guests need (XDP cannot clone a frame). */
+ * inbound): Geneve for a local port is checked, decapsulated and
+ * redirected into the port; everything else passes to the host. A TC
+ * ingress hook on the same NICs copies to passthrough guests the
+ * broadcasts they need (XDP cannot clone a frame). */
 #include "xde.h"
 #include "maps.h"
 #include "counters.h"
+#include "geneve.h"
 
 static __always_inline int deliver(struct xdp_md *ctx, __u32 port)
 {
@@ -12,14 +15,61 @@ static __always_inline int deliver(struct xdp_md *ctx, __u32 port)
 	return bpf_redirect(port, 0);
 }
 
+static __always_inline int drop(enum global_counter why)
+{
+	global_count(why);
+	return XDP_DROP;
+}
+
+static __always_inline int geneve_in(struct xdp_md *ctx, struct geneve_rx *rx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *inner = data + rx->outer_len;
+	if ((void *)(inner + 1) > data_end)
+		return drop(G_malformed_inner);
+	if (inner->h_proto == bpf_htons(ETH_P_ARP))
+		return drop(G_drop_arp_in_geneve);
+
+	struct port_key pk = { .vni = rx->vni };
+	__builtin_memcpy(pk.mac, inner->h_dest, ETH_ALEN);
+	__u32 *port = port_index.lookup(&pk);
+	struct port_cfg *pc = port ? ports.lookup(port) : 0;
+	if (!pc)
+		return drop(G_drop_no_port);
+	__u32 p = pc->ifindex;
+
+	if (bpf_xdp_adjust_head(ctx, rx->outer_len))
+		return drop(G_malformed_inner);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	inner = data;
+	if ((void *)(inner + 1) > data_end)
+		return XDP_DROP;
+	/* The guest sees the gateway as the source of routed traffic. */
+	__builtin_memcpy(inner->h_source, pc->gw_mac, ETH_ALEN);
+	port_count(p, P_decap, 1);
+	return deliver(ctx, p);
+}
+
 int xdp_underlay(struct xdp_md *ctx)
 {
+	__u32 k = CFG_KEY;
+	struct xde_cfg *cfg = config.lookup(&k);
+	if (!cfg)
+		return XDP_PASS;
+	struct geneve_rx rx = {};
+	int rc = geneve_parse(ctx, cfg, &rx);
+	if (rc == 0)
+		return geneve_in(ctx, &rx);
+	if (rc != NOT_FOR_US)
+		return drop(rc);
+
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		goto pass;
-
 	/* Passthrough: unicast frames for a passthrough port's MAC. */
 	struct port_key pk = { .vni = VNI_PASSTHROUGH };
 	__builtin_memcpy(pk.mac, eth->h_dest, ETH_ALEN);

@@ -9,7 +9,7 @@ import typer
 from .datapath import DEFAULT_ROOT
 from .errors import XdeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Control plane of xde, the eBPF overlay datapath.")
 lab_app = typer.Typer(no_args_is_help=True, help="The namespace lab (DESIGN.md section 7).")
 app.add_typer(lab_app, name="lab")
@@ -120,6 +120,59 @@ def stats(port: Optional[str] = typer.Argument(None), as_json: bool = JSON):
     _out(port_stats(State.root, port), as_json, table)
 
 
+@app.command("set-v2p")
+def set_v2p(vpc_ip: str, vpc_mac: str, underlay_ip: str, vni: str):
+    """Map (VNI, VPC_IP) to VPC_MAC on the host at UNDERLAY_IP."""
+    from .overlay import set_v2p as do
+    do(State.root, vpc_ip, vpc_mac, underlay_ip, vni)
+
+
+@app.command("clear-v2p")
+def clear_v2p(vpc_ip: str, vpc_mac: str, underlay_ip: str, vni: str):
+    """Remove a V2P mapping (all four fields must match)."""
+    from .overlay import clear_v2p as do
+    do(State.root, vpc_ip, vpc_mac, underlay_ip, vni)
+
+
+@app.command("dump-v2p")
+def dump_v2p(as_json: bool = JSON):
+    """List the V2P mappings."""
+    from .overlay import dump_v2p as do
+    _out(do(State.root), as_json, lambda rows: _print_table(
+        ["VNI", "VPC IP", "VPC MAC", "UNDERLAY"],
+        [[r["vni"], r["ip"], r["mac"], r["underlay"]] for r in rows]))
+
+
+@app.command("load-v2p")
+def load_v2p(file: str = typer.Argument("-", help="File of 'VPC_IP VPC_MAC UNDERLAY_IP VNI' lines; - for stdin.")):
+    """Set many V2P mappings at once (batched; all lines checked first)."""
+    from .overlay import load_v2p as do, read_lines
+    n = do(State.root, read_lines(file))
+    print(f"{n} mappings set")
+
+
+@app.command("add-router-entry")
+def add_router_entry(port: str, dest: str, target: str):
+    """Route DEST (IPv4 CIDR) on PORT to TARGET: drop, ig, ip4=ADDR, sub4=CIDR."""
+    from .overlay import add_router_entry as do
+    do(State.root, port, dest, target)
+
+
+@app.command("del-router-entry")
+def del_router_entry(port: str, dest: str, target: Optional[str] = typer.Argument(None)):
+    """Remove a custom route of PORT."""
+    from .overlay import del_router_entry as do
+    do(State.root, port, dest, target)
+
+
+@app.command("dump-router")
+def dump_router(port: str, as_json: bool = JSON):
+    """List PORT's routes, longest prefix first."""
+    from .overlay import dump_router as do
+    _out(do(State.root, port), as_json, lambda rows: _print_table(
+        ["DEST", "TARGET", "KIND"], [[r["dest"], r["target"], r["kind"]] for r in rows]))
+
+
 @app.command()
 def unload(force: bool = typer.Option(False, help="Delete the ports first.")):
     """Remove the datapath instance: programs, XDP, maps, pins."""
@@ -128,26 +181,41 @@ def unload(force: bool = typer.Option(False, help="Delete the ports first.")):
         print(f"nothing loaded under {State.root}", file=sys.stderr)
 
 
+@lab_app.command("up")
+def lab_up():
+    """Build the lab: switches, sleds, guests, boundary services."""
+    from . import lab
+    lab.up()
+
+
+@lab_app.command("ping")
+def lab_ping():
+    """Check guest-guest, guest-gateway and guest-boundary reachability."""
+    from . import lab
+    lab.ping()
+
+
+@lab_app.command("down")
+def lab_down():
+    """Remove everything the lab made."""
+    from . import lab
+    lab.down()
+
+
+@lab_app.command("status")
+def lab_status():
+    """Show whether the lab is up, and its ports."""
+    from . import lab
+    lab.status()
+
+
 def run():
     """Entry point: user errors become one line on stderr and exit 2."""
     try:
-        rc = app(standalone_mode=False)
+        app()
     except XdeError as e:
         print(f"xdectl: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # netlink and bpf syscalls
+    except OSError as e:  # netlink and bpf syscalls the kernel refused
         print(f"xdectl: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
-    sys.exit(rc if isinstance(rc, int) else 0)

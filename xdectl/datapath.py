@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import libbpf
@@ -183,3 +184,17 @@ class Datapath:
             os.close(m.fd)
         self._maps = None
         self._remove_pins()
+
+
+@contextmanager
+def session(root):
+    """A locked datapath root and a netlink socket, for one command."""
+    from .netdev import Netdev  # pyroute2 only where links are touched
+    dp = Datapath(root)
+    dp.lock()
+    nd = Netdev()
+    try:
+        yield dp, nd
+    finally:
+        nd.close()
+        dp.release()

@@ -96,6 +96,14 @@ def open_maps(meta_text, maps_dir):
     return out
 
 
+def find_port(maps, name):
+    """(datapath ifindex, port_cfg) of the port called name, or (None, None)."""
+    for k, pc in maps["ports"].items():
+        if pc.name.decode() == name:
+            return k.value, pc
+    return None, None
+
+
 # Field helpers shared by the modules that fill map values.
 
 def mac_bytes(mac):

@@ -7,13 +7,12 @@ the kernel, never a file.
 """
 import ctypes as ct
 import ipaddress
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import validate
-from .datapath import Datapath
+from . import overlay, validate
+from .datapath import Datapath, session
 from .errors import XdeError
-from .maps import ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
+from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
 from .netdev import Netdev, sysctl
 
 PORT_F_PASSTHROUGH = 1
@@ -72,19 +71,6 @@ def liveness_dst(ifindex):
     return f"{LIVENESS_PREFIX}{ifindex >> 16:x}:{ifindex & 0xFFFF:x}"
 
 
-@contextmanager
-def session(root):
-    """A locked datapath root and a netlink socket, for one command."""
-    dp = Datapath(root)
-    dp.lock()
-    nd = Netdev()
-    try:
-        yield dp, nd
-    finally:
-        nd.close()
-        dp.release()
-
-
 class Undo:
     """Steps to roll back, run in reverse if create fails half-way."""
 
@@ -114,13 +100,6 @@ def _port_key(maps, vni, mac):
     return k
 
 
-def _find_port(maps, name):
-    for k, pc in maps["ports"].items():
-        if pc.name.decode() == name:
-            return k.value, pc
-    return None, None
-
-
 def _check_links(nd, spec):
     u1, u2 = nd.index(spec.underlay1), nd.index(spec.underlay2)
     missing = [n for n, i in ((spec.underlay1, u1), (spec.underlay2, u2)) if i is None]
@@ -144,7 +123,7 @@ def _check_instance(maps, spec, u1, u2, nd):
         if have != spec.underlay_addr:
             raise XdeError(f"this root's underlay address is {have}; "
                            f"--underlay-addr {spec.underlay_addr} differs")
-    if _find_port(maps, spec.name)[0] is not None:
+    if find_port(maps, spec.name)[0] is not None:
         raise XdeError(f"port {spec.name} already exists on this root")
     vni = VNI_PASSTHROUGH if spec.passthrough else spec.vni
     if maps["port_index"].get(_port_key(maps, vni, spec.mac)) is not None:
@@ -210,7 +189,7 @@ def _create(dp, nd, spec, u1, u2, undo):
     maps = dp.maps()
     cfg_map, cfg = _config(maps)
     peer = datapath_end(spec.name)
-    mtu = _port_mtu(nd, u1)
+    mtu = _port_mtu(nd, u1, u2, spec.passthrough)
     nd.create_veth(spec.name, peer, spec.mac, mtu)
     dp_index = nd.index(peer)
     undo.add(nd.delete, dp_index)
@@ -247,6 +226,13 @@ def _create(dp, nd, spec, u1, u2, undo):
         slot = _free_passthru_slot(maps)
         _set_passthru(maps, slot, dp_index)
         undo.add(_set_passthru, maps, slot, 0)
+    else:
+        # the port's own mapping, and the system routes OPTE installs
+        overlay.put_v2p(maps, spec.ip, spec.mac, spec.underlay_addr, spec.vni)
+        undo.add(_clear_own_v2p, maps, pc)
+        overlay.put_route(maps, dp_index, subnet, f"sub4={subnet}", system=True)
+        overlay.put_route(maps, dp_index, ipaddress.IPv4Network("0.0.0.0/0"), "ig", system=True)
+        undo.add(overlay.remove_port_routes, maps, dp_index)
 
     if cfg.nports == 0:
         _attach_underlays(dp, nd, u1, u2, undo)
@@ -261,9 +247,22 @@ def _create(dp, nd, spec, u1, u2, undo):
     nd.up(nd.index(spec.name))
 
 
-def _port_mtu(nd, underlay):
-    link = nd.ipr.get_links(underlay)[0]
-    return link.get_attr("IFLA_MTU")
+ENCAP_OVERHEAD = 14 + 40 + 8 + 8   # inner Ethernet, outer IPv6, UDP, Geneve
+MAX_PORT_MTU = 1500
+
+
+def _port_mtu(nd, u1, u2, passthrough):
+    """Passthrough frames leave unchanged: the underlays' MTU. Overlay frames
+    grow by the encapsulation, which must fit the underlay's MTU; a guest
+    gets 1500 where the underlay allows it (DESIGN.md section 4, MTU)."""
+    underlay = min(nd.ipr.get_links(u)[0].get_attr("IFLA_MTU") for u in (u1, u2))
+    if passthrough:
+        return underlay
+    mtu = min(MAX_PORT_MTU, underlay - ENCAP_OVERHEAD)
+    if mtu < 576:
+        raise XdeError(f"underlay MTU {underlay} leaves the port only {mtu} bytes after "
+                       f"the {ENCAP_OVERHEAD}-byte encapsulation; raise the underlay MTU")
+    return mtu
 
 
 def _set_passthru(maps, slot, value):
@@ -284,7 +283,7 @@ def delete(root, name):
         if not dp.exists():
             raise XdeError(f"no port {name}: nothing is loaded under {root}")
         maps = dp.maps()
-        index, pc = _find_port(maps, name)
+        index, pc = find_port(maps, name)
         if index is None:
             raise XdeError(f"no port {name} on {root}")
         _delete(maps, nd, index, pc)
@@ -301,6 +300,9 @@ def _delete(maps, nd, index, pc):
             if m.get(m.Key(i)).value == index:
                 _set_passthru(maps, i, 0)
                 break
+    else:
+        _clear_own_v2p(maps, pc)
+        overlay.remove_port_routes(maps, index)
     maps["ports"].delete(key)
     maps["port_stats"].delete(key)
     nd.delete(index)  # removes both veth ends, wherever the guest end lives now
@@ -310,6 +312,18 @@ def _delete(maps, nd, index, pc):
         _detach_underlays(nd, cfg.u1, cfg.u2)
         cfg.u1 = cfg.u2 = 0
     cfg_map.set(cfg_map.Key(0), cfg)
+
+
+def _clear_own_v2p(maps, pc):
+    """Remove the mapping create added, unless it has been changed since."""
+    m = maps["v2p"]
+    k = m.Key()
+    k.vni, k.ip = pc.vni, pc.ip
+    cur = m.get(k)
+    _, cfg = _config(maps)
+    if cur is not None and bytes(cur.mac) == bytes(pc.mac) and \
+            bytes(cur.underlay) == bytes(cfg.underlay_addr):
+        m.delete(k)
 
 
 def list_ports(root):

@@ -1,0 +1,128 @@
+/* Overlay layer: Geneve encapsulation over IPv6 and the choice of underlay
+ * through the kernel's FIB (DESIGN.md section 4, outbound 6 and 7). */
+#ifndef XDE_ENCAP_H
+#define XDE_ENCAP_H
+
+#include "maps.h"
+#include "counters.h"
+#include "fib.h"
+
+/* bcc's helpers.h declares the pre-5.11 three-argument form. */
+static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+#ifndef BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+#define BPF_F_ADJ_ROOM_ENCAP_L2_ETH (1ULL << 6)
+#endif
+
+/* Everything pushed in front of the guest's frame, written in one store:
+ * outer Ethernet, IPv6, UDP, Geneve, then the guest's own Ethernet header
+ * (moved: bpf_skb_adjust_room opens the room right after it). */
+struct encap_hdrs {
+	struct ethhdr eth;
+	struct ipv6hdr ip6;
+	struct udphdr udp;
+	struct geneve_hdr gnv;
+	struct ethhdr inner;
+} __attribute__((packed));
+
+/* Destination port on this same host: deliver without touching the wire.
+ * The receiving guest sees the gateway MAC as the source, as for any
+ * routed frame. */
+static __always_inline int deliver_local(struct __sk_buff *skb, __u32 port, __u32 vni,
+					 const __u8 *dmac)
+{
+	struct port_key pk = { .vni = vni };
+	__builtin_memcpy(pk.mac, dmac, ETH_ALEN);
+	__u32 *dst = port_index.lookup(&pk);
+	struct port_cfg *dpc = dst ? ports.lookup(dst) : 0;
+	if (!dpc) {
+		port_count(port, P_drop_no_port_local, 1);
+		return TC_ACT_SHOT;
+	}
+	__u8 macs[12];
+	__builtin_memcpy(macs, dmac, ETH_ALEN);
+	__builtin_memcpy(macs + 6, dpc->gw_mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+		return TC_ACT_SHOT;
+	__u32 d = dpc->ifindex;
+	port_count(d, P_rx_packets, 1);
+	port_count(d, P_rx_bytes, skb->len);
+	return bpf_redirect(d, 0);
+}
+
+/* Encapsulate the guest's frame toward `underlay` in `vni`, with the inner
+ * destination MAC `dmac`, and send it out of the underlay NIC the kernel's
+ * routes choose (ECMP across U1/U2, failover when a route goes away). */
+static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg *cfg,
+					  struct port_cfg *pc, __u32 port,
+					  const __u8 *underlay, __u32 vni, const __u8 *dmac,
+					  __u8 tos)
+{
+	if (addr6_eq(underlay, cfg->underlay_addr))
+		return deliver_local(skb, port, vni, dmac);
+
+	struct encap_hdrs h = {};
+	if (bpf_skb_load_bytes(skb, 0, &h.inner, sizeof(h.inner)) < 0)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(h.inner.h_dest, dmac, ETH_ALEN);
+
+	/* Entropy for ECMP: the kernel's flow hash of the inner frame. */
+	__u32 hash = bpf_get_hash_recalc(skb);
+	__u32 label = hash & 0xFFFFF;
+	__u16 sport = 0xC000 | ((hash >> 16) & 0x3FFF);  /* 49152-65535, RFC 8926 */
+
+	__u32 inner_len = skb->len;
+	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+				BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN) | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) < 0) {
+		port_count(port, P_drop_mtu, 1);
+		return TC_ACT_SHOT;
+	}
+
+	__u16 l4len = inner_len + sizeof(struct udphdr) + sizeof(struct geneve_hdr);
+	/* version 6, traffic class = inner DSCP+ECN (RFC 6040 normal mode), flow label */
+	*(__be32 *)&h.ip6 = bpf_htonl((6U << 28) | ((__u32)tos << 20) | label);
+	h.ip6.payload_len = bpf_htons(l4len);
+	h.ip6.nexthdr = IPPROTO_UDP;
+	h.ip6.hop_limit = OUTER_HOP_LIMIT;
+	__builtin_memcpy(&h.ip6.saddr, cfg->underlay_addr, 16);
+	__builtin_memcpy(&h.ip6.daddr, underlay, 16);
+	h.udp.source = bpf_htons(sport);
+	h.udp.dest = bpf_htons(GENEVE_PORT);
+	h.udp.len = bpf_htons(l4len);
+	h.udp.check = 0;  /* allowed for tunnels over IPv6 (RFC 6935/6936), as OPTE */
+	h.gnv.proto = bpf_htons(GENEVE_PROTO_ETH);
+	h.gnv.vni[0] = vni >> 16;
+	h.gnv.vni[1] = vni >> 8;
+	h.gnv.vni[2] = vni;
+	h.eth.h_proto = bpf_htons(ETH_P_IPV6);
+
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET6;
+	fib.ifindex = skb->ifindex;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.sport = h.udp.source;
+	fib.dport = h.udp.dest;
+	fib.flowinfo = bpf_htonl(label);
+	fib.tot_len = l4len + sizeof(struct ipv6hdr);
+	__builtin_memcpy(fib.ipv6_src, cfg->underlay_addr, 16);
+	__builtin_memcpy(fib.ipv6_dst, underlay, 16);
+	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__builtin_memcpy(h.eth.h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(h.eth.h_source, fib.smac, ETH_ALEN);
+	} else if (rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		port_count(port, P_drop_underlay_unreachable, 1);
+		return TC_ACT_SHOT;
+	}
+	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
+		return TC_ACT_SHOT;
+	port_count(port, P_encap, 1);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		/* next hop not resolved yet: the kernel resolves it and sends */
+		return redirect_neigh(fib.ifindex, 0, 0, 0);
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+#endif

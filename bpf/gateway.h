@@ -1,0 +1,85 @@
+/* Gateway layer: the virtual router every port sees answers ARP and ping
+ * itself, straight back to the guest (DESIGN.md section 4, outbound 2). */
+#ifndef XDE_GATEWAY_H
+#define XDE_GATEWAY_H
+
+#include "maps.h"
+#include "counters.h"
+
+static __always_inline int in_subnet(struct port_cfg *pc, __be32 addr)
+{
+	__u32 mask = pc->subnet_len ? ~0U << (32 - pc->subnet_len) : 0;
+	return (bpf_ntohl(addr) & mask) == bpf_ntohl(pc->subnet);
+}
+
+/* Send the (rewritten) frame back out of the datapath end, to the guest. */
+static __always_inline int hairpin(struct __sk_buff *skb)
+{
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* ARP from the guest: a reply with the gateway MAC for the gateway IP and,
+ * as proxy ARP, for every other address of the VPC subnet, so an on-link
+ * /24 guest works. Anything else is dropped: ARP never crosses the overlay. */
+static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port)
+{
+	struct arp_ipv4 a;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &a, sizeof(a)) < 0)
+		goto drop;
+	if (a.htype != bpf_htons(ARPHRD_ETHER) || a.ptype != bpf_htons(ETH_P_IP) ||
+	    a.hlen != ETH_ALEN || a.plen != 4 || a.op != bpf_htons(ARPOP_REQUEST))
+		goto drop;
+	if (!mac_eq(a.sha, pc->mac) || a.spa != pc->ip) {
+		port_count(port, P_drop_spoof, 1);
+		return TC_ACT_SHOT;
+	}
+	if (a.tpa != pc->gw_ip && !(in_subnet(pc, a.tpa) && a.tpa != pc->ip))
+		goto drop;
+
+	struct ethhdr eth = { .h_proto = bpf_htons(ETH_P_ARP) };
+	__builtin_memcpy(eth.h_dest, pc->mac, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, pc->gw_mac, ETH_ALEN);
+	__be32 asked = a.tpa;
+	a.op = bpf_htons(ARPOP_REPLY);
+	__builtin_memcpy(a.tha, pc->mac, ETH_ALEN);
+	a.tpa = a.spa;
+	__builtin_memcpy(a.sha, pc->gw_mac, ETH_ALEN);
+	a.spa = asked;
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0) < 0)
+		goto drop;
+	port_count(port, P_arp_replies, 1);
+	return hairpin(skb);
+drop:
+	port_count(port, P_drop_arp, 1);
+	return TC_ACT_SHOT;
+}
+
+/* ICMP echo request to the gateway IP: turned into the reply in place.
+ * Swapping the addresses leaves the IP checksum as it is; the ICMP checksum
+ * moves by the type change only. Returns -1 when the frame is not one. */
+static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
+					struct iphdr *ip, __u32 l4off)
+{
+	if (ip->daddr != pc->gw_ip || ip->protocol != IPPROTO_ICMP)
+		return -1;
+	struct icmphdr icmp;
+	if (bpf_skb_load_bytes(skb, l4off, &icmp, sizeof(icmp)) < 0 ||
+	    icmp.type != ICMP_ECHO || icmp.code != 0)
+		return -1;
+	__be32 addrs[2] = { ip->daddr, ip->saddr };
+	__u8 macs[12];
+	__builtin_memcpy(macs, pc->mac, ETH_ALEN);
+	__builtin_memcpy(macs + 6, pc->gw_mac, ETH_ALEN);
+	__u8 reply = ICMP_ECHOREPLY;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), addrs, 8, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0 ||
+	    bpf_l4_csum_replace(skb, l4off + offsetof(struct icmphdr, checksum),
+				bpf_htons(ICMP_ECHO << 8), bpf_htons(ICMP_ECHOREPLY << 8), 2) < 0 ||
+	    bpf_skb_store_bytes(skb, l4off, &reply, 1, 0) < 0)
+		return TC_ACT_SHOT;
+	port_count(port, P_icmp_replies, 1);
+	return hairpin(skb);
+}
+
+#endif

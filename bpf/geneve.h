@@ -1,0 +1,76 @@
+/* Inbound Geneve: is this frame for us, and is it well formed?
+ * (DESIGN.md section 4, inbound 1 and 2.) */
+#ifndef XDE_GENEVE_H
+#define XDE_GENEVE_H
+
+#include "maps.h"
+
+#define NOT_FOR_US (-1)
+
+struct geneve_rx {
+	__u32 vni;
+	__u32 outer_len;          /* bytes before the inner Ethernet header */
+	__u32 external;           /* Oxide "External" option present */
+};
+
+/* Frames that are not IPv6/UDP to port 6081 at our underlay address return
+ * NOT_FOR_US: the host stack gets them untouched. Geneve for us returns 0
+ * with rx filled in, or the G_malformed_* counter that says why not. */
+static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
+					struct geneve_rx *rx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct udphdr *udp = (void *)(ip6 + 1);
+	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IPV6) ||
+	    ip6->nexthdr != IPPROTO_UDP || udp->dest != bpf_htons(GENEVE_PORT) ||
+	    !addr6_eq(&ip6->daddr, cfg->underlay_addr))
+		return NOT_FOR_US;
+
+	struct geneve_hdr *g = (void *)(udp + 1);
+	__u32 avail = data_end - (void *)udp;
+	if ((void *)(g + 1) > data_end || bpf_ntohs(ip6->payload_len) > avail ||
+	    bpf_ntohs(udp->len) > avail || bpf_ntohs(udp->len) < sizeof(*udp) + sizeof(*g))
+		return G_malformed_truncated;
+	if (g->ver_optlen >> 6)
+		return G_malformed_version;
+	if (g->proto != bpf_htons(GENEVE_PROTO_ETH))
+		return G_malformed_protocol;
+
+	__u32 optlen = (g->ver_optlen & 0x3f) * 4;
+	__u32 off = 0;
+	rx->external = 0;
+	for (int i = 0; i < GENEVE_MAX_OPTS; i++) {
+		if (off >= optlen)
+			break;
+		struct geneve_opt *o = (void *)(g + 1) + off;
+		if ((void *)(o + 1) > data_end)
+			return G_malformed_options;
+		__u32 body = (o->len & 0x1f) * 4;
+		if (off + sizeof(*o) + body > optlen)
+			return G_malformed_options;
+		if (o->cls == bpf_htons(GENEVE_OPT_CLASS_OXIDE)) {
+			__u8 t = o->type & 0x7f;
+			if (t == GENEVE_OPT_EXTERNAL)
+				rx->external = 1;
+			else if (t != GENEVE_OPT_MULTICAST && t != GENEVE_OPT_MSS &&
+				 (o->type & GENEVE_OPT_CRITICAL))
+				return G_malformed_critical_option;
+		} else if (o->type & GENEVE_OPT_CRITICAL) {
+			return G_malformed_critical_option;
+		}
+		off += sizeof(*o) + body;
+	}
+	if (off != optlen)
+		return G_malformed_options;
+
+	rx->outer_len = sizeof(*eth) + sizeof(*ip6) + sizeof(*udp) + sizeof(*g) + optlen;
+	if (data + rx->outer_len + sizeof(struct ethhdr) > data_end)
+		return G_malformed_inner;
+	rx->vni = (g->vni[0] << 16) | (g->vni[1] << 8) | g->vni[2];
+	return 0;
+}
+
+#endif
