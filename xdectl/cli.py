@@ -184,29 +184,29 @@ def unload(force: bool = typer.Option(False, help="Delete the ports first.")):
 @lab_app.command("up")
 def lab_up():
     """Build the lab: switches, sleds, guests, boundary services."""
-    from . import lab
-    lab.up()
+    from .lab import Lab
+    Lab().up()
 
 
 @lab_app.command("ping")
 def lab_ping():
     """Check guest-guest, guest-gateway and guest-boundary reachability."""
-    from . import lab
-    lab.ping()
+    from .lab import Lab
+    Lab().check()
 
 
 @lab_app.command("down")
 def lab_down():
     """Remove everything the lab made."""
-    from . import lab
-    lab.down()
+    from .lab import Lab
+    Lab().down()
 
 
 @lab_app.command("status")
 def lab_status():
     """Show whether the lab is up, and its ports."""
-    from . import lab
-    lab.status()
+    from .lab import Lab
+    Lab().status()
 
 
 def run():

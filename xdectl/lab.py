@@ -23,9 +23,7 @@ from . import overlay, ports
 from .errors import XdeError
 from .netdev import sysctl
 
-PREFIX = "xl-"
-STATE = Path("/run/xde-lab")
-ROOTS = "/sys/fs/bpf/xde-lab-"
+DEFAULT_PREFIX = "xl-"
 UNDERLAY_MTU = 1600           # guest 1500 + encapsulation, under the XDP-on-veth cap
 VNI, BSVC_VNI = 10, 99
 BSVC_ADDR = "fd00:99::1"
@@ -33,185 +31,198 @@ OUTSIDE = "192.0.2.1"         # an address beyond the VPC, answered by boundary 
 GW_MAC, GW_IP = "a8:40:25:00:00:01", "172.30.0.5"
 SUBNET = "10.0.0.0/24"
 SLEDS = {
-    "sled1": {"n": 1, "addr": "fd00:1::1", "guest_ip": "10.0.0.1", "mac": "a8:40:25:ff:00:01"},
-    "sled2": {"n": 2, "addr": "fd00:2::1", "guest_ip": "10.0.0.2", "mac": "a8:40:25:ff:00:02"},
+    "sled1": {"n": 1, "addr": "fd00:1::1", "guest": "g1", "guest_ip": "10.0.0.1", "mac": "a8:40:25:ff:00:01"},
+    "sled2": {"n": 2, "addr": "fd00:2::1", "guest": "g2", "guest_ip": "10.0.0.2", "mac": "a8:40:25:ff:00:02"},
 }
 SWITCHES = ("sw1", "sw2")
-NAMESPACES = [PREFIX + n for n in ("sw1", "sw2", "sled1", "sled2", "g1", "g2", "bsvc")]
+HOSTS = ("sw1", "sw2", "sled1", "sled2", "g1", "g2", "bsvc")
 
 
-def ns(name):
-    return PREFIX + name
+def _p2p(host_n, sw_i):
+    """Link subnet between host n (sled number, 99 for bsvc) and switch i."""
+    return f"fd10:{host_n}:{sw_i}::"
 
 
-@contextmanager
-def inside(name):
-    """Run the block in namespace `name` (this process, like xdectl would)."""
-    netns.pushns(ns(name))
-    try:
-        yield
-    finally:
-        netns.popns()
+class Lab:
+    """One lab. Its namespaces, roots and state carry `prefix`, so tests
+    build their own beside an operator's (`xl-` by default)."""
 
+    def __init__(self, prefix=DEFAULT_PREFIX):
+        self.prefix = prefix
+        self.namespaces = [prefix + h for h in HOSTS]
+        self.state = Path(f"/run/xde-lab/{prefix.rstrip('-')}")
 
-def _link_pair(a_ns, a_name, b_ns, b_name, mtu):
-    """A veth between two namespaces, both ends up."""
-    with IPRoute() as ipr:
-        ipr.link("add", ifname="xltmp0", kind="veth", peer={"ifname": "xltmp1"})
-        for tmp, ns_name in (("xltmp0", a_ns), ("xltmp1", b_ns)):
-            ipr.link("set", index=ipr.link_lookup(ifname=tmp)[0], net_ns_fd=ns(ns_name))
-    for ns_name, tmp, final in ((a_ns, "xltmp0", a_name), (b_ns, "xltmp1", b_name)):
-        with inside(ns_name), IPRoute() as ipr:
-            i = ipr.link_lookup(ifname=tmp)[0]
-            ipr.link("set", index=i, ifname=final, mtu=mtu, state="up")
+    def ns(self, host):
+        return self.prefix + host
 
+    def root(self, sled):
+        return f"/sys/fs/bpf/xde-lab-{self.prefix}{sled}"
 
-def _addr6(ns_name, ifname, addr, plen):
-    with inside(ns_name), IPRoute() as ipr:
-        i = ipr.link_lookup(ifname=ifname)[0]
-        ipr.addr("add", index=i, address=addr, prefixlen=plen, family=socket.AF_INET6,
-                 IFA_F_NODAD=True)
+    @contextmanager
+    def inside(self, host):
+        """Run the block in host's namespace (this process, as xdectl would)."""
+        netns.pushns(self.ns(host))
+        try:
+            yield
+        finally:
+            netns.popns()
 
+    def run(self, host, *cmd, **kw):
+        """Run a command in host's namespace (nsenter keeps bpffs visible)."""
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns(host)}", *cmd], **kw)
 
-def _lo_up(ns_name):
-    with inside(ns_name), IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    def is_up(self):
+        return all(os.path.exists(f"/run/netns/{n}") for n in self.namespaces)
 
+    # --- building -------------------------------------------------------
 
-def _p2p(sled_n, sw_i):
-    """Link subnet between sled n (or 99: bsvc) and switch i."""
-    return f"fd10:{sled_n}:{sw_i}::"
+    def _link_pair(self, a, a_name, b, b_name, mtu):
+        """A veth between two hosts' namespaces, both ends up."""
+        tmp = (f"{self.prefix}t0"[-15:], f"{self.prefix}t1"[-15:])
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=tmp[0], kind="veth", peer={"ifname": tmp[1]})
+            for t, host in zip(tmp, (a, b)):
+                ipr.link("set", index=ipr.link_lookup(ifname=t)[0], net_ns_fd=self.ns(host))
+        for host, t, final in ((a, tmp[0], a_name), (b, tmp[1], b_name)):
+            with self.inside(host), IPRoute() as ipr:
+                i = ipr.link_lookup(ifname=t)[0]
+                ipr.link("set", index=i, ifname=final, mtu=mtu, state="up")
 
+    def _addr6(self, host, ifname, addr, plen):
+        with self.inside(host), IPRoute() as ipr:
+            i = ipr.link_lookup(ifname=ifname)[0]
+            ipr.addr("add", index=i, address=addr, prefixlen=plen, family=socket.AF_INET6,
+                     IFA_F_NODAD=True)
 
-def is_up():
-    return all(os.path.exists(f"/run/netns/{n}") for n in NAMESPACES)
+    def up(self):
+        if self.is_up():
+            print("lab: already up")
+            return
+        self.down(quiet=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        for n in self.namespaces:
+            netns.create(n)
+        for h in HOSTS:
+            with self.inside(h), IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for sw in SWITCHES:
+            with self.inside(sw):
+                sysctl("net/ipv6/conf/all/forwarding", 1)
+        self._underlay()
+        for sled, s in SLEDS.items():
+            self._sled(sled, s)
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns('bsvc')}", sys.executable,
+                                 "-m", "xdectl.bsvc", BSVC_ADDR, str(VNI)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        (self.state / "bsvc.pid").write_text(str(proc.pid))
+        print(f"lab: up (sleds sled1, sled2; guests g1 10.0.0.1, g2 10.0.0.2; "
+              f"boundary services {BSVC_ADDR})")
 
+    def _underlay(self):
+        """Each host links to both switches; ECMP routes to every other host."""
+        hosts = [(name, s["n"], s["addr"]) for name, s in SLEDS.items()] + [("bsvc", 99, BSVC_ADDR)]
+        for host, n, addr in hosts:
+            for i, sw in enumerate(SWITCHES, 1):
+                self._link_pair(host, f"u{i}", sw, host, UNDERLAY_MTU)
+                self._addr6(host, f"u{i}", _p2p(n, i) + "1", 64)
+                self._addr6(sw, host, _p2p(n, i) + "2", 64)
+            self._addr6(host, "lo", addr, 128)
+            with self.inside(host), IPRoute() as ipr:
+                # hash on the outer UDP ports too: xde varies them by flow
+                sysctl("net/ipv6/fib_multipath_hash_policy", 1)
+                for other, _, oaddr in hosts:
+                    if other != host:
+                        ipr.route("add", family=socket.AF_INET6, dst=f"{oaddr}/128",
+                                  multipath=[{"gateway": _p2p(n, i) + "2",
+                                              "oif": ipr.link_lookup(ifname=f"u{i}")[0]}
+                                             for i in (1, 2)])
+            for i, sw in enumerate(SWITCHES, 1):
+                with self.inside(sw), IPRoute() as ipr:
+                    ipr.route("add", family=socket.AF_INET6, dst=f"{addr}/128",
+                              gateway=_p2p(n, i) + "1")
 
-def up():
-    if is_up():
-        print("lab: already up")
-        return
-    down(quiet=True)
-    STATE.mkdir(parents=True, exist_ok=True)
-    for n in NAMESPACES:
-        netns.create(n)
-    for n in NAMESPACES:
-        _lo_up(n[len(PREFIX):])
-    for sw in SWITCHES:
-        with inside(sw):
-            sysctl("net/ipv6/conf/all/forwarding", 1)
-
-    hosts = [(name, s["n"], s["addr"]) for name, s in SLEDS.items()] + [("bsvc", 99, BSVC_ADDR)]
-    for host, n, addr in hosts:
-        for i, sw in enumerate(SWITCHES, 1):
-            net = _p2p(n, i)
-            _link_pair(host, f"u{i}", sw, f"{host[:5]}", UNDERLAY_MTU)
-            _addr6(host, f"u{i}", net + "1", 64)
-            _addr6(sw, host[:5], net + "2", 64)
-        _addr6(host, "lo", addr, 128)
-        with inside(host), IPRoute() as ipr:
-            # ECMP to every other host's underlay address through both switches
-            for other, m, oaddr in hosts:
-                if other == host:
-                    continue
-                ipr.route("add", family=socket.AF_INET6, dst=f"{oaddr}/128",
-                          multipath=[{"gateway": _p2p(n, i) + "2",
-                                      "oif": ipr.link_lookup(ifname=f"u{i}")[0]}
-                                     for i in (1, 2)])
-        for i, sw in enumerate(SWITCHES, 1):
-            with inside(sw), IPRoute() as ipr:
-                ipr.route("add", family=socket.AF_INET6, dst=f"{addr}/128",
-                          gateway=_p2p(n, i) + "1")
-
-    for name, s in SLEDS.items():
-        guest = f"g{s['n']}"
-        with inside(name):
-            sysctl("net/ipv6/fib_multipath_hash_policy", 1)
-            ports.create(ROOTS + name, ports.PortSpec(
+    def _sled(self, sled, s):
+        """The sled's port, V2P for the other guests, and its guest namespace."""
+        with self.inside(sled):
+            ports.create(self.root(sled), ports.PortSpec(
                 "xde0", "u1", "u2", s["mac"], s["guest_ip"], GW_MAC, GW_IP, BSVC_ADDR,
                 BSVC_VNI, VNI, s["addr"], SUBNET))
             for other in SLEDS.values():
                 if other is not s:
-                    overlay.set_v2p(ROOTS + name, other["guest_ip"], other["mac"], other["addr"], VNI)
+                    overlay.set_v2p(self.root(sled), other["guest_ip"], other["mac"],
+                                    other["addr"], VNI)
             with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="xde0")[0], net_ns_fd=ns(guest))
-        with inside(guest), IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="xde0")[0],
+                         net_ns_fd=self.ns(s["guest"]))
+        with self.inside(s["guest"]), IPRoute() as ipr:
             i = ipr.link_lookup(ifname="xde0")[0]
             ipr.addr("add", index=i, address=s["guest_ip"], prefixlen=24)
             ipr.link("set", index=i, state="up")
             ipr.route("add", dst=f"{GW_IP}/32", oif=i, scope=253)  # scope link
             ipr.route("add", dst="0.0.0.0/0", gateway=GW_IP, oif=i)
 
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns('bsvc')}", sys.executable, "-m",
-                             "xdectl.bsvc", BSVC_ADDR, str(VNI)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    (STATE / "bsvc.pid").write_text(str(proc.pid))
-    print("lab: up (sleds sled1, sled2; guests g1 10.0.0.1, g2 10.0.0.2; "
-          f"boundary services {BSVC_ADDR})")
+    # --- tearing down ---------------------------------------------------
 
+    def down(self, quiet=False):
+        pidfile = self.state / "bsvc.pid"
+        if pidfile.exists():
+            try:
+                os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+            pidfile.unlink()
+        for sled in SLEDS:
+            if os.path.exists(f"/run/netns/{self.ns(sled)}"):
+                with self.inside(sled):
+                    ports.unload(self.root(sled), force=True)
+            elif Path(self.root(sled)).exists():
+                ports.unload(self.root(sled), force=True)
+        removed = 0
+        for n in self.namespaces:
+            if os.path.exists(f"/run/netns/{n}"):
+                netns.remove(n)
+                removed += 1
+        if self.state.exists():
+            self.state.rmdir()
+        if not quiet:
+            print(f"lab: down ({removed} namespaces removed)")
 
-def down(quiet=False):
-    pidfile = STATE / "bsvc.pid"
-    if pidfile.exists():
-        try:
-            os.killpg(int(pidfile.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
-        pidfile.unlink()
-    for name in SLEDS:
-        if os.path.exists(f"/run/netns/{ns(name)}"):
-            with inside(name):
-                try:
-                    ports.unload(ROOTS + name, force=True)
-                except XdeError as e:
-                    print(f"lab: {e}", file=sys.stderr)
-        elif Path(ROOTS + name).exists():
-            ports.unload(ROOTS + name, force=True)
-    removed = 0
-    for n in NAMESPACES:
-        if os.path.exists(f"/run/netns/{n}"):
-            netns.remove(n)
-            removed += 1
-    if not quiet:
-        print(f"lab: down ({removed} namespaces removed)")
+    # --- checking -------------------------------------------------------
 
+    def ping(self, guest, addr, count=3):
+        r = self.run(guest, "ping", "-c", str(count), "-i", "0.2", "-W", "1", "-q", addr,
+                     capture_output=True, text=True)
+        lines = r.stdout.strip().splitlines()
+        return r.returncode == 0, (lines[-2] if len(lines) >= 2 else "")
 
-def _ping(guest, addr, count=3):
-    r = subprocess.run(["nsenter", f"--net=/run/netns/{ns(guest)}", "ping", "-c", str(count),
-                        "-i", "0.2", "-W", "1", "-q", addr], capture_output=True, text=True)
-    return r.returncode == 0, r.stdout.strip().splitlines()[-2:] if r.stdout else []
+    def check(self):
+        if not self.is_up():
+            raise XdeError("the lab is not up: run 'xdectl lab up'")
+        checks = [("g1", "10.0.0.2", "guest g1 -> guest g2 (across sleds)"),
+                  ("g2", "10.0.0.1", "guest g2 -> guest g1 (across sleds)"),
+                  ("g1", GW_IP, "guest g1 -> gateway"),
+                  ("g2", GW_IP, "guest g2 -> gateway"),
+                  ("g1", OUTSIDE, "guest g1 -> outside (boundary services)"),
+                  ("g2", OUTSIDE, "guest g2 -> outside (boundary services)")]
+        failed = 0
+        for guest, addr, what in checks:
+            ok, summary = self.ping(guest, addr)
+            failed += not ok
+            print(f"  {'ok  ' if ok else 'FAIL'} {what}: {summary}")
+        for sled in SLEDS:
+            with self.inside(sled):
+                st = ports.port_stats(self.root(sled)).get("xde0", {})
+            print(f"  {sled} xde0 counters: {json.dumps({k: v for k, v in st.items() if v})}")
+        if failed:
+            raise XdeError(f"lab: {failed} of {len(checks)} checks failed")
 
-
-def ping():
-    if not is_up():
-        raise XdeError("the lab is not up: run 'xdectl lab up'")
-    checks = [("g1", "10.0.0.2", "guest g1 -> guest g2 (across sleds)"),
-              ("g2", "10.0.0.1", "guest g2 -> guest g1 (across sleds)"),
-              ("g1", GW_IP, "guest g1 -> gateway"),
-              ("g2", GW_IP, "guest g2 -> gateway"),
-              ("g1", OUTSIDE, "guest g1 -> outside (boundary services)"),
-              ("g2", OUTSIDE, "guest g2 -> outside (boundary services)")]
-    ok_all = True
-    for guest, addr, what in checks:
-        ok, summary = _ping(guest, addr)
-        ok_all &= ok
-        print(f"  {'ok  ' if ok else 'FAIL'} {what}: {summary[0] if summary else ''}")
-    for name in SLEDS:
-        with inside(name):
-            st = ports.port_stats(ROOTS + name).get("xde0", {})
-        shown = {k: v for k, v in st.items() if v}
-        print(f"  {name} xde0 counters: {json.dumps(shown)}")
-    if not ok_all:
-        raise XdeError("lab: some checks failed")
-
-
-def status():
-    if not is_up():
-        print("lab: down")
-        return
-    print("lab: up")
-    for name in SLEDS:
-        with inside(name):
-            for p in ports.list_ports(ROOTS + name):
-                print(f"  {name}: {p['name']} {p['mode']} {p['ip']} vni {p['vni']} {p['state']}")
+    def status(self):
+        if not self.is_up():
+            print("lab: down")
+            return
+        print("lab: up")
+        for sled in SLEDS:
+            with self.inside(sled):
+                for p in ports.list_ports(self.root(sled)):
+                    print(f"  {sled}: {p['name']} {p['mode']} {p['ip']} vni {p['vni']} {p['state']}")
