@@ -8,6 +8,7 @@
 #include "gateway.h"
 #include "router.h"
 #include "encap.h"
+#include "mtu.h"
 
 /* Passthrough: the frame leaves unchanged on U1, on U2 while U1 is down. */
 static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port)
@@ -46,10 +47,16 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 		port_count(port, P_drop_spoof, 1);
 		return TC_ACT_SHOT;
 	}
+	/* the helpers below may move the packet: keep what we need of it */
+	struct ip_summary sum = { .saddr = ip->saddr, .daddr = ip->daddr,
+				  .tot_len = bpf_ntohs(ip->tot_len), .frag_off = ip->frag_off,
+				  .ihl = ip->ihl, .tos = ip->tos };
 	__u32 l4off = ETH_HLEN + ip->ihl * 4;
-	__be32 daddr = ip->daddr;
-	__u8 tos = ip->tos;
+	__be32 daddr = sum.daddr;
+	__u8 tos = sum.tos;
 	int rc = gateway_icmp(skb, pc, port, ip, l4off);
+	if (rc < 0)
+		rc = mtu_check(skb, pc, port, &sum);
 	if (rc >= 0)
 		return rc;
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from netns import BPFFS, Netns, PassthroughLab, Root, veth
+from netns import BPFFS, Netns, PassthroughLab, Root, underlay_host
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,22 +37,6 @@ def netns_factory(privileged):
     yield make
     for ns in reversed(made):
         ns.delete()
-
-
-def underlay_host(tag="h", underlays=("u1", "u2"), extra=()):
-    """A host namespace with veth underlays whose peers (n1, n2, ...) sit in
-    a second namespace; returns (host, far side)."""
-    hv, far = Netns(tag), Netns(tag + "f")
-    try:
-        for i, u in enumerate(underlays, 1):
-            veth(hv, u, far, f"n{i}")
-        for name in extra:
-            hv.ip("link", "add", name, "type", "dummy")
-    except BaseException:
-        hv.delete()
-        far.delete()
-        raise
-    return hv, far
 
 
 @pytest.fixture

@@ -187,6 +187,21 @@ def veth(ns_a, name_a, ns_b, name_b, up=True):
         ns_a.ip("link", "set", name_a, "up")
         ns_b.ip("link", "set", name_b, "up")
 
+def underlay_host(tag="h", underlays=("u1", "u2"), extra=()):
+    """A host namespace with veth underlays whose peers (n1, n2, ...) sit in
+    a second namespace; returns (host, far side)."""
+    hv, far = Netns(tag), Netns(tag + "f")
+    try:
+        for i, u in enumerate(underlays, 1):
+            veth(hv, u, far, f"n{i}")
+        for name in extra:
+            hv.ip("link", "add", name, "type", "dummy")
+    except BaseException:
+        hv.delete()
+        far.delete()
+        raise
+    return hv, far
+
 
 def xdectl(ns, root, *args, check=True, timeout=120, env=None):
     """Run xdectl in namespace ns on root (None: no --root option).

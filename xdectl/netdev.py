@@ -43,9 +43,9 @@ class Netdev:
         link = self.ipr.get_links(index)[0]
         return bool(link["flags"] & 1)
 
-    def create_veth(self, name, peer, mac, mtu):
+    def create_veth(self, name, peer, mac, mtu, peer_mtu):
         self.ipr.link("add", ifname=name, kind="veth", address=mac, mtu=mtu,
-                      peer={"ifname": peer, "mtu": mtu})
+                      peer={"ifname": peer, "mtu": peer_mtu})
 
     def up(self, index):
         self.ipr.link("set", index=index, state="up")

@@ -190,7 +190,9 @@ def _create(dp, nd, spec, u1, u2, undo):
     cfg_map, cfg = _config(maps)
     peer = datapath_end(spec.name)
     mtu = _port_mtu(nd, u1, u2, spec.passthrough)
-    nd.create_veth(spec.name, peer, spec.mac, mtu)
+    # The datapath end takes any size, so that a guest that raised its MTU
+    # past the port's reaches the program and gets ICMP, not a silent drop.
+    nd.create_veth(spec.name, peer, spec.mac, mtu, DATAPATH_END_MTU)
     dp_index = nd.index(peer)
     undo.add(nd.delete, dp_index)
     nd.enable_gro(spec.name)
@@ -249,6 +251,7 @@ def _create(dp, nd, spec, u1, u2, undo):
 
 ENCAP_OVERHEAD = 14 + 40 + 8 + 8   # inner Ethernet, outer IPv6, UDP, Geneve
 MAX_PORT_MTU = 1500
+DATAPATH_END_MTU = 65535
 
 
 def _port_mtu(nd, u1, u2, passthrough):

@@ -1,0 +1,93 @@
+/* MTU: an IPv4 packet too big to fit the underlay once encapsulated, with
+ * DF set, gets ICMP "fragmentation needed" back to the guest, built from the
+ * packet itself; without DF it is dropped, and counted. Never silent. */
+#ifndef XDE_MTU_H
+#define XDE_MTU_H
+
+#include "maps.h"
+#include "counters.h"
+#include "gateway.h"
+
+#define ICMP_QUOTE_MAX 68         /* largest IPv4 header (60) + 8 bytes */
+#define IP_DF 0x4000
+
+static __always_inline __u16 fold_csum(__u64 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~s;
+}
+
+struct ip_summary {
+	__be32 saddr;
+	__be32 daddr;
+	__u16 tot_len;            /* host order */
+	__be16 frag_off;
+	__u8 ihl;
+	__u8 tos;
+};
+
+/* Returns -1 when the packet fits, else the TC verdict. */
+static __always_inline int mtu_check(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
+				     struct ip_summary *ip)
+{
+	__u16 tot = ip->tot_len;
+	if (tot <= pc->mtu || skb->gso_size)  /* GSO frames are segmented to fit */
+		return -1;
+	if (!(ip->frag_off & bpf_htons(IP_DF))) {
+		port_count(port, P_drop_mtu, 1);
+		return TC_ACT_SHOT;
+	}
+	__u32 quote = ip->ihl * 4 + 8;
+	if (quote > ICMP_QUOTE_MAX || quote > tot)
+		goto drop;
+	__u8 buf[ICMP_QUOTE_MAX] = {};
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, buf, quote) < 0)
+		goto drop;
+	__be32 guest = ip->saddr;
+
+	/* frame := Ethernet, new IPv4 + ICMP headers, quoted packet start */
+	if (bpf_skb_change_tail(skb, ETH_HLEN + quote, 0) < 0 ||
+	    bpf_skb_adjust_room(skb, sizeof(struct iphdr) + sizeof(struct icmphdr),
+				BPF_ADJ_ROOM_MAC, 0) < 0)
+		goto drop;
+
+	struct {
+		struct ethhdr eth;
+		struct iphdr ip;
+		struct icmphdr icmp;
+	} __attribute__((packed)) h = {};
+	__builtin_memcpy(h.eth.h_dest, pc->mac, ETH_ALEN);
+	__builtin_memcpy(h.eth.h_source, pc->gw_mac, ETH_ALEN);
+	h.eth.h_proto = bpf_htons(ETH_P_IP);
+	h.ip.version = 4;
+	h.ip.ihl = 5;
+	h.ip.tos = 0xc0;
+	h.ip.tot_len = bpf_htons(sizeof(h.ip) + sizeof(h.icmp) + quote);
+	h.ip.ttl = 64;
+	h.ip.protocol = IPPROTO_ICMP;
+	h.ip.saddr = pc->gw_ip;
+	h.ip.daddr = guest;
+	h.ip.check = fold_csum(bpf_csum_diff(0, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
+	h.icmp.type = ICMP_DEST_UNREACH;
+	h.icmp.code = ICMP_FRAG_NEEDED;
+	h.icmp.un.frag.mtu = bpf_htons(pc->mtu);
+	__s64 s = bpf_csum_diff(0, 0, (__be32 *)&h.icmp, sizeof(h.icmp), 0);
+	if (s < 0)
+		goto drop;
+	s = bpf_csum_diff(0, 0, (__be32 *)buf, quote & 0x7c, s);
+	if (s < 0)
+		goto drop;
+	h.icmp.checksum = fold_csum(s);
+	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
+		goto drop;
+	port_count(port, P_mtu_icmp_sent, 1);
+	port_count(port, P_drop_mtu, 1);
+	return hairpin(skb);
+drop:
+	port_count(port, P_drop_mtu, 1);
+	return TC_ACT_SHOT;
+}
+
+#endif

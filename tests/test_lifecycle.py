@@ -1,0 +1,324 @@
+"""Port lifecycle end to end, in namespaces: create refusals that leave
+nothing behind, list, delete, unload, reuse of the pinned programs."""
+import ctypes as ct
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from netns import (Root, create_args, one_error_line, positional_args, snapshot, timed_xdectl,
+                   underlay_host, xdectl)
+
+UNDERLAYS = ("u1", "u2", "u3")
+
+
+# --- create refusals ---------------------------------------------------------
+
+@dataclass
+class Bad:
+    id: str
+    args: list
+    expect: str          # must appear in the error line (case-insensitive)
+    loaded_only: bool = False
+    also_loaded: bool = False   # run on the loaded root too (a sample of each kind)
+
+
+def bad(id, expect, name="xv0", underlays=("u1", "u2"), loaded_only=False, also_loaded=False, **over):
+    return Bad(id, create_args(name, underlays=underlays, passthrough=True, **over), expect,
+               loaded_only, also_loaded)
+
+
+BAD = [
+    bad("mac-short", "A8:40:25:ff:00", mac="A8:40:25:ff:00", also_loaded=True),
+    bad("mac-nonhex", "A8:40:25:ff:00:zz", mac="A8:40:25:ff:00:zz"),
+    bad("mac-dashes", "A8-40-25-ff-00-01", mac="A8-40-25-ff-00-01"),
+    bad("mac-multicast", "01:00:5e:00:00:01", mac="01:00:5e:00:00:01", also_loaded=True),
+    bad("mac-broadcast", "ff:ff:ff:ff:ff:ff", mac="ff:ff:ff:ff:ff:ff"),
+    bad("mac-zero", "00:00:00:00:00:00", mac="00:00:00:00:00:00", also_loaded=True),
+    bad("gwmac-multicast", "A9:40:25:00:00:01", gateway_mac="A9:40:25:00:00:01"),
+    bad("gwmac-zero", "00:00:00:00:00:00", gateway_mac="00:00:00:00:00:00"),
+    bad("ip-bad", "10.0.0.256", ip="10.0.0.256", also_loaded=True),
+    bad("ip-is-v6", "fd00::1", ip="fd00::1"),
+    bad("gwip-bad", "172.30.0", gateway_ip="172.30.0"),
+    bad("bsvc-bad", "fd00:99::zz", boundary_services="fd00:99::zz", also_loaded=True),
+    bad("bsvc-is-v4", "10.9.9.9", boundary_services="10.9.9.9"),
+    bad("ulaaddr-bad", "fd00:::1", underlay_addr="fd00:::1", also_loaded=True),
+    bad("uladdr-is-v4", "10.1.1.1", underlay_addr="10.1.1.1"),
+    bad("vni-too-big", "16777216", vni="16777216", also_loaded=True),
+    bad("vni-negative", "-1", vni="-1"),
+    bad("vni-not-number", "ten", vni="ten"),
+    bad("bvni-too-big", "16777216", boundary_vni="16777216"),
+    bad("bvni-negative", "-1", boundary_vni="-1"),
+    bad("underlay1-missing", "nosuch0", underlays=("nosuch0", "u2"), also_loaded=True),
+    bad("underlay2-missing", "nosuch1", underlays=("u1", "nosuch1")),
+    bad("underlays-same", "u1", underlays=("u1", "u1"), also_loaded=True),
+    bad("one-underlay", "underlay", underlays=("u1",)),
+    bad("three-underlays", "underlay", underlays=("u1", "u2", "u3")),
+    bad("name-slash", "bad/name", name="bad/name", also_loaded=True),
+    bad("name-too-long", "abcdefghijklmnop", name="abcdefghijklmnop"),
+    bad("name-space", "bad name", name="bad name"),
+    bad("name-empty", "name", name=""),
+    bad("name-trailing-newline", "name", name="xv0\n"),
+    bad("name-in-use", "taken0", name="taken0", also_loaded=True),
+    bad("name-is-underlay", "u3", name="u3"),
+    bad("ip-outside-subnet", "10.0.1.1", ip="10.0.1.1", vpc_subnet="10.0.0.0/24", also_loaded=True),
+    # Only meaningful on a root that already has a port (p0 on u1,u2, fd00:1::1).
+    bad("other-underlay-pair", "u3", underlays=("u1", "u3"), loaded_only=True),
+    bad("other-underlay-pair2", "u3", underlays=("u3", "u2"), loaded_only=True),
+    bad("other-underlay-addr", "fd00:1::2", underlay_addr="fd00:1::2", loaded_only=True),
+    bad("name-is-existing-port", "p0", name="p0", loaded_only=True),
+    bad("mac-of-existing-port", "a8:40:25:ff:00:01", loaded_only=True),
+]
+FRESH = [b for b in BAD if not b.loaded_only]
+LOADED = [b for b in BAD if b.loaded_only or b.also_loaded]
+
+
+@pytest.fixture(scope="module")
+def clean_host(privileged):
+    """Underlays u1..u3 and a dummy link taken0, no root on them."""
+    hv, far = underlay_host("v", UNDERLAYS, extra=("taken0",))
+    yield hv
+    hv.delete()
+    far.delete()
+
+
+@pytest.fixture(scope="module")
+def loaded(privileged):
+    """A root with one passthrough port p0 (the seed's values) on u1, u2."""
+    hv, far = underlay_host("l", UNDERLAYS, extra=("taken0",))
+    root = Root(hv)
+    try:
+        xdectl(hv, root, *create_args("p0", passthrough=True))
+        ports = root.ports()
+        assert [p["name"] for p in ports] == ["p0"]
+        yield hv, root, ports
+    finally:
+        root.cleanup()
+        hv.delete()
+        far.delete()
+
+
+def assert_clean_underlays(ns, devs):
+    for d in devs:
+        assert ns.xdp_prog_id(d) is None, f"XDP left on {d}:\n{ns.link_details(d)}"
+        assert ns.tc_filters(d, "ingress") == "", f"tc filter left on {d}"
+        assert "clsact" not in ns.qdiscs(d), f"clsact left on {d}"
+
+
+@pytest.mark.parametrize("case", FRESH, ids=[b.id for b in FRESH])
+def test_create_refused_on_fresh_root(clean_host, case):
+    hv = clean_host
+    root = Root(hv)
+    try:
+        before = snapshot(hv, root, UNDERLAYS)
+        assert before["root"] is None
+        p = xdectl(hv, root, *case.args, check=False)
+        line = one_error_line(p)
+        assert case.expect.strip().lower() in line.lower(), line
+        assert snapshot(hv, root, UNDERLAYS) == before
+        assert not root.exists(), f"{root} was left behind"
+        assert_clean_underlays(hv, UNDERLAYS)
+    finally:
+        root.cleanup()
+
+
+@pytest.mark.parametrize("case", LOADED, ids=[b.id for b in LOADED])
+def test_create_refused_on_loaded_root(loaded, case):
+    hv, root, ports = loaded
+    before = snapshot(hv, root, UNDERLAYS)
+    p = xdectl(hv, root, *case.args, check=False)
+    line = one_error_line(p)
+    assert case.expect.strip().lower() in line.lower(), line
+    assert snapshot(hv, root, UNDERLAYS) == before
+    assert root.ports() == ports
+
+
+def test_failure_after_load_rolls_back(loaded):
+    """A second root on underlays that already carry another root's XDP
+    program: create compiles and loads, then fails half-way. Everything it
+    made (veth pair, pins, root directory) must go."""
+    hv, root, ports = loaded
+    other = Root(hv)
+    try:
+        before = snapshot(hv, other, UNDERLAYS)
+        before_loaded = root.pins()
+        p = xdectl(hv, other, *create_args("xv1", mac="A8:40:25:ff:00:09", passthrough=True),
+                   check=False)
+        line = one_error_line(p)
+        assert "xdp" in line.lower(), line
+        assert snapshot(hv, other, UNDERLAYS) == before
+        assert not other.exists()
+        assert root.pins() == before_loaded
+        assert root.ports() == ports
+    finally:
+        other.cleanup()
+
+
+def test_root_from_environment(loaded):
+    hv, root, ports = loaded
+    p = xdectl(hv, None, "list", "--json", env={"XDE_ROOT": str(root)})
+    assert json.loads(p.stdout) == ports
+
+
+def test_delete_unknown_port(loaded, clean_host):
+    hv, root, ports = loaded
+    before = root.pins()
+    line = one_error_line(xdectl(hv, root, "delete", "nosuch0", check=False))
+    assert "nosuch0" in line
+    assert root.pins() == before and root.ports() == ports
+    # On a root with nothing loaded: refused too, and no root is made.
+    absent = Root(clean_host)
+    line = one_error_line(xdectl(clean_host, absent, "delete", "nosuch0", check=False))
+    assert "nosuch0" in line
+    assert not absent.exists()
+
+
+def test_commands_on_absent_root_make_nothing(clean_host):
+    absent = Root(clean_host)
+    p = xdectl(clean_host, absent, "list", "--json")
+    assert json.loads(p.stdout) == []
+    p = xdectl(clean_host, absent, "unload", check=False)
+    assert p.returncode == 0, p.stderr
+    assert not absent.exists()
+
+
+# --- list, delete, unload, warm create -------------------------------------------
+
+OVERLAY = dict(mac="02:00:00:00:00:0A", ip="10.1.2.3", vpc_subnet="10.1.0.0/16",
+               gateway_mac="02:00:00:00:00:01", gateway_ip="10.1.0.1", vni="4242")
+
+
+def test_list_shows_ports_from_kernel(host):
+    hv, root = host
+    xdectl(hv, root, *create_args("p0", **OVERLAY))
+    xdectl(hv, root, *positional_args("p1", passthrough=True))   # the seed's form
+    ports = root.ports()
+    want = [
+        dict(name="p0", mode="overlay", mac="02:00:00:00:00:0a", ip="10.1.2.3", vni=4242,
+             underlays=["u1", "u2"], state="up"),
+        dict(name="p1", mode="passthrough", mac="a8:40:25:ff:00:01", ip="10.0.0.1", vni=10,
+             underlays=["u1", "u2"], state="up"),
+    ]
+    assert [{k: p.get(k) for k in want[0]} for p in ports] == want
+
+    table = xdectl(hv, root, "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "MODE", "MAC", "IP", "VNI", "UNDERLAYS", "STATE"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert sorted(rows) == ["p0", "p1"]
+    for w in want:
+        row = rows[w["name"]]
+        for v in (w["mode"], w["mac"], w["ip"], str(w["vni"]), "u1", "u2", w["state"]):
+            assert v in row, f"{v!r} missing from list row {row!r}"
+
+    # State is read from the kernel: the guest end going down shows.
+    hv.ip("link", "set", "p0", "down")
+    assert {p["name"]: p["state"] for p in root.ports()} == {"p0": "down", "p1": "up"}
+    hv.ip("link", "set", "p0", "up")
+    assert {p["name"]: p["state"] for p in root.ports()} == {"p0": "up", "p1": "up"}
+
+    xdectl(hv, root, "xde-delete", "p1")
+    assert [p["name"] for p in root.ports()] == ["p0"]
+    assert not hv.has_link("p1") and not hv.has_link("p1_dp")
+
+
+def test_delete_last_port_detaches_underlays(host):
+    hv, root = host
+    before = snapshot(hv, None, ("u1", "u2"))
+    xdectl(hv, root, *create_args("p0", passthrough=True))
+    xdectl(hv, root, *create_args("p1", **OVERLAY))
+    for u in ("u1", "u2"):
+        assert hv.xdp_prog_id(u) is not None, f"no XDP on {u}"
+        assert hv.tc_filters(u, "ingress"), f"no tc filter on {u}"
+
+    xdectl(hv, root, "delete", "p0")
+    assert not hv.has_link("p0") and not hv.has_link("p0_dp")
+    for u in ("u1", "u2"):    # p1 still uses the underlays
+        assert hv.xdp_prog_id(u) is not None
+        assert hv.tc_filters(u, "ingress")
+
+    xdectl(hv, root, "delete", "p1")
+    for u in ("u1", "u2"):
+        assert "xdp" not in hv.link_details(u), hv.link_details(u)
+        assert hv.tc_filters(u, "ingress") == ""
+    assert_clean_underlays(hv, ("u1", "u2"))
+    assert snapshot(hv, None, ("u1", "u2")) == before
+    # The instance (its maps) outlives its last port, until unload.
+    assert root.exists() and root.ports() == []
+    p = xdectl(hv, root, "unload")
+    assert p.returncode == 0
+    assert not root.exists()
+
+
+def test_warm_create_reuses_pinned_programs(host):
+    hv, root = host
+    _, cold = timed_xdectl(hv, root, *create_args("p0", passthrough=True))
+    pins = root.pins()
+    xdp = {u: hv.xdp_prog_id(u) for u in ("u1", "u2")}
+    port_prog = hv.tc_prog_ids("p0_dp")
+    assert all(xdp.values()) and port_prog
+
+    _, warm = timed_xdectl(hv, root, *create_args("p1", **OVERLAY))
+    assert root.pins() == pins, "the second create re-pinned the datapath"
+    assert hv.tc_prog_ids("p1_dp") == port_prog, "the ports run different programs"
+    assert {u: hv.xdp_prog_id(u) for u in ("u1", "u2")} == xdp
+
+    xdectl(hv, root, "delete", "p1")
+    _, warm2 = timed_xdectl(hv, root, *create_args("p1", **OVERLAY))
+    assert root.pins() == pins
+    assert hv.tc_prog_ids("p1_dp") == port_prog
+    assert {u: hv.xdp_prog_id(u) for u in ("u1", "u2")} == xdp
+    print(f"create: cold {cold:.2f}s, warm {warm:.2f}s, {warm2:.2f}s")
+    assert max(warm, warm2) < cold / 2, f"warm create {warm:.2f}s vs cold {cold:.2f}s: recompiled?"
+
+
+def test_unload_refuses_with_ports_and_force_removes_everything(host):
+    hv, root = host
+    before = snapshot(hv, None, ("u1", "u2"))
+    xdectl(hv, root, *create_args("p0", passthrough=True))
+    xdectl(hv, root, *create_args("p1", **OVERLAY))
+    ports, pins = root.ports(), root.pins()
+
+    line = one_error_line(xdectl(hv, root, "unload", check=False))
+    assert "p0" in line and "p1" in line, line
+    assert root.pins() == pins and root.ports() == ports
+    assert hv.xdp_prog_id("u1") is not None
+
+    xdectl(hv, root, "unload", "--force")
+    assert not root.exists(), f"{root} still exists: {root.pins()}"
+    for name in ("p0", "p0_dp", "p1", "p1_dp"):
+        assert not hv.has_link(name), name
+    assert_clean_underlays(hv, ("u1", "u2"))
+    assert snapshot(hv, None, ("u1", "u2")) == before
+
+
+def test_unload_force_removes_instance_of_other_layout(host):
+    """After an upgrade changes the map layout, xdectl refuses the old pins
+    and tells the user to run `unload --force`: that command must work."""
+    from xdectl import libbpf
+    hv, root = host
+    before = snapshot(hv, None, ("u1", "u2"))
+    xdectl(hv, root, *create_args("p0", passthrough=True))
+
+    # Make the pinned instance look like one of an older layout.
+    fd = libbpf.obj_get(root.path / "maps" / "meta")
+    try:
+        buf = ct.create_string_buffer(libbpf.map_value_size(fd))
+        key = ct.c_uint32(0)
+        libbpf.lookup(fd, key, buf)
+        meta = json.loads(buf.value.decode())
+        meta["layout"] = "0" * len(meta["layout"])
+        text = json.dumps(meta).encode()
+        ct.memmove(buf, text, len(text))
+        libbpf.update(fd, key, buf)
+    finally:
+        os.close(fd)
+    line = one_error_line(xdectl(hv, root, "list", check=False))
+    assert "layout" in line and "unload --force" in line, line
+
+    p = xdectl(hv, root, "unload", "--force", check=False)
+    assert p.returncode == 0, f"unload --force refused: {p.stderr}"
+    assert not root.exists()
+    assert not hv.has_link("p0") and not hv.has_link("p0_dp")
+    assert_clean_underlays(hv, ("u1", "u2"))
+    assert snapshot(hv, None, ("u1", "u2")) == before
