@@ -145,8 +145,9 @@ class Bench:
             if r.returncode:
                 raise RuntimeError(f"{path}: 1500-byte packets do not pass {src} -> {dst}")
         for path, (src, dst, _) in PATHS.items():
-            mtus = {h: self.sh(h, "cat", f"/sys/class/net/{'xde0' if path == 'xde' else 'eth0'}/mtu")
-                    .stdout.strip() for h in (src, dst)}
+            dev = "xde0" if path == "xde" else "eth0"
+            mtus = {h: json.loads(self.ip(h, "-j", "link", "show", dev).stdout)[0]["mtu"]
+                    for h in (src, dst)}
             print(f"  {path}: guests {src}, {dst} MTU {mtus}")
 
     def start_servers(self):

@@ -194,8 +194,8 @@ def underlay_host(tag="h", underlays=("u1", "u2"), extra=()):
     try:
         for i, u in enumerate(underlays, 1):
             veth(hv, u, far, f"n{i}")
-        for name in extra:
-            hv.ip("link", "add", name, "type", "dummy")
+        for name in extra:   # plain links that only take a name (no dummy module here)
+            hv.ip("link", "add", name, "type", "veth", "peer", "name", f"{name[:12]}_p")
     except BaseException:
         hv.delete()
         far.delete()

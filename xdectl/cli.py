@@ -107,9 +107,15 @@ def list_cmd(as_json: bool = JSON):
 
 
 @app.command()
-def stats(port: Optional[str] = typer.Argument(None), as_json: bool = JSON):
-    """Per-port counters (summed over CPUs)."""
-    from .ports import port_stats
+def stats(port: Optional[str] = typer.Argument(None), as_json: bool = JSON,
+          instance: bool = typer.Option(False, "--global",
+                                        help="The instance's counters: host-bound and malformed frames.")):
+    """Per-port counters (summed over CPUs), or with --global the instance's."""
+    from .ports import global_stats, port_stats
+    if instance:
+        data = global_stats(State.root)
+        _out(data, as_json, lambda d: [print(f"{k:28} {v}") for k, v in d.items() if v])
+        return
 
     def table(data):
         for name, counters in data.items():

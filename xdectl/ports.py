@@ -129,7 +129,7 @@ def _check_instance(maps, spec, u1, u2, nd):
     if maps["port_index"].get(_port_key(maps, vni, spec.mac)) is not None:
         raise XdeError(f"MAC {spec.mac} is already used by another port"
                        + ("" if spec.passthrough else f" in VNI {spec.vni}"))
-    if spec.passthrough and not _free_passthru_slot(maps):
+    if spec.passthrough and _free_passthru_slot(maps) is None:
         raise XdeError("this root already has the maximum number of passthrough ports")
 
 
@@ -154,8 +154,16 @@ def _attach_underlays(dp, nd, u1, u2, undo):
         undo.add(nd.detach_xdp, u)
         nd.attach_tc_ingress(u, tc_fd, "xde_underlay_in")
         undo.add(nd.detach_tc_ingress, u)
-        nd.replace_route6(liveness_dst(u), u, LIVENESS_TABLE)
         undo.add(nd.del_route6, liveness_dst(u), LIVENESS_TABLE)
+    _ensure_liveness(nd, u1, u2)
+
+
+def _ensure_liveness(nd, u1, u2):
+    """(Re)install the sentinel routes of the links that are up: the kernel
+    deleted those of a link that went down, and does not restore them."""
+    for u in (u1, u2):
+        if nd.is_up(u):
+            nd.replace_route6(liveness_dst(u), u, LIVENESS_TABLE)
 
 
 def _detach_underlays(nd, u1, u2):
@@ -238,6 +246,8 @@ def _create(dp, nd, spec, u1, u2, undo):
 
     if cfg.nports == 0:
         _attach_underlays(dp, nd, u1, u2, undo)
+    else:
+        _ensure_liveness(nd, u1, u2)
         cfg.u1, cfg.u2 = u1, u2
         set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(spec.underlay_addr).packed)
         cfg.liveness_table = LIVENESS_TABLE
@@ -384,6 +394,14 @@ def port_stats(root, name=None):
     if name and name not in out:
         raise XdeError(f"no port {name} on {root}")
     return out
+
+
+def global_stats(root):
+    dp = Datapath(root)
+    if not dp.exists():
+        return {}
+    m = dp.maps()["global_stats"]
+    return sum_percpu(m.get(m.Key(0)))
 
 
 def unload(root, force=False):
