@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+try:                    # the venv's editable install, or a tree on PYTHONPATH
+    import xdectl       # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
 
 from pyroute2 import netns  # noqa: E402
 
@@ -56,7 +59,8 @@ SLED = {"sled1": 1, "sled2": 2}
 class Bench:
     def __init__(self, prefix=PREFIX):
         self.lab = Lab(prefix)
-        self.servers = []
+        self.servers = {}
+        self.workarounds = []     # product bugs worked around in this run
 
     def ns(self, host):
         return self.lab.ns(host)
@@ -87,6 +91,7 @@ class Bench:
     def up(self):
         self.down()
         self.lab.up()
+        self._fix_config()
         for h in EXTRA:
             netns.create(self.ns(h))
             self.ip(h, "link", "set", "lo", "up")
@@ -100,6 +105,81 @@ class Bench:
                         net__ipv4__conf__default__rp_filter=0)
         self._vxlan()
         self._plain()
+
+    def _fix_config(self):
+        """Work around a product bug (a6f2791, xdectl/ports.py _create): the
+        first port's create leaves the root's config without underlays
+        (cfg.u1 = cfg.u2 = 0, so every packet is drop_no_underlay). Fill them
+        in as create meant to; does nothing once the bug is fixed."""
+        import ipaddress
+        from xdectl import ports
+        from xdectl.datapath import session
+        from xdectl.lab import SLEDS
+        from xdectl.maps import set_bytes
+        for sled, s in SLEDS.items():
+            with self.lab.inside(sled), session(self.lab.root(sled)) as (dp, nd):
+                cfg_map, cfg = ports._config(dp.maps())
+                if cfg.u1:
+                    continue
+                print(f"  WORKAROUND: {sled}: root config has no underlays (product bug); setting them")
+                cfg.u1, cfg.u2 = nd.index("u1"), nd.index("u2")
+                set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(s["addr"]).packed)
+                cfg.liveness_table = ports.LIVENESS_TABLE
+                cfg_map.set(cfg_map.Key(0), cfg)
+            self.workarounds.append(f"{sled}: root config underlays filled in (create left them 0)")
+
+    def xde_counters(self, sled):
+        from xdectl import ports
+        with self.lab.inside(sled):
+            return ports.port_stats(self.lab.root(sled)).get("xde0", {})
+
+    def nstat(self, host, name):
+        out = self.sh(host, "nstat", "-az", "--json", name).stdout
+        return json.loads(out)["kernel"].get(name, 0)
+
+    def probe_xde(self):
+        """A short TCP transfer on xde: does it flow, and without the two
+        known product failures? Returns (Gbit/s or 0, what went wrong)."""
+        before = (self.nstat("g2", "TcpInCsumErrors"),
+                  self.xde_counters("sled1").get("drop_underlay_unreachable", 0))
+        # (run from a snapshot if others edit bpf/ meanwhile: xdectl refuses
+        # a pinned datapath whose layout differs from the source on disk)
+        try:
+            gbps = self.iperf("xde", "tcp1", 2, omit=0, tries=1, timeout=20)["gbps"]
+        except RuntimeError:
+            gbps = 0.0
+        csum = self.nstat("g2", "TcpInCsumErrors") - before[0]
+        unreach = self.xde_counters("sled1").get("drop_underlay_unreachable", 0) - before[1]
+        problems = []
+        if csum:
+            problems.append(f"{csum} TCP checksum errors in g2")
+        if unreach:
+            problems.append(f"{unreach} drop_underlay_unreachable on sled1 xde0")
+        return gbps, problems
+
+    def check_xde_tcp(self):
+        """Work around two product bugs that stop TCP on the xde path, only
+        if they show: (1) the guest's CHECKSUM_PARTIAL frames are encapsulated
+        with the inner checksum unfilled, and XDP_REDIRECT on the receiving
+        sled's veth underlay loses the partial state, so g2 drops every
+        segment as a bad checksum; (2) GSO super-packets from the guest fail
+        bpf_fib_lookup's MTU check (tot_len is the whole GSO length), counted
+        as drop_underlay_unreachable. Turning tx checksum offload (hence TSO)
+        off on the xde guests' xde0 avoids both; software GSO stays on.
+        The vxlan and plain guests keep their offloads."""
+        gbps, problems = self.probe_xde()
+        print(f"  xde TCP probe: {gbps:.2f} Gbit/s {'; '.join(problems) or 'clean'}", flush=True)
+        if not problems and gbps > 0:
+            return
+        for g in ("g1", "g2"):
+            self.sh(g, "ethtool", "-K", "xde0", "tx", "off", "tso", "off", "gso", "on")
+        self.workarounds.append("xde guests g1, g2: `ethtool -K xde0 tx off tso off` (probe: "
+                                + ("; ".join(problems) or "no TCP throughput") + ")")
+        print("  WORKAROUND: tx checksum offload and TSO off on the xde guests' xde0", flush=True)
+        gbps, problems = self.probe_xde()
+        print(f"  xde TCP probe: {gbps:.2f} Gbit/s {'; '.join(problems) or 'clean'}", flush=True)
+        if problems or gbps == 0:
+            raise RuntimeError("xde: TCP does not flow even with the workaround: " + "; ".join(problems))
 
     def _vxlan(self):
         addr = {1: "fd00:1::1", 2: "fd00:2::1"}
@@ -151,47 +231,80 @@ class Bench:
             print(f"  {path}: guests {src}, {dst} MTU {mtus}")
 
     def start_servers(self):
-        for path, (_, dst, _) in PATHS.items():
-            p = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns(dst)}", "iperf3", "-s",
-                                  "-p", str(PORT)], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-            self.servers.append(p)
+        for path in PATHS:
+            self.start_server(path)
+        time.sleep(0.5)
+
+    def start_server(self, path):
+        dst = PATHS[path][1]
+        self.servers[path] = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.ns(dst)}", "iperf3", "-s", "-p", str(PORT)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def stop_server(self, path):
+        p = self.servers.pop(path, None)
+        if p is not None and p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def restart_server(self, path):
+        self.stop_server(path)
+        self.start_server(path)
         time.sleep(0.5)
 
     def stop_servers(self):
-        for p in self.servers:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        self.servers = []
+        for path in list(self.servers):
+            self.stop_server(path)
 
     def down(self):
         self.stop_servers()
         for h in EXTRA:
             if os.path.exists(f"/run/netns/{self.ns(h)}"):
                 netns.remove(self.ns(h))
-        self.lab.down(quiet=True)
+        try:
+            self.lab.down(quiet=True)
+        except Exception as e:     # e.g. the pinned datapath no longer matches this xdectl
+            print(f"lab down failed ({e}); removing by hand", file=sys.stderr)
+            import shutil
+            from xdectl.lab import SLEDS
+            for n in self.lab.namespaces:
+                if os.path.exists(f"/run/netns/{n}"):
+                    netns.remove(n)           # takes its links, XDP and filters with it
+            for sled in SLEDS:
+                shutil.rmtree(self.lab.root(sled), ignore_errors=True)
+            pid = self.lab.state / "bsvc.pid"
+            if pid.exists():
+                try:
+                    os.killpg(int(pid.read_text()), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+                pid.unlink()
+            if self.lab.state.exists():
+                self.lab.state.rmdir()
 
     # --- measuring ------------------------------------------------------
 
-    def iperf(self, path, test, seconds):
+    def iperf(self, path, test, seconds, omit=1, tries=3, timeout=None):
         src, _, dst = PATHS[path]
-        cmd = ["iperf3", "-c", dst, "-p", str(PORT), "-t", str(seconds), "-O", "1",
-               "--json", "--get-server-output", *TESTS[test]]
-        for attempt in range(3):
-            r = self.sh(src, *cmd, check=False, timeout=seconds + 60)
+        cmd = ["iperf3", "-c", dst, "-p", str(PORT), "-t", str(seconds), "-O", str(omit),
+               "--json", *TESTS[test]]
+        for attempt in range(tries):
             try:
+                r = self.sh(src, *cmd, check=False, timeout=timeout or seconds + 60)
                 out = json.loads(r.stdout)
+            except subprocess.TimeoutExpired:
+                out = {"error": "timed out"}
+                self.restart_server(path)      # it may be stuck in the killed test
             except json.JSONDecodeError:
                 out = {"error": r.stderr.strip() or "no JSON"}
             if "error" not in out:
                 break
-            print(f"    {path} {test}: iperf3 error ({out['error']}), retrying", flush=True)
+            print(f"    {path} {test}: iperf3 error ({out['error']})", flush=True)
             time.sleep(1)
         else:
             raise RuntimeError(f"{path} {test}: iperf3 failed: {out['error']}")
@@ -200,15 +313,14 @@ class Bench:
             return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
                     "sent_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
                     "retransmits": end["sum_sent"].get("retransmits")}
-        # UDP: what the receiver got, from the server's own report
-        srv = out["server_output_json"]["end"]["sum"]
-        sent = end["sum"]["packets"]
-        received = srv["packets"] - srv["lost_packets"]
-        secs = srv["seconds"] or seconds
+        # UDP: what the receiver got, as the server reported it to the client
+        rcv, snd = end["sum_received"], end["sum_sent"]
+        received = rcv["packets"] - rcv["lost_packets"]
+        secs = rcv["seconds"] or seconds
         return {"mpps": received / secs / 1e6,
-                "gbps": received * 64 * 8 / secs / 1e9,   # UDP payload
-                "sent_mpps": sent / end["sum"]["seconds"] / 1e6,
-                "lost_percent": srv["lost_percent"]}
+                "gbps": rcv["bytes"] * 8 / secs / 1e9,   # UDP payload
+                "sent_mpps": snd["packets"] / snd["seconds"] / 1e6,
+                "lost_percent": rcv["lost_percent"]}
 
 
 def summarise(samples):
@@ -256,7 +368,7 @@ def plot(res, png):
         vals = [r[p][key] for p in paths]
         ax.bar(paths, vals, color=[colours[p] for p in paths])
         for x, v in enumerate(vals):
-            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.text(x, v, f"{v:.3f}" if unit == "Mpps" else f"{v:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{test}  (xde/vxlan {r['ratio_xde_vxlan']:.2f})")
         ax.set_ylabel(unit)
     fig.suptitle("lab guest->guest throughput (medians)")
@@ -286,6 +398,7 @@ def main():
         bench.up()
         bench.check()
         bench.start_servers()
+        bench.check_xde_tcp()
         for rnd in range(1, args.rounds + 1):
             for test in tests:
                 for path in PATHS:
@@ -304,12 +417,15 @@ def main():
     res = summarise(samples)
     print()
     print(table(res))
+    for w in bench.workarounds:
+        print(f"workaround: {w}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"seconds": args.seconds, "rounds": args.rounds, "cpus": os.cpu_count(),
            "kernel": os.uname().release, "started": time.strftime("%Y-%m-%dT%H:%M:%S",
                                                                    time.localtime(started)),
-           "duration_s": round(time.time() - started, 1), "results": res}
+           "duration_s": round(time.time() - started, 1),
+           "workarounds": bench.workarounds, "results": res}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"results: {out}")
     plot(res, out.with_suffix(".png"))

@@ -6,6 +6,7 @@
 #include "maps.h"
 #include "counters.h"
 #include "fib.h"
+#include "fw.h"
 
 /* bcc's helpers.h declares the pre-5.11 three-argument form. */
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
@@ -29,8 +30,8 @@ struct encap_hdrs {
 /* Destination port on this same host: deliver without touching the wire.
  * The receiving guest sees the gateway MAC as the source, as for any
  * routed frame. */
-static __always_inline int deliver_local(struct __sk_buff *skb, __u32 port, __u32 vni,
-					 const __u8 *dmac)
+static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port,
+					 __u32 vni, const __u8 *dmac, struct pkt4 *p)
 {
 	struct port_key pk = { .vni = vni };
 	__builtin_memcpy(pk.mac, dmac, ETH_ALEN);
@@ -40,12 +41,20 @@ static __always_inline int deliver_local(struct __sk_buff *skb, __u32 port, __u3
 		port_count(port, P_drop_no_port_local, 1);
 		return TC_ACT_SHOT;
 	}
+	__u32 d = dpc->ifindex;
+	/* the destination port's inbound firewall, as if it came off the wire */
+	int v = firewall(d, DIR_IN, p, vni, skb->len, cfg);
+	if (v == FW_PENDING)
+		return fw_call_eval(skb);
+	if (v == FW_DENY) {
+		port_count(d, P_drop_firewall, 1);
+		return TC_ACT_SHOT;
+	}
 	__u8 macs[12];
 	__builtin_memcpy(macs, dmac, ETH_ALEN);
 	__builtin_memcpy(macs + 6, dpc->gw_mac, ETH_ALEN);
 	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
 		return TC_ACT_SHOT;
-	__u32 d = dpc->ifindex;
 	port_count(d, P_rx_packets, 1);
 	port_count(d, P_rx_bytes, skb->len);
 	return bpf_redirect(d, 0);
@@ -57,10 +66,10 @@ static __always_inline int deliver_local(struct __sk_buff *skb, __u32 port, __u3
 static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg *cfg,
 					  struct port_cfg *pc, __u32 port,
 					  const __u8 *underlay, __u32 vni, const __u8 *dmac,
-					  __u8 tos)
+					  __u8 tos, struct pkt4 *p)
 {
 	if (addr6_eq(underlay, cfg->underlay_addr))
-		return deliver_local(skb, port, vni, dmac);
+		return deliver_local(skb, cfg, port, vni, dmac, p);
 
 	struct encap_hdrs h = {};
 	if (bpf_skb_load_bytes(skb, 0, &h.inner, sizeof(h.inner)) < 0)
@@ -80,6 +89,8 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 		return TC_ACT_SHOT;
 	}
 
+	/* For a GSO packet these lengths are the whole super-packet's (possibly
+	 * past 16 bits); segmentation rewrites them per segment. */
 	__u16 l4len = inner_len + sizeof(struct udphdr) + sizeof(struct geneve_hdr);
 	/* version 6, traffic class = inner DSCP+ECN (RFC 6040 normal mode), flow label */
 	*(__be32 *)&h.ip6 = bpf_htonl((6U << 28) | ((__u32)tos << 20) | label);
@@ -98,20 +109,27 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	h.gnv.vni[2] = vni;
 	h.eth.h_proto = bpf_htons(ETH_P_IPV6);
 
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET6;
-	fib.ifindex = skb->ifindex;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.sport = h.udp.source;
-	fib.dport = h.udp.dest;
-	fib.flowinfo = bpf_htonl(label);
-	fib.tot_len = l4len + sizeof(struct ipv6hdr);
-	__builtin_memcpy(fib.ipv6_src, cfg->underlay_addr, 16);
-	__builtin_memcpy(fib.ipv6_dst, underlay, 16);
-	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	__u32 zero = 0;
+	struct scratch *sc = scratch.lookup(&zero);
+	if (!sc)
+		return TC_ACT_SHOT;
+	struct bpf_fib_lookup *fib = &sc->fib;
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET6;
+	fib->ifindex = skb->ifindex;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->sport = h.udp.source;
+	fib->dport = h.udp.dest;
+	fib->flowinfo = bpf_htonl(label);
+	/* the FIB checks tot_len against the route's MTU: a GSO packet is
+	 * checked by its segments, which the port MTU already sizes */
+	fib->tot_len = skb->gso_size ? 0 : l4len + sizeof(struct ipv6hdr);
+	__builtin_memcpy(fib->ipv6_src, cfg->underlay_addr, 16);
+	__builtin_memcpy(fib->ipv6_dst, underlay, 16);
+	int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		__builtin_memcpy(h.eth.h_dest, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(h.eth.h_source, fib.smac, ETH_ALEN);
+		__builtin_memcpy(h.eth.h_dest, fib->dmac, ETH_ALEN);
+		__builtin_memcpy(h.eth.h_source, fib->smac, ETH_ALEN);
 	} else if (rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
 		port_count(port, P_drop_underlay_unreachable, 1);
 		return TC_ACT_SHOT;
@@ -121,8 +139,8 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	port_count(port, P_encap, 1);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		/* next hop not resolved yet: the kernel resolves it and sends */
-		return redirect_neigh(fib.ifindex, 0, 0, 0);
-	return bpf_redirect(fib.ifindex, 0);
+		return redirect_neigh(fib->ifindex, 0, 0, 0);
+	return bpf_redirect(fib->ifindex, 0);
 }
 
 #endif

@@ -8,7 +8,6 @@
 #include "counters.h"
 #include "gateway.h"
 
-#define ICMP_QUOTE_MAX 68         /* largest IPv4 header (60) + 8 bytes */
 #define IP_DF 0x4000
 
 static __always_inline __u16 fold_csum(__u64 s)
@@ -42,7 +41,11 @@ static __always_inline int mtu_check(struct __sk_buff *skb, struct port_cfg *pc,
 	__u32 quote = ip->ihl * 4 + 8;
 	if (quote > ICMP_QUOTE_MAX || quote > tot)
 		goto drop;
-	__u8 buf[ICMP_QUOTE_MAX] = {};
+	__u32 zero = 0;
+	struct scratch *sc = scratch.lookup(&zero);
+	if (!sc)
+		goto drop;
+	__u8 *buf = sc->quote;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, buf, quote) < 0)
 		goto drop;
 	__be32 guest = ip->saddr;

@@ -9,6 +9,7 @@
 #include "router.h"
 #include "encap.h"
 #include "mtu.h"
+#include "fw.h"
 
 /* Passthrough: the frame leaves unchanged on U1, on U2 while U1 is down. */
 static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port)
@@ -47,6 +48,8 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 		port_count(port, P_drop_spoof, 1);
 		return TC_ACT_SHOT;
 	}
+	struct pkt4 pkt;
+	pkt4_parse(ip, data_end, &pkt);
 	/* the helpers below may move the packet: keep what we need of it */
 	struct ip_summary sum = { .saddr = ip->saddr, .daddr = ip->daddr,
 				  .tot_len = bpf_ntohs(ip->tot_len), .frag_off = ip->frag_off,
@@ -55,8 +58,16 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	__be32 daddr = sum.daddr;
 	__u8 tos = sum.tos;
 	int rc = gateway_icmp(skb, pc, port, ip, l4off);
-	if (rc < 0)
-		rc = mtu_check(skb, pc, port, &sum);
+	if (rc >= 0)
+		return rc;
+	int fw = firewall(port, DIR_OUT, &pkt, pc->vni, skb->len, cfg);
+	if (fw == FW_PENDING)
+		return fw_call_eval(skb);
+	if (fw == FW_DENY) {
+		port_count(port, P_drop_firewall, 1);
+		return TC_ACT_SHOT;
+	}
+	rc = mtu_check(skb, pc, port, &sum);
 	if (rc >= 0)
 		return rc;
 
@@ -67,7 +78,7 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	}
 	if (rt->target == RT_IG) {
 		__u8 bmac[ETH_ALEN] = BSVC_MAC;
-		return encap_and_send(skb, cfg, pc, port, pc->bsvc_addr, pc->bsvc_vni, bmac, tos);
+		return encap_and_send(skb, cfg, pc, port, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt);
 	}
 	if (rt->target != RT_SUB4 && rt->target != RT_IP4) {
 		port_count(port, P_drop_router, 1);
@@ -79,7 +90,7 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 		port_count(port, P_drop_no_v2p, 1);
 		return TC_ACT_SHOT;
 	}
-	return encap_and_send(skb, cfg, pc, port, v->underlay, pc->vni, v->mac, tos);
+	return encap_and_send(skb, cfg, pc, port, v->underlay, pc->vni, v->mac, tos, &pkt);
 }
 
 int tc_port_out(struct __sk_buff *skb)
@@ -90,8 +101,10 @@ int tc_port_out(struct __sk_buff *skb)
 		global_count(G_drop_unknown_port);
 		return TC_ACT_SHOT;
 	}
-	port_count(port, P_tx_packets, 1);
-	port_count(port, P_tx_bytes, skb->len);
+	if (!fw_resumed()) {  /* counted on the first run, not after a rule evaluation */
+		port_count(port, P_tx_packets, 1);
+		port_count(port, P_tx_bytes, skb->len);
+	}
 	__u32 k = CFG_KEY;
 	struct xde_cfg *cfg = config.lookup(&k);
 	if (!cfg || !cfg->u1) {
@@ -101,4 +114,12 @@ int tc_port_out(struct __sk_buff *skb)
 	if (pc->flags & PORT_F_PASSTHROUGH)
 		return passthrough_out(skb, cfg, port);
 	return overlay_out(skb, cfg, pc, port);
+}
+
+/* The firewall's rule walk (see fw.h): answer, then run the pipeline again. */
+int tc_fw_eval(struct __sk_buff *skb)
+{
+	fw_answer();
+	tc_progs.call(skb, PROG_MAIN);
+	return TC_ACT_SHOT;
 }

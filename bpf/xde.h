@@ -60,6 +60,11 @@ struct xde_cfg {
 	__u8 underlay_addr[16];   /* this host's underlay IPv6 address */
 	__u32 nports;
 	__u32 liveness_table;     /* routing table holding the underlay liveness routes */
+	/* flow-table timeouts in seconds (OPTE's defaults; settable) */
+	__u32 ttl_idle;           /* non-TCP flows: idle expiry */
+	__u32 ttl_tcp_handshake;
+	__u32 ttl_tcp_established;
+	__u32 ttl_tcp_closed;     /* after FIN from both sides or RST (TIME_WAIT) */
 };
 
 /* One port, keyed by the ifindex of the veth end the datapath owns. */
@@ -124,7 +129,8 @@ struct port_key {
 	X(drop_spoof) X(drop_no_route) X(drop_no_v2p) X(drop_firewall) \
 	X(drop_router) X(drop_arp) X(drop_mtu) X(drop_unsupported) \
 	X(drop_no_underlay) X(drop_underlay_unreachable) X(drop_no_port_local) \
-	X(mtu_icmp_sent)
+	X(mtu_icmp_sent) X(flow_hits) X(flow_misses) X(flow_reevaluated) \
+	X(fw_allowed) X(fw_denied)
 
 #define XDE_GLOBAL_COUNTERS(X) \
 	X(passed_to_host) X(drop_no_port) X(drop_arp_in_geneve) \
@@ -171,6 +177,113 @@ struct route_val {
 	__u32 len;                /* RT_SUB4: subnet prefix length */
 	__u32 plen;               /* this entry's own prefix length (picks the longer of two tries) */
 };
+
+/* Firewall (DESIGN.md section 5): rules per port and direction, kept
+ * sorted by priority in one map value, so that set-fw-rules replaces a
+ * whole rule set with one atomic update. */
+#ifndef FW_MAX_RULES
+#define FW_MAX_RULES 1024
+#endif
+#define FW_MAX_PORTS 8            /* ports listed in one rule */
+enum fw_dir { DIR_OUT = 0, DIR_IN = 1 };
+enum fw_action { FW_ALLOW = 1, FW_DENY = 2 };
+#define FW_PROTO_ANY 0
+#define FW_PROTO_ARP 0xfe          /* never matches here: ARP stops at the gateway */
+
+/* A rule as value/mask pairs, so that matching is arithmetic without
+ * branches: the verifier walks the rule loop 1,024 times and gives up on
+ * a loop with many branches per turn (xdectl fills in the masks). */
+struct fw_rule {
+	__u32 id;
+	__u16 priority;
+	__u8 action;              /* enum fw_action */
+	__u8 proto;               /* FW_PROTO_ANY, IPPROTO_*, FW_PROTO_ARP */
+	__be32 host;              /* ip=/subnet=: the remote address ... */
+	__be32 host_mask;         /* ... and its mask (0: any host) */
+	__u32 vni;                /* vni=: the VNI ... */
+	__u32 vni_mask;           /* ... 0xffffffff, or 0: any */
+	__u16 icmp;               /* type << 8 | code ... */
+	__u16 icmp_mask;          /* ... 0xff00: type only, 0xffff: both, 0: any */
+	__u16 nports;             /* 0: any port */
+	__u16 ports[FW_MAX_PORTS];/* unused slots 0, never a real port */
+	__u16 pad;
+};
+
+struct fw_key {
+	__u32 port;
+	__u32 dir;
+};
+
+struct fw_rules {
+	__u32 count;
+	__u32 pad;
+	struct fw_rule r[FW_MAX_RULES];
+};
+
+/* Flow table (OPTE's UFT): one entry per direction of a flow. */
+struct flow_key {
+	__u32 port;
+	__u8 dir;
+	__u8 proto;
+	__be16 sport;             /* ICMP echo: the identifier, in both */
+	__be32 src;
+	__be32 dst;
+	__be16 dport;
+	__u16 pad;
+};
+
+enum tcp_state { TCP_NONE = 0, TCP_SYN_SENT, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_CLOSED };
+
+struct flow_val {
+	__u64 created_ns;
+	__u64 last_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 epoch;              /* the port's epoch when the verdict was cached */
+	__u32 rule;               /* id of the rule that decided, 0: the default */
+	__u8 origin;              /* direction of the flow's first packet */
+	__u8 state;               /* enum tcp_state, shared by both entries' views */
+	__u8 fin;                 /* bit per direction that sent FIN */
+	__u8 pad[5];
+};
+
+/* What the firewall looks at, read once from the packet. */
+struct pkt4 {
+	__be32 src;
+	__be32 dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u8 icmp_code;
+};
+
+/* A rule evaluation handed to the eval program by tail call, and its answer
+ * handed back the same way (see fw.h). */
+enum fw_job_state { JOB_IDLE = 0, JOB_PENDING = 1, JOB_DONE = 2 };
+struct fw_job {
+	struct pkt4 p;
+	__u32 port;
+	__u32 dir;
+	__u32 vni;
+	__u32 state;              /* enum fw_job_state */
+	__u32 action;             /* the answer: enum fw_action, 0 when no rule matched */
+	__u32 rule_id;
+};
+
+/* Per-CPU scratch space: what does not fit the 512-byte BPF stack once every
+ * layer is inlined, and what passes between programs across a tail call
+ * (a program and the one it tail-calls run on one CPU without a break). */
+#define ICMP_QUOTE_MAX 68         /* largest IPv4 header (60) + 8 bytes */
+struct scratch {
+	struct bpf_fib_lookup fib;
+	__u8 quote[ICMP_QUOTE_MAX];
+	struct fw_job job;
+};
+
+/* Slots of the tail-call program arrays. */
+enum { PROG_MAIN = 0, PROG_FW_EVAL = 1 };
 
 /* Metadata xdectl stores when it loads an instance: the layout hash and the
  * bcc type descriptions of every map, so that later calls open the pins

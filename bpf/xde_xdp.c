@@ -7,6 +7,7 @@
 #include "maps.h"
 #include "counters.h"
 #include "geneve.h"
+#include "fw.h"
 
 static __always_inline int deliver(struct xdp_md *ctx, __u32 port)
 {
@@ -21,7 +22,7 @@ static __always_inline int drop(enum global_counter why)
 	return XDP_DROP;
 }
 
-static __always_inline int geneve_in(struct xdp_md *ctx, struct geneve_rx *rx)
+static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, struct geneve_rx *rx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -38,6 +39,24 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct geneve_rx *rx)
 	if (!pc)
 		return drop(G_drop_no_port);
 	__u32 p = pc->ifindex;
+
+	/* inbound firewall; frames from outside the VPC belong to no VNI */
+	struct pkt4 pkt;
+	if (inner->h_proto != bpf_htons(ETH_P_IP) ||
+	    !pkt4_parse((void *)(inner + 1), data_end, &pkt)) {
+		port_count(p, P_drop_unsupported, 1);
+		return XDP_DROP;
+	}
+	int v = firewall(p, DIR_IN, &pkt, rx->external ? VNI_NONE : rx->vni,
+			 data_end - (void *)inner, cfg);
+	if (v == FW_PENDING) {
+		xdp_progs.call(ctx, PROG_FW_EVAL);
+		return XDP_DROP;  /* only if the tail call failed */
+	}
+	if (v == FW_DENY) {
+		port_count(p, P_drop_firewall, 1);
+		return XDP_DROP;
+	}
 
 	if (bpf_xdp_adjust_head(ctx, rx->outer_len))
 		return drop(G_malformed_inner);
@@ -61,7 +80,7 @@ int xdp_underlay(struct xdp_md *ctx)
 	struct geneve_rx rx = {};
 	int rc = geneve_parse(ctx, cfg, &rx);
 	if (rc == 0)
-		return geneve_in(ctx, &rx);
+		return geneve_in(ctx, cfg, &rx);
 	if (rc != NOT_FOR_US)
 		return drop(rc);
 
@@ -81,6 +100,14 @@ int xdp_underlay(struct xdp_md *ctx)
 pass:
 	global_count(G_passed_to_host);
 	return XDP_PASS;
+}
+
+/* The firewall's rule walk (see fw.h): answer, then run the pipeline again. */
+int xdp_fw_eval(struct xdp_md *ctx)
+{
+	fw_answer();
+	xdp_progs.call(ctx, PROG_MAIN);
+	return XDP_DROP;
 }
 
 /* Broadcast and multicast frames reach the host (XDP passed them) and,

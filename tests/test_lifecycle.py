@@ -43,7 +43,7 @@ BAD = [
     bad("gwip-bad", "172.30.0", gateway_ip="172.30.0"),
     bad("bsvc-bad", "fd00:99::zz", boundary_services="fd00:99::zz", also_loaded=True),
     bad("bsvc-is-v4", "10.9.9.9", boundary_services="10.9.9.9"),
-    bad("ulaaddr-bad", "fd00:::1", underlay_addr="fd00:::1", also_loaded=True),
+    bad("uladdr-bad", "fd00:::1", underlay_addr="fd00:::1", also_loaded=True),
     bad("uladdr-is-v4", "10.1.1.1", underlay_addr="10.1.1.1"),
     bad("vni-too-big", "16777216", vni="16777216", also_loaded=True),
     bad("vni-negative", "-1", vni="-1"),
@@ -76,7 +76,7 @@ LOADED = [b for b in BAD if b.loaded_only or b.also_loaded]
 
 @pytest.fixture(scope="module")
 def clean_host(privileged):
-    """Underlays u1..u3 and a dummy link taken0, no root on them."""
+    """Underlays u1..u3 and a link named taken0 (a veth), no root on them."""
     hv, far = underlay_host("v", UNDERLAYS, extra=("taken0",))
     yield hv
     hv.delete()
@@ -185,12 +185,47 @@ def test_commands_on_absent_root_make_nothing(clean_host):
 
 # --- list, delete, unload, warm create -------------------------------------------
 
+@pytest.fixture
+def host(privileged):
+    """A fresh host namespace with underlays u1, u2 and a fresh root (not
+    yet created: the first xdectl create loads it). Removed afterwards."""
+    hv, far = underlay_host()
+    root = Root(hv)
+    yield hv, root
+    root.cleanup()
+    hv.delete()
+    far.delete()
+
+
 OVERLAY = dict(mac="02:00:00:00:00:0A", ip="10.1.2.3", vpc_subnet="10.1.0.0/16",
                gateway_mac="02:00:00:00:00:01", gateway_ip="10.1.0.1", vni="4242")
 
 
-def test_list_shows_ports_from_kernel(host):
-    hv, root = host
+@pytest.fixture(scope="module")
+def reused_host(privileged):
+    """Underlays u1, u2 and a root that tests share (so that it compiles once);
+    see `shared`."""
+    hv, far = underlay_host("r")
+    root = Root(hv)
+    yield hv, root
+    root.cleanup()
+    hv.delete()
+    far.delete()
+
+
+@pytest.fixture
+def shared(reused_host):
+    """The shared root, with no ports (it may or may not be loaded yet).
+    Ports a test leaves are deleted after it."""
+    hv, root = reused_host
+    assert root.ports() == []
+    yield hv, root
+    for p in root.ports():
+        xdectl(hv, root, "delete", p["name"], check=False)
+
+
+def test_list_shows_ports_from_kernel(shared):
+    hv, root = shared
     xdectl(hv, root, *create_args("p0", **OVERLAY))
     xdectl(hv, root, *positional_args("p1", passthrough=True))   # the seed's form
     ports = root.ports()
@@ -222,8 +257,8 @@ def test_list_shows_ports_from_kernel(host):
     assert not hv.has_link("p1") and not hv.has_link("p1_dp")
 
 
-def test_delete_last_port_detaches_underlays(host):
-    hv, root = host
+def test_delete_last_port_detaches_underlays(shared):
+    hv, root = shared
     before = snapshot(hv, None, ("u1", "u2"))
     xdectl(hv, root, *create_args("p0", passthrough=True))
     xdectl(hv, root, *create_args("p1", **OVERLAY))

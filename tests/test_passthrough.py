@@ -1,7 +1,7 @@
 """Passthrough mode end to end: the seed's scenario (DESIGN.md section 10)
-in namespaces. The lab (conftest.py, one per module): HV runs xdectl and has
-underlays u1, u2; their peers n1, n2 are ports of a bridge in NET; PEER
-(10.0.0.2/24) hangs off the same bridge. Each test gets a fresh xde0 whose
+in namespaces. The lab (one per module, see netns.PassthroughLab): HV runs
+xdectl and has underlays u1, u2; their peers n1, n2 are ports of a bridge in
+NET; PEER (10.0.0.2/24) hangs off the same bridge. Each test gets a fresh xde0 whose
 guest end lives in a namespace of its own with 10.0.0.1/24."""
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +11,14 @@ import pytest
 from netns import (Netns, PassthroughLab, create_args, ping, positional_args, xdectl)
 
 PEER = PassthroughLab.PEER_IP
+
+
+@pytest.fixture(scope="module")
+def lab(privileged):
+    """The seed's passthrough topology (see PassthroughLab), one per module."""
+    lab = PassthroughLab()
+    yield lab
+    lab.close()
 
 
 @pytest.fixture
@@ -132,14 +140,18 @@ def test_u1_down_traffic_goes_via_u2(lab, seed_port):
 
 
 def test_traffic_returns_to_u1_when_it_comes_back(lab, seed_port):
-    """Frames leave on U1, on U2 only while U1 is down: after U1 comes back
-    up, they must use U1 again."""
+    """Frames leave on U1, on U2 only while U1 is down. The datapath learns
+    that U1 is back from its liveness route, which the kernel deleted when
+    U1 went down; the next xdectl command on the root (here `list`) puts it
+    back (ARCHITECTURE.md, passthrough failover). Until then traffic keeps
+    flowing on U2."""
     guest = seed_port
     ping(guest, PEER)
     lab.hv.ip("link", "set", "u1", "down")
     lab.hv.ip("link", "set", "u1", "up")
     wait_for(lambda: lab.hv.operstate("u1") == "UP", "u1 up")
     ping(guest, PEER)
+    xdectl(lab.hv, lab.root, "list")
     n1, n2 = rx(lab)
     ping(guest, PEER, count=10, interval="0.05")
     n1_after, n2_after = rx(lab)

@@ -179,6 +179,75 @@ def dump_router(port: str, as_json: bool = JSON):
         ["DEST", "TARGET", "KIND"], [[r["dest"], r["target"], r["kind"]] for r in rows]))
 
 
+@app.command("add-fw-rule")
+def add_fw_rule(port: str,
+                direction: str = typer.Option(..., "--dir", help="in or out."),
+                action: str = typer.Option(..., help="allow (stateful) or deny."),
+                priority: str = typer.Option(..., help="0..65535, lower first."),
+                hosts: str = typer.Option("any", help="any, ip=ADDR, subnet=CIDR or vni=N."),
+                protocol: str = typer.Option("any", help="any, tcp, udp, icmp[:type[,code]], arp."),
+                ports: str = typer.Option("any", help="any or a list: 22,80.")):
+    """Add a firewall rule to PORT; prints its id."""
+    from .fw import add_rule, parse_rule
+    print(add_rule(State.root, port, parse_rule(direction, action, priority, hosts, protocol, ports)))
+
+
+@app.command("rm-fw-rule")
+def rm_fw_rule(port: str, rule_id: int = typer.Argument(..., metavar="ID"),
+               direction: str = typer.Option(..., "--dir", help="in or out.")):
+    """Remove rule ID from PORT."""
+    from .fw import rm_rule
+    rm_rule(State.root, port, direction, rule_id)
+
+
+@app.command("set-fw-rules")
+def set_fw_rules(port: str):
+    """Replace all of PORT's rules with those on stdin, one a line
+    (dir=in action=allow priority=10 hosts=any protocol=tcp ports=22)."""
+    from .fw import set_rules
+    n = set_rules(State.root, port, sys.stdin.readlines())
+    print(f"{n} rules set")
+
+
+@app.command("dump-fw")
+def dump_fw(port: str, as_json: bool = JSON):
+    """PORT's firewall rules in evaluation order, with ids and hit counts."""
+    from .fw import dump_rules
+    cols = ["id", "dir", "priority", "action", "hosts", "protocol", "ports", "hits"]
+    _out(dump_rules(State.root, port), as_json, lambda rows: _print_table(
+        [c.upper() for c in cols], [[r[c] for c in cols] for r in rows]))
+
+
+@app.command("dump-flows")
+def dump_flows(port: str, as_json: bool = JSON):
+    """PORT's flow-table entries: state, age, packets, bytes."""
+    from .fw import dump_flows as do
+    cols = ["dir", "proto", "src", "sport", "dst", "dport", "state", "age_s", "idle_s",
+            "packets", "bytes", "rule"]
+    _out(do(State.root, port), as_json, lambda rows: _print_table(
+        [c.upper() for c in cols], [[r[c] for c in cols] for r in rows]))
+
+
+@app.command("clear-flows")
+def clear_flows(port: str):
+    """Forget PORT's flows: their next packets are judged by the rules."""
+    from .fw import clear_flows as do
+    do(State.root, port)
+
+
+@app.command("set-flow-timeouts")
+def set_flow_timeouts(idle: Optional[int] = typer.Option(None, help="Non-TCP idle expiry (s)."),
+                      tcp_handshake: Optional[int] = typer.Option(None, help="TCP before the handshake completes (s)."),
+                      tcp_established: Optional[int] = typer.Option(None, help="Established TCP idle expiry (s)."),
+                      tcp_closed: Optional[int] = typer.Option(None, help="TCP after FIN both ways or RST (s)."),
+                      as_json: bool = JSON):
+    """Change the flow-table timeouts of this root (OPTE's defaults: 60, 5, 8000, 120)."""
+    from .fw import set_timeouts
+    _out(set_timeouts(State.root, idle=idle, tcp_handshake=tcp_handshake,
+                      tcp_established=tcp_established, tcp_closed=tcp_closed),
+         as_json, lambda d: [print(f"{k:16} {v}") for k, v in d.items()])
+
+
 @app.command()
 def unload(force: bool = typer.Option(False, help="Delete the ports first.")):
     """Remove the datapath instance: programs, XDP, maps, pins."""
@@ -222,6 +291,14 @@ def run():
     except XdeError as e:
         print(f"xdectl: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # netlink and bpf syscalls the kernel refused
+    except OSError as e:  # a bpf syscall the kernel refused
         print(f"xdectl: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        # a netlink request the kernel refused (pyroute2 is imported only by
+        # the commands that touch links, so look for it rather than load it)
+        nl = sys.modules.get("pyroute2.netlink.exceptions")
+        if nl and isinstance(e, nl.NetlinkError):
+            print(f"xdectl: netlink: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise

@@ -23,7 +23,11 @@ DEFAULT_ROOT = "/sys/fs/bpf/xde"
 LAYOUT_FILES = ("xde.h", "maps.h")
 # Program name -> bcc program type (BPF.XDP = 6, BPF.SCHED_CLS = 3).
 SOURCES = ("xde_xdp.c", "tc_encap.c")
-PROGRAMS = {"xdp_underlay": 6, "tc_underlay_in": 3, "tc_port_out": 3}
+PROGRAMS = {"xdp_underlay": 6, "xdp_fw_eval": 6, "tc_underlay_in": 3, "tc_port_out": 3,
+            "tc_fw_eval": 3}
+# Tail-call tables: map -> programs in slot order (PROG_MAIN, PROG_FW_EVAL).
+TAIL_CALLS = {"xdp_progs": ("xdp_underlay", "xdp_fw_eval"),
+              "tc_progs": ("tc_port_out", "tc_fw_eval")}
 
 
 def layout_hash():
@@ -113,9 +117,13 @@ class Datapath:
             b = BPF(text=program_text(),
                     cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
                             "-Wno-unused-function"])
+            fds = {}
             for name, kind in PROGRAMS.items():
-                fn = b.load_func(name, kind)
-                libbpf.obj_pin(fn.fd, self.progs_dir / name)
+                fds[name] = b.load_func(name, kind).fd
+                libbpf.obj_pin(fds[name], self.progs_dir / name)
+            for table, names in TAIL_CALLS.items():
+                for slot, name in enumerate(names):
+                    b[table][ct.c_int(slot)] = ct.c_int(fds[name])
             maps = {}
             for i in range(lib.bpf_num_tables(b.module)):
                 name = lib.bpf_table_name(b.module, i)
@@ -146,6 +154,28 @@ class Datapath:
             self._maps = open_maps(meta, self.maps_dir)
         return self._maps
 
+    @staticmethod
+    def layout(meta_text):
+        return json.loads(meta_text).get("layout") if meta_text else None
+
+    def layout_matches(self):
+        try:
+            self._read_meta()
+            return True
+        except XdeError:
+            return False
+
+    def prog_ids(self):
+        """ids of the programs pinned under the root."""
+        ids = set()
+        for p in self.progs_dir.iterdir() if self.progs_dir.exists() else []:
+            fd = libbpf.obj_get(p)
+            try:
+                ids.add(libbpf.prog_id(fd))
+            finally:
+                os.close(fd)
+        return ids
+
     def _read_meta(self):
         fd = libbpf.obj_get(self.maps_dir / "meta")
         try:
@@ -154,7 +184,7 @@ class Datapath:
         finally:
             os.close(fd)
         text = buf.value.decode()
-        found = json.loads(text).get("layout") if text else None
+        found = self.layout(text)
         if found != layout_hash():
             raise XdeError(f"the datapath pinned under {self.root} has map layout {found}, "
                            f"this xdectl expects {layout_hash()}; remove it with "

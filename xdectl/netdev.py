@@ -39,6 +39,19 @@ class Netdev:
         except NetlinkError:
             return None
 
+    def links(self):
+        """(index, name) of every link in this namespace."""
+        return [(l["index"], l.get_attr("IFLA_IFNAME")) for l in self.ipr.get_links()]
+
+    def tc_ingress_names(self, index):
+        """Names of the bpf filters on the link's ingress."""
+        names = set()
+        for f in self.tc_ingress_filters(index):
+            opts = f.get_attr("TCA_OPTIONS")
+            if opts is not None and opts.get_attr("TCA_BPF_NAME"):
+                names.add(opts.get_attr("TCA_BPF_NAME"))
+        return names
+
     def is_up(self, index):
         link = self.ipr.get_links(index)[0]
         return bool(link["flags"] & 1)
@@ -60,13 +73,7 @@ class Netdev:
     def enable_gro(self, name):
         """XDP_REDIRECT into a veth needs NAPI on the receiving end; GRO turns
         it on without an XDP program there (DESIGN.md section 11)."""
-        eth = Ethtool()
-        try:
-            feats = eth.get_features(name)
-            feats.features["rx-gro"].enable = True
-            eth.set_features(name, feats)
-        finally:
-            eth.close()
+        set_features(name, {"rx-gro": True})
 
     # --- tc --------------------------------------------------------------
 
@@ -109,8 +116,14 @@ class Netdev:
     # --- XDP -------------------------------------------------------------
 
     def xdp_prog_id(self, index):
-        """id of the XDP program attached to the link, or 0."""
-        link = self.ipr.get_links(index)[0]
+        """id of the XDP program attached to the link, or 0 (also when the
+        link is gone)."""
+        try:
+            link = self.ipr.get_links(index)[0]
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return 0
+            raise
         xdp = link.get_attr("IFLA_XDP")
         if not xdp:
             return 0
@@ -149,6 +162,18 @@ class Netdev:
         except NetlinkError as e:
             if e.code not in (errno.ESRCH, errno.ENOENT):
                 raise
+
+
+def set_features(name, features):
+    """ethtool -K: features as {name: on}, on a link of this namespace."""
+    eth = Ethtool()
+    try:
+        feats = eth.get_features(name)
+        for f, on in features.items():
+            feats.features[f].enable = on
+        eth.set_features(name, feats)
+    finally:
+        eth.close()
 
 
 def sysctl(path, value):

@@ -9,7 +9,7 @@ import ctypes as ct
 import ipaddress
 from dataclasses import dataclass
 
-from . import overlay, validate
+from . import fw, overlay, validate
 from .datapath import Datapath, session
 from .errors import XdeError
 from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
@@ -65,6 +65,13 @@ class PortSpec:
 
 def datapath_end(name):
     return f"{name[:12]}_dp"
+
+
+def tc_name(prog, root):
+    """Our tc filters are named for their program and root, so that what an
+    instance attached can be found (tc filter show) even when its maps
+    cannot be read."""
+    return f"{prog}@{root}"
 
 
 def liveness_dst(ifindex):
@@ -152,9 +159,13 @@ def _attach_underlays(dp, nd, u1, u2, undo):
     for u in (u1, u2):
         nd.attach_xdp(u, xdp_fd)
         undo.add(nd.detach_xdp, u)
-        nd.attach_tc_ingress(u, tc_fd, "xde_underlay_in")
+        nd.attach_tc_ingress(u, tc_fd, tc_name("tc_underlay_in", dp.root))
         undo.add(nd.detach_tc_ingress, u)
         undo.add(nd.del_route6, liveness_dst(u), LIVENESS_TABLE)
+        # A link that loses carrier keeps its routes, marked linkdown; make
+        # lookups skip them, so both ECMP and passthrough fail over.
+        sysctl(f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 1)
+        undo.add(sysctl, f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 0)
     _ensure_liveness(nd, u1, u2)
 
 
@@ -162,17 +173,21 @@ def _ensure_liveness(nd, u1, u2):
     """(Re)install the sentinel routes of the links that are up: the kernel
     deleted those of a link that went down, and does not restore them."""
     for u in (u1, u2):
-        if nd.is_up(u):
+        if nd.name(u) is not None and nd.is_up(u):
             nd.replace_route6(liveness_dst(u), u, LIVENESS_TABLE)
 
 
 def _detach_underlays(nd, u1, u2):
     for u in (u1, u2):
-        if nd.name(u) is None:
-            continue
-        nd.detach_xdp(u)
-        nd.detach_tc_ingress(u)
-        nd.del_route6(liveness_dst(u), LIVENESS_TABLE)
+        if nd.name(u) is not None:
+            _detach_underlay(nd, u)
+
+
+def _detach_underlay(nd, u):
+    sysctl(f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 0)
+    nd.detach_xdp(u)
+    nd.detach_tc_ingress(u)
+    nd.del_route6(liveness_dst(u), LIVENESS_TABLE)
 
 
 def create(root, spec):
@@ -243,18 +258,23 @@ def _create(dp, nd, spec, u1, u2, undo):
         overlay.put_route(maps, dp_index, subnet, f"sub4={subnet}", system=True)
         overlay.put_route(maps, dp_index, ipaddress.IPv4Network("0.0.0.0/0"), "ig", system=True)
         undo.add(overlay.remove_port_routes, maps, dp_index)
+        fw.write_rules(maps, dp_index, fw.default_rules(spec.vni))
+        undo.add(fw.remove_port_state, maps, dp_index)
 
     if cfg.nports == 0:
         _attach_underlays(dp, nd, u1, u2, undo)
-    else:
-        _ensure_liveness(nd, u1, u2)
         cfg.u1, cfg.u2 = u1, u2
         set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(spec.underlay_addr).packed)
         cfg.liveness_table = LIVENESS_TABLE
+        if not cfg.ttl_idle:  # the instance's first port: OPTE's flow timeouts
+            for name, value in fw.DEFAULT_TIMEOUTS.items():
+                setattr(cfg, f"ttl_{name}", value)
+    else:
+        _ensure_liveness(nd, u1, u2)
     cfg.nports += 1
     cfg_map.set(cfg_map.Key(0), cfg)
 
-    nd.attach_tc_ingress(dp_index, dp.prog_fd("tc_port_out"), "xde_port_out")
+    nd.attach_tc_ingress(dp_index, dp.prog_fd("tc_port_out"), tc_name("tc_port_out", dp.root))
     nd.up(dp_index)
     nd.up(nd.index(spec.name))
 
@@ -316,6 +336,7 @@ def _delete(maps, nd, index, pc):
     else:
         _clear_own_v2p(maps, pc)
         overlay.remove_port_routes(maps, index)
+        fw.remove_port_state(maps, index)
     maps["ports"].delete(key)
     maps["port_stats"].delete(key)
     nd.delete(index)  # removes both veth ends, wherever the guest end lives now
@@ -347,6 +368,9 @@ def list_ports(root):
     _, cfg = _config(maps)
     nd = Netdev()
     try:
+        if cfg.nports:
+            # restore the sentinel routes of underlays that came back up
+            _ensure_liveness(nd, cfg.u1, cfg.u2)
         out = []
         for k, pc in sorted(maps["ports"].items(), key=lambda kv: kv[1].name):
             out.append({
@@ -404,10 +428,25 @@ def global_stats(root):
     return sum_percpu(m.get(m.Key(0)))
 
 
+def _remove_unreadable(dp, nd):
+    """unload --force of an instance whose map layout this xdectl cannot
+    read: find what it attached by its programs' ids, and remove that."""
+    ids = dp.prog_ids()
+    for index, _ in nd.links():
+        if nd.xdp_prog_id(index) in ids:
+            _detach_underlay(nd, index)
+        elif tc_name("tc_port_out", dp.root) in nd.tc_ingress_names(index):
+            nd.delete(index)      # a port's datapath end: the port goes with it
+    dp.remove()
+
+
 def unload(root, force=False):
     with session(root) as (dp, nd):
         if not dp.exists():
             return False
+        if force and not dp.layout_matches():
+            _remove_unreadable(dp, nd)
+            return True
         maps = dp.maps()
         ports = list(maps["ports"].items())
         if ports and not force:
