@@ -284,6 +284,14 @@ def lab_status():
     Lab().status()
 
 
+# Commands whose logic lives in modules of their own register themselves;
+# those modules import their heavy dependencies inside the commands.
+from . import apply, metrics, trace  # noqa: E402
+
+for _module in (metrics, trace, apply):
+    _module.register(app)
+
+
 def run():
     """Entry point: user errors become one line on stderr and exit 2."""
     try:
