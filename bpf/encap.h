@@ -76,7 +76,10 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 		return TC_ACT_SHOT;
 	__builtin_memcpy(h.inner.h_dest, dmac, ETH_ALEN);
 
-	/* Entropy for ECMP: the kernel's flow hash of the inner frame. */
+	/* Entropy for ECMP: the kernel's flow hash of the inner 5-tuple. The
+	 * skb may carry its socket's random hash instead (re-rolled on TCP
+	 * timeouts), so have the flow dissector compute it afresh. */
+	bpf_set_hash_invalid(skb);
 	__u32 hash = bpf_get_hash_recalc(skb);
 	__u32 label = hash & 0xFFFFF;
 	__u16 sport = 0xC000 | ((hash >> 16) & 0x3FFF);  /* 49152-65535, RFC 8926 */
@@ -137,9 +140,14 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
 		return TC_ACT_SHOT;
 	port_count(port, P_encap, 1);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		/* next hop not resolved yet: the kernel resolves it and sends */
-		return redirect_neigh(fib->ifindex, 0, 0, 0);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* Next hop not resolved yet: the kernel resolves it and sends.
+		 * Name the next hop the FIB chose (with our ECMP entropy); left
+		 * to itself the kernel would pick one without it. */
+		struct bpf_redir_neigh nh = { .nh_family = AF_INET6 };
+		__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, 16);
+		return redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+	}
 	return bpf_redirect(fib->ifindex, 0);
 }
 

@@ -114,7 +114,7 @@ class Datapath:
         try:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
             self.progs_dir.mkdir(exist_ok=True)
-            b = BPF(text=program_text(),
+            b = BPF(text=program_text().encode(),
                     cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
                             "-Wno-unused-function"])
             fds = {}
@@ -191,6 +191,12 @@ class Datapath:
                            f"'xdectl --root {self.root} unload --force' and create the ports again")
         return text
 
+    def close(self):
+        """Close the map descriptors maps() opened."""
+        for m in (self._maps or {}).values():
+            m.close()
+        self._maps = None
+
     def prog_fd(self, name):
         return libbpf.obj_get(self.progs_dir / name)
 
@@ -210,9 +216,7 @@ class Datapath:
 
     def remove(self):
         """Unpin everything; the kernel frees what nothing else holds."""
-        for m in (self._maps or {}).values():
-            os.close(m.fd)
-        self._maps = None
+        self.close()
         self._remove_pins()
 
 
@@ -227,4 +231,5 @@ def session(root):
         yield dp, nd
     finally:
         nd.close()
+        dp.close()
         dp.release()

@@ -8,6 +8,7 @@ that only reads or edits maps neither imports bcc nor compiles anything.
 import ctypes as ct
 import ipaddress
 import json
+import os
 
 from . import libbpf
 
@@ -31,6 +32,16 @@ class Map:
         self.percpu = map_type in PERCPU_TYPES
         self.ncpus = libbpf.possible_cpus() if self.percpu else 1
         self.max_entries = libbpf.map_info(fd).max_entries
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        # a Map owns its descriptor: long-running users (the exporter)
+        # must not leak one per scrape
+        self.close()
 
     def _leaf_buf(self):
         if not self.percpu:
