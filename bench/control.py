@@ -79,35 +79,8 @@ def teardown_ns():
         netns.remove(NS)
 
 
-WORKAROUNDS = []
 # what a command that touches the datapath imports on top of the CLI
 IMPORT_ALL = "import xdectl.cli, xdectl.ports, xdectl.overlay, pyroute2, bcc"
-
-
-def fix_config(root):
-    """Work around a product bug (a6f2791, xdectl/ports.py _create): the first
-    create on a root leaves the root's config without underlays, and the next
-    create then refuses ("this root's ports use underlays lo and lo"). Fill
-    them in as create meant to, outside the timings; a no-op once fixed."""
-    import ipaddress
-    from xdectl import ports
-    from xdectl.datapath import session
-    from xdectl.maps import set_bytes
-    netns.pushns(NS)
-    try:
-        with session(root) as (dp, nd):
-            cfg_map, cfg = ports._config(dp.maps())
-            if cfg.u1:
-                return
-            cfg.u1, cfg.u2 = nd.index("u1"), nd.index("u2")
-            set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(ADDR).packed)
-            cfg.liveness_table = ports.LIVENESS_TABLE
-            cfg_map.set(cfg_map.Key(0), cfg)
-    finally:
-        netns.popns()
-    if not WORKAROUNDS:
-        print("  WORKAROUND: root config has no underlays after the first create (product bug)")
-        WORKAROUNDS.append("root config underlays filled in after the cold create (create left them 0)")
 
 
 def med(xs):
@@ -144,7 +117,6 @@ def main():
             roots.append(root)
             dt, _ = xdectl(root, *port_args("xde0", 1))
             t["create_cold"].append(dt)
-            fix_config(root)
             dt, _ = xdectl(root, *port_args("xde1", 2))
             t["create_warm"].append(dt)
             t["delete_one"].append(xdectl(root, "delete", "xde1")[0])
@@ -209,8 +181,6 @@ def main():
         print(f"load-v2p rate: {args.v2p / m['load_v2p']:,.0f} mappings/s "
               f"({args.v2p / (m['load_v2p'] - imp):,.0f}/s excluding python+imports); "
               f"dump-v2p afterwards: {bulk.get('entries_after')} entries in {bulk.get('dump_v2p_s', 0):.2f}s")
-    for w in WORKAROUNDS:
-        print(f"workaround: {w}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +191,7 @@ def main():
                       if k not in ("nsenter_true", "python_bare", "import_cli", "import_all")},
            "imports_s": {"cli": imp - m["python_bare"], "all": m["import_all"] - m["python_bare"],
                          "all_is": IMPORT_ALL},
-           "samples_s": t, "bulk_v2p": bulk, "workarounds": WORKAROUNDS}
+           "samples_s": t, "bulk_v2p": bulk}
     if m["load_v2p"]:
         doc["bulk_v2p"]["mappings_per_s"] = args.v2p / m["load_v2p"]
     out.write_text(json.dumps(doc, indent=2) + "\n")

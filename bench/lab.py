@@ -60,7 +60,6 @@ class Bench:
     def __init__(self, prefix=PREFIX):
         self.lab = Lab(prefix)
         self.servers = {}
-        self.workarounds = []     # product bugs worked around in this run
 
     def ns(self, host):
         return self.lab.ns(host)
@@ -91,7 +90,6 @@ class Bench:
     def up(self):
         self.down()
         self.lab.up()
-        self._fix_config()
         for h in EXTRA:
             netns.create(self.ns(h))
             self.ip(h, "link", "set", "lo", "up")
@@ -105,28 +103,6 @@ class Bench:
                         net__ipv4__conf__default__rp_filter=0)
         self._vxlan()
         self._plain()
-
-    def _fix_config(self):
-        """Work around a product bug (a6f2791, xdectl/ports.py _create): the
-        first port's create leaves the root's config without underlays
-        (cfg.u1 = cfg.u2 = 0, so every packet is drop_no_underlay). Fill them
-        in as create meant to; does nothing once the bug is fixed."""
-        import ipaddress
-        from xdectl import ports
-        from xdectl.datapath import session
-        from xdectl.lab import SLEDS
-        from xdectl.maps import set_bytes
-        for sled, s in SLEDS.items():
-            with self.lab.inside(sled), session(self.lab.root(sled)) as (dp, nd):
-                cfg_map, cfg = ports._config(dp.maps())
-                if cfg.u1:
-                    continue
-                print(f"  WORKAROUND: {sled}: root config has no underlays (product bug); setting them")
-                cfg.u1, cfg.u2 = nd.index("u1"), nd.index("u2")
-                set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(s["addr"]).packed)
-                cfg.liveness_table = ports.LIVENESS_TABLE
-                cfg_map.set(cfg_map.Key(0), cfg)
-            self.workarounds.append(f"{sled}: root config underlays filled in (create left them 0)")
 
     def xde_counters(self, sled):
         from xdectl import ports
@@ -158,28 +134,12 @@ class Bench:
         return gbps, problems
 
     def check_xde_tcp(self):
-        """Work around two product bugs that stop TCP on the xde path, only
-        if they show: (1) the guest's CHECKSUM_PARTIAL frames are encapsulated
-        with the inner checksum unfilled, and XDP_REDIRECT on the receiving
-        sled's veth underlay loses the partial state, so g2 drops every
-        segment as a bad checksum; (2) GSO super-packets from the guest fail
-        bpf_fib_lookup's MTU check (tot_len is the whole GSO length), counted
-        as drop_underlay_unreachable. Turning tx checksum offload (hence TSO)
-        off on the xde guests' xde0 avoids both; software GSO stays on.
-        The vxlan and plain guests keep their offloads."""
-        gbps, problems = self.probe_xde()
-        print(f"  xde TCP probe: {gbps:.2f} Gbit/s {'; '.join(problems) or 'clean'}", flush=True)
-        if not problems and gbps > 0:
-            return
-        for g in ("g1", "g2"):
-            self.sh(g, "ethtool", "-K", "xde0", "tx", "off", "tso", "off", "gso", "on")
-        self.workarounds.append("xde guests g1, g2: `ethtool -K xde0 tx off tso off` (probe: "
-                                + ("; ".join(problems) or "no TCP throughput") + ")")
-        print("  WORKAROUND: tx checksum offload and TSO off on the xde guests' xde0", flush=True)
+        """Refuse to measure a broken xde path: a short TCP probe must flow
+        with no checksum errors at the receiver and no underlay drops."""
         gbps, problems = self.probe_xde()
         print(f"  xde TCP probe: {gbps:.2f} Gbit/s {'; '.join(problems) or 'clean'}", flush=True)
         if problems or gbps == 0:
-            raise RuntimeError("xde: TCP does not flow even with the workaround: " + "; ".join(problems))
+            raise RuntimeError("xde: TCP does not flow cleanly: " + ("; ".join(problems) or "0 Gbit/s"))
 
     def _vxlan(self):
         addr = {1: "fd00:1::1", 2: "fd00:2::1"}
@@ -417,15 +377,13 @@ def main():
     res = summarise(samples)
     print()
     print(table(res))
-    for w in bench.workarounds:
-        print(f"workaround: {w}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"seconds": args.seconds, "rounds": args.rounds, "cpus": os.cpu_count(),
            "kernel": os.uname().release, "started": time.strftime("%Y-%m-%dT%H:%M:%S",
                                                                    time.localtime(started)),
            "duration_s": round(time.time() - started, 1),
-           "workarounds": bench.workarounds, "results": res}
+           "results": res}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"results: {out}")
     plot(res, out.with_suffix(".png"))

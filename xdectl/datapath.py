@@ -37,6 +37,13 @@ def layout_hash():
     return h.hexdigest()[:16]
 
 
+def tc_name(prog, root):
+    """Our tc filters are named for their program and root, so that what an
+    instance attached can be found (tc filter show) even when its maps
+    cannot be read."""
+    return f"{prog}@{root}"
+
+
 def program_text():
     """bpf/ sources as one compilation unit, local headers inlined.
 

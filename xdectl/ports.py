@@ -5,20 +5,17 @@ MAC; the datapath end (NAME_dp) gets the TC program. Its configuration is
 a `ports` map entry keyed by the datapath end's ifindex, so `list` reads
 the kernel, never a file.
 """
-import ctypes as ct
 import ipaddress
 from dataclasses import dataclass
 
-from . import fw, overlay, validate
-from .datapath import Datapath, session
+from . import fw, overlay, underlay, validate
+from .datapath import Datapath, session, tc_name
 from .errors import XdeError
 from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
 from .netdev import Netdev, sysctl
 
 PORT_F_PASSTHROUGH = 1
 VNI_PASSTHROUGH = 0xFFFFFFFF
-LIVENESS_TABLE = 0x7864        # "xd": table of the underlay liveness routes
-LIVENESS_PREFIX = "fd78:6465:7864::"
 DEFAULT_SUBNET_LEN = 24
 
 
@@ -65,17 +62,6 @@ class PortSpec:
 
 def datapath_end(name):
     return f"{name[:12]}_dp"
-
-
-def tc_name(prog, root):
-    """Our tc filters are named for their program and root, so that what an
-    instance attached can be found (tc filter show) even when its maps
-    cannot be read."""
-    return f"{prog}@{root}"
-
-
-def liveness_dst(ifindex):
-    return f"{LIVENESS_PREFIX}{ifindex >> 16:x}:{ifindex & 0xFFFF:x}"
 
 
 class Undo:
@@ -147,47 +133,6 @@ def _free_passthru_slot(maps):
         if v is not None and v.value == 0:
             return i
     return None
-
-
-def _attach_underlays(dp, nd, u1, u2, undo):
-    xdp_fd, tc_fd = dp.prog_fd("xdp_underlay"), dp.prog_fd("tc_underlay_in")
-    for u in (u1, u2):
-        other = nd.xdp_prog_id(u)
-        if other:
-            raise XdeError(f"underlay {nd.name(u)} already has an XDP program (id {other}) "
-                           f"that is not this root's")
-    for u in (u1, u2):
-        nd.attach_xdp(u, xdp_fd)
-        undo.add(nd.detach_xdp, u)
-        nd.attach_tc_ingress(u, tc_fd, tc_name("tc_underlay_in", dp.root))
-        undo.add(nd.detach_tc_ingress, u)
-        undo.add(nd.del_route6, liveness_dst(u), LIVENESS_TABLE)
-        # A link that loses carrier keeps its routes, marked linkdown; make
-        # lookups skip them, so both ECMP and passthrough fail over.
-        sysctl(f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 1)
-        undo.add(sysctl, f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 0)
-    _ensure_liveness(nd, u1, u2)
-
-
-def _ensure_liveness(nd, u1, u2):
-    """(Re)install the sentinel routes of the links that are up: the kernel
-    deleted those of a link that went down, and does not restore them."""
-    for u in (u1, u2):
-        if nd.name(u) is not None and nd.is_up(u):
-            nd.replace_route6(liveness_dst(u), u, LIVENESS_TABLE)
-
-
-def _detach_underlays(nd, u1, u2):
-    for u in (u1, u2):
-        if nd.name(u) is not None:
-            _detach_underlay(nd, u)
-
-
-def _detach_underlay(nd, u):
-    sysctl(f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 0)
-    nd.detach_xdp(u)
-    nd.detach_tc_ingress(u)
-    nd.del_route6(liveness_dst(u), LIVENESS_TABLE)
 
 
 def create(root, spec):
@@ -262,15 +207,15 @@ def _create(dp, nd, spec, u1, u2, undo):
         undo.add(fw.remove_port_state, maps, dp_index)
 
     if cfg.nports == 0:
-        _attach_underlays(dp, nd, u1, u2, undo)
+        underlay.attach(dp, nd, u1, u2, undo)
         cfg.u1, cfg.u2 = u1, u2
         set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(spec.underlay_addr).packed)
-        cfg.liveness_table = LIVENESS_TABLE
+        cfg.liveness_table = underlay.LIVENESS_TABLE
         if not cfg.ttl_idle:  # the instance's first port: OPTE's flow timeouts
             for name, value in fw.DEFAULT_TIMEOUTS.items():
                 setattr(cfg, f"ttl_{name}", value)
     else:
-        _ensure_liveness(nd, u1, u2)
+        underlay.ensure_liveness(nd, u1, u2)
     cfg.nports += 1
     cfg_map.set(cfg_map.Key(0), cfg)
 
@@ -343,7 +288,7 @@ def _delete(maps, nd, index, pc):
     cfg_map, cfg = _config(maps)
     cfg.nports = max(0, cfg.nports - 1)
     if cfg.nports == 0:
-        _detach_underlays(nd, cfg.u1, cfg.u2)
+        underlay.detach_pair(nd, cfg.u1, cfg.u2)
         cfg.u1 = cfg.u2 = 0
     cfg_map.set(cfg_map.Key(0), cfg)
 
@@ -370,7 +315,7 @@ def list_ports(root):
     try:
         if cfg.nports:
             # restore the sentinel routes of underlays that came back up
-            _ensure_liveness(nd, cfg.u1, cfg.u2)
+            underlay.ensure_liveness(nd, cfg.u1, cfg.u2)
         out = []
         for k, pc in sorted(maps["ports"].items(), key=lambda kv: kv[1].name):
             out.append({
@@ -434,7 +379,7 @@ def _remove_unreadable(dp, nd):
     ids = dp.prog_ids()
     for index, _ in nd.links():
         if nd.xdp_prog_id(index) in ids:
-            _detach_underlay(nd, index)
+            underlay.detach(nd, index)
         elif tc_name("tc_port_out", dp.root) in nd.tc_ingress_names(index):
             nd.delete(index)      # a port's datapath end: the port goes with it
     dp.remove()
@@ -456,6 +401,6 @@ def unload(root, force=False):
             _delete(maps, nd, k.value, pc)
         _, cfg = _config(maps)
         if cfg.u1:
-            _detach_underlays(nd, cfg.u1, cfg.u2)
+            underlay.detach_pair(nd, cfg.u1, cfg.u2)
         dp.remove()
         return True
