@@ -109,9 +109,15 @@ def list_cmd(as_json: bool = JSON):
 @app.command()
 def stats(port: Optional[str] = typer.Argument(None), as_json: bool = JSON,
           instance: bool = typer.Option(False, "--global",
-                                        help="The instance's counters: host-bound and malformed frames.")):
+                                        help="The instance's counters: host-bound and malformed frames."),
+          watch: bool = typer.Option(False, "--watch", help="Redraw every second with rates, until Ctrl-C."),
+          interval: float = typer.Option(1.0, help="Seconds between --watch frames.")):
     """Per-port counters (summed over CPUs), or with --global the instance's."""
     from .ports import global_stats, port_stats
+    if watch:
+        from .metrics import watch as do_watch
+        do_watch(State.root, port, interval)
+        return
     if instance:
         data = global_stats(State.root)
         _out(data, as_json, lambda d: [print(f"{k:28} {v}") for k, v in d.items() if v])
