@@ -1,5 +1,417 @@
-"""(being written)"""
+"""Observability: the Prometheus exporter (`xdectl metrics`) and the live
+rates of `xdectl stats --watch` (DESIGN.md section 6).
 
+Both read the instance's pinned maps when asked (a scrape, a refresh),
+never on a timer of their own, and only the maps: no netlink, so the
+exporter may run in any network namespace that sees the root's bpffs
+(for instance the host's, serving a lab sled's root).
+
+prometheus_client is imported inside the command: every other xdectl
+call starts without it.
+"""
+import os
+import sys
+import threading
+import time
+
+import typer
+
+from .errors import XdeError
+
+DEFAULT_LISTEN = "127.0.0.1:9477"
+PORT_F_PASSTHROUGH = 1       # bpf/xde.h
+
+# Port counters (bpf/xde.h XDE_PORT_COUNTERS) -> (metric, HELP, labels).
+# drop_* counters become xde_port_drops_total{reason}; a counter missing
+# from this table (added to xde.h later) is still exported, under its own
+# name, so nothing the datapath counts is ever invisible.
+PORT_METRICS = {
+    "rx_packets": ("xde_port_rx_packets",
+                   "Frames the port delivered to its guest (the receive side of the guest's NIC).", {}),
+    "rx_bytes": ("xde_port_rx_bytes", "Bytes the port delivered to its guest.", {}),
+    "tx_packets": ("xde_port_tx_packets",
+                   "Frames the guest sent into the port (the transmit side of the guest's NIC).", {}),
+    "tx_bytes": ("xde_port_tx_bytes", "Bytes the guest sent into the port.", {}),
+    "encap": ("xde_port_encap", "Guest frames encapsulated in Geneve and sent to the underlay.", {}),
+    "decap": ("xde_port_decap", "Geneve packets from the underlay decapsulated for the guest.", {}),
+    "arp_replies": ("xde_port_gateway_replies",
+                    "Requests of the guest answered by the virtual gateway, by kind.",
+                    {"kind": "arp"}),
+    "icmp_replies": ("xde_port_gateway_replies",
+                     "Requests of the guest answered by the virtual gateway, by kind.",
+                     {"kind": "icmp"}),
+    "passthrough_out": ("xde_port_passthrough_packets",
+                        "Frames a passthrough port passed unchanged, by direction.",
+                        {"dir": "out"}),
+    "passthrough_in": ("xde_port_passthrough_packets",
+                       "Frames a passthrough port passed unchanged, by direction.",
+                       {"dir": "in"}),
+    "mtu_icmp_sent": ("xde_port_mtu_icmp_sent",
+                      "ICMP fragmentation-needed messages sent to the guest for oversize frames.", {}),
+    "flow_hits": ("xde_port_flow_hits", "Packets whose verdict came from the flow table.", {}),
+    "flow_misses": ("xde_port_flow_misses",
+                    "Packets that found no flow-table entry and were judged by the rules.", {}),
+    "flow_reevaluated": ("xde_port_flow_reevaluated",
+                         "Packets of cached flows judged again after the rules changed.", {}),
+    "fw_allowed": ("xde_port_fw_verdicts", "Firewall rule evaluations, by verdict.",
+                   {"verdict": "allowed"}),
+    "fw_denied": ("xde_port_fw_verdicts", "Firewall rule evaluations, by verdict.",
+                  {"verdict": "denied"}),
+}
+PORT_DROPS = ("xde_port_drops", "Frames the port dropped, by reason.")
+
+GLOBAL_METRICS = {
+    "passed_to_host": ("xde_passed_to_host",
+                       "Underlay packets not for xde, passed on to the host stack.", {}),
+}
+GLOBAL_MALFORMED = ("xde_malformed", "Malformed Geneve packets dropped on the underlay, by kind.")
+GLOBAL_DROPS = ("xde_drops", "Underlay packets dropped before reaching a port, by reason.")
+
+
+def parse_listen(text):
+    """ADDR:PORT, [V6ADDR]:PORT or :PORT -> (addr, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise XdeError(f"--listen {text!r} is not ADDR:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise XdeError(f"--listen {text!r}: write an IPv6 address in brackets, [::1]:PORT")
+    return host or "0.0.0.0", int(port)
+
+
+class Reader:
+    """The root's maps, opened once and reopened when the instance under
+    the root is replaced (unload and a new create pin new maps)."""
+
+    def __init__(self, root):
+        from .datapath import Datapath
+        self.root = root
+        self._Datapath = Datapath
+        self._dp = None
+        self._ident = None
+        self.lock = threading.Lock()
+
+    def _pin_ident(self):
+        try:
+            st = os.stat(os.path.join(self.root, "maps", "meta"))
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def close(self):
+        if self._dp is not None:
+            if hasattr(self._dp, "close"):
+                self._dp.close()
+            else:
+                for m in (self._dp._maps or {}).values():
+                    os.close(m.fd)
+        self._dp = None
+        self._ident = None
+
+    def maps(self):
+        """The maps, or None when nothing is loaded under the root.
+        XdeError when the instance has a layout this xdectl cannot read."""
+        ident = self._pin_ident()
+        if ident != self._ident or self._dp is None:
+            self.close()
+            if ident is None:
+                return None
+            dp = self._Datapath(self.root)
+            dp.maps()
+            self._dp, self._ident = dp, ident
+        return self._dp._maps
+
+    # --- reads ---------------------------------------------------------------
+
+    @staticmethod
+    def ports(maps):
+        """[(datapath ifindex, port_cfg)], by name."""
+        return sorted(((k.value, pc) for k, pc in maps["ports"].items()),
+                      key=lambda kv: kv[1].name)
+
+    @staticmethod
+    def port_counters(maps, index):
+        from .maps import sum_percpu
+        m = maps["port_stats"]
+        vals = m.get(m.Key(index))
+        return sum_percpu(vals) if vals else None
+
+    @staticmethod
+    def global_counters(maps):
+        from .maps import sum_percpu
+        m = maps["global_stats"]
+        vals = m.get(m.Key(0))
+        return sum_percpu(vals) if vals else {}
+
+    @staticmethod
+    def flows_per_port(maps):
+        counts = {}
+        for k in maps["flows"].keys():
+            counts[k.port] = counts.get(k.port, 0) + 1
+        return counts
+
+    @staticmethod
+    def rule_hits(maps, index):
+        """[(dir, rule id, hits)] of the port's rules, in evaluation order."""
+        rules, hits = maps["fw_rules"], maps["fw_hits"]
+        out = []
+        for name, d in (("out", 0), ("in", 1)):
+            k = rules.Key()
+            k.port, k.dir = index, d
+            v = rules.get(k)
+            if v is None:
+                continue
+            for i in range(v.count):
+                rid = v.r[i].id
+                out.append((name, rid, sum(hits.get(hits.Key(rid)) or [])))
+        return out
+
+
+def _port_info(pc):
+    from .maps import ip4_str, mac_str
+    return {"mac": mac_str(pc.mac), "ip": ip4_str(pc.ip), "vni": str(pc.vni),
+            "mode": "passthrough" if pc.flags & PORT_F_PASSTHROUGH else "overlay"}
+
+
+class XdeCollector:
+    """A prometheus_client collector: every collect() is one read of the maps."""
+
+    def __init__(self, root):
+        self.reader = Reader(root)
+        self._last_error = None
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        with self.reader.lock:
+            families = {}
+
+            def family(kind, name, help_text, labels):
+                f = families.get(name)
+                if f is None:
+                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    f = families[name] = cls(name, help_text, labels=labels)
+                return f
+
+            # Families that always appear (with HELP), even with no ports.
+            for counter, (name, help_text, extra) in PORT_METRICS.items():
+                family("counter", name, help_text, ["port", *extra])
+            family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "reason"])
+            info = family("gauge", "xde_port_info",
+                          "A port of the root: its guest MAC, IPv4 address, VNI and mode (always 1).",
+                          ["port", "mac", "ip", "vni", "mode"])
+            flows = family("gauge", "xde_flows", "Flow-table entries of the port (both directions).",
+                           ["port"])
+            hits = family("counter", "xde_fw_rule_hits",
+                          "Packets that matched a firewall rule, by port, direction and rule id.",
+                          ["port", "dir", "rule"])
+            for counter, (name, help_text, extra) in GLOBAL_METRICS.items():
+                family("counter", name, help_text, list(extra))
+            family("counter", GLOBAL_MALFORMED[0], GLOBAL_MALFORMED[1], ["kind"])
+            family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["reason"])
+            up = family("gauge", "xde_up",
+                        "1 when the datapath instance under the root could be read, else 0.", [])
+            nports = family("gauge", "xde_ports", "Ports of the root.", [])
+
+            try:
+                maps = self.reader.maps()
+                if maps is not None:
+                    self._collect(maps, family, info, flows, hits, nports)
+                up.add_metric([], 1 if maps is not None else 0)
+                self._last_error = None
+            except (XdeError, OSError) as e:
+                self.reader.close()
+                up.add_metric([], 0)
+                if str(e) != self._last_error:
+                    print(f"xdectl metrics: {e}", file=sys.stderr)
+                    self._last_error = str(e)
+        yield from families.values()
+
+    @staticmethod
+    def _collect(maps, family, info, flows, hits, nports):
+        ports = Reader.ports(maps)
+        nports.add_metric([], len(ports))
+        flow_counts = Reader.flows_per_port(maps)
+        for index, pc in ports:
+            port = pc.name.decode()
+            i = _port_info(pc)
+            info.add_metric([port, i["mac"], i["ip"], i["vni"], i["mode"]], 1)
+            flows.add_metric([port], flow_counts.get(index, 0))
+            counters = Reader.port_counters(maps, index) or {}
+            for counter, value in counters.items():
+                if counter in PORT_METRICS:
+                    name, help_text, extra = PORT_METRICS[counter]
+                    family("counter", name, help_text, ["port", *extra]).add_metric(
+                        [port, *extra.values()], value)
+                elif counter.startswith("drop_"):
+                    family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "reason"]).add_metric(
+                        [port, counter[len("drop_"):]], value)
+                else:
+                    family("counter", f"xde_port_{counter}",
+                           f"Port counter {counter} of the datapath (bpf/xde.h).",
+                           ["port"]).add_metric([port], value)
+            for direction, rid, n in Reader.rule_hits(maps, index):
+                hits.add_metric([port, direction, str(rid)], n)
+        for counter, value in Reader.global_counters(maps).items():
+            if counter in GLOBAL_METRICS:
+                name, help_text, extra = GLOBAL_METRICS[counter]
+                family("counter", name, help_text, list(extra)).add_metric(
+                    list(extra.values()), value)
+            elif counter.startswith("malformed_"):
+                family("counter", GLOBAL_MALFORMED[0], GLOBAL_MALFORMED[1], ["kind"]).add_metric(
+                    [counter[len("malformed_"):]], value)
+            elif counter.startswith("drop_"):
+                family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["reason"]).add_metric(
+                    [counter[len("drop_"):]], value)
+            else:
+                family("counter", f"xde_{counter}",
+                       f"Instance counter {counter} of the datapath (bpf/xde.h).", []).add_metric(
+                    [], value)
+
+
+def exposition(root):
+    """The metrics of root in the Prometheus text format (one read)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry()
+    registry.register(XdeCollector(root))
+    return generate_latest(registry).decode()
+
+
+def serve(root, listen):
+    """Serve /metrics until Ctrl-C or SIGTERM."""
+    import signal
+
+    from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
+                                   CollectorRegistry, start_http_server)
+    addr, port = parse_listen(listen)
+    registry = CollectorRegistry()
+    collector = XdeCollector(root)
+    registry.register(collector)
+    for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(c)
+    try:
+        server, _ = start_http_server(port, addr, registry)
+    except OSError as e:
+        raise XdeError(f"cannot listen on {listen}: {e.strerror or e}") from None
+    host, bound = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"xdectl metrics: serving {root} on http://{shown}:{bound}/metrics", file=sys.stderr,
+          flush=True)
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        collector.reader.close()
+
+
+# --- stats --watch -------------------------------------------------------------
+
+# Shown even while zero, in this order; other counters appear once non-zero.
+WATCH_ALWAYS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "encap", "decap")
+
+
+def _rate(v):
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.1f}" if v % 1 else f"{v:.0f}"
+
+
+class Watcher:
+    """The frames of `stats --watch`: each one a fresh read of the counters,
+    with rates against the previous read."""
+
+    def __init__(self, root, port=None, interval=1.0):
+        self.root, self.port, self.interval = root, port, interval
+        self.reader = Reader(root)
+        self.prev = {}           # port name -> (monotonic time, counters)
+
+    def frame(self):
+        maps = self.reader.maps()
+        if maps is None:
+            raise XdeError(f"nothing is loaded under {self.root}")
+        now = time.monotonic()
+        ports = [(i, pc) for i, pc in Reader.ports(maps)
+                 if self.port is None or pc.name.decode() == self.port]
+        if self.port is not None and not ports:
+            raise XdeError(f"no port {self.port} on {self.root}")
+        lines = [f"xde {self.root}  every {self.interval:g}s  {time.strftime('%H:%M:%S')}"
+                 "  (Ctrl-C to quit)", ""]
+        for index, pc in ports:
+            name = pc.name.decode()
+            counters = Reader.port_counters(maps, index) or {}
+            prev = self.prev.get(name)
+            lines.append(f"{name}:")
+            lines.append(f"  {'COUNTER':26} {'TOTAL':>14} {'PER SECOND':>12}")
+            for c, v in counters.items():
+                rate = None
+                if prev is not None and now > prev[0]:
+                    rate = max(0, v - prev[1].get(c, 0)) / (now - prev[0])
+                if c in WATCH_ALWAYS or v or rate:
+                    shown = "-" if rate is None else _rate(rate)
+                    lines.append(f"  {c:26} {v:>14} {shown:>12}")
+            self.prev[name] = (now, counters)
+            lines.append("")
+        if not ports:
+            lines.append("(no ports)")
+        return "\n".join(lines)
+
+    def close(self):
+        self.reader.close()
+
+
+def watch(root, port=None, interval=1.0):
+    """Redraw the port counters and their per-second rates every interval
+    seconds, in place, until Ctrl-C. (Not a terminal: frames one after the
+    other.)"""
+    if interval <= 0:
+        raise XdeError(f"interval must be positive, got {interval}")
+    tty = sys.stdout.isatty()
+    w = Watcher(root, port, interval)
+    try:
+        if tty:
+            sys.stdout.write("\x1b[2J")
+        while True:
+            text = w.frame()
+            if tty:
+                # home, draw (clearing each line's rest), clear below
+                sys.stdout.write("\x1b[H" + text.replace("\n", "\x1b[K\n") + "\x1b[K\x1b[J")
+            else:
+                sys.stdout.write(text + "\n\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        if tty:
+            sys.stdout.write("\n")
+    finally:
+        w.close()
+
+
+# --- the command ---------------------------------------------------------------
 
 def register(app):
     """Add this module's commands to the xdectl typer app."""
+
+    @app.command("metrics")
+    def metrics_cmd(listen: str = typer.Option(DEFAULT_LISTEN, "--listen", metavar="ADDR:PORT",
+                                               help="Address and port to serve /metrics on "
+                                                    "(port 0: any free port, printed on stderr)."),
+                    once: bool = typer.Option(False, "--once",
+                                              help="Print the metrics once on stdout and exit.")):
+        """Prometheus exporter: serve the counters of this root, read from the
+        pinned maps at every scrape."""
+        from .cli import State
+        if once:
+            sys.stdout.write(exposition(State.root))
+            return
+        serve(State.root, listen)
