@@ -101,11 +101,7 @@ class Reader:
 
     def close(self):
         if self._dp is not None:
-            if hasattr(self._dp, "close"):
-                self._dp.close()
-            else:
-                for m in (self._dp._maps or {}).values():
-                    os.close(m.fd)
+            self._dp.close()
         self._dp = None
         self._ident = None
 
