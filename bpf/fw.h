@@ -98,7 +98,7 @@ static __always_inline __u64 rule_miss(struct fw_rule *r, struct pkt4 *p, __be32
 	for (int i = 0; i < FW_MAX_PORTS; i++)
 		hit |= eq(dport, r->ports[i]);
 	/* a port list matches only TCP and UDP, and one of its ports */
-	miss |= nz(r->nports) & (1 ^ (hit & l4ports));
+	miss |= nz(r->nports) & (1 ^ (hit & l4ports & nz(dport)));  /* port 0: a later fragment */
 	return miss;
 }
 
@@ -260,10 +260,10 @@ static __always_inline void flow_sync(struct flow_key *k, struct flow_val *f, __
 }
 
 static __always_inline void flow_create(struct flow_key *k, __u32 epoch, __u32 rule,
-					struct pkt4 *p, __u32 len, __u64 now)
+					struct pkt4 *p, __u32 vni, __u32 len, __u64 now)
 {
 	struct flow_val v = { .created_ns = now, .last_ns = now, .packets = 1, .bytes = len,
-			      .epoch = epoch, .rule = rule, .origin = k->dir };
+			      .epoch = epoch, .rule = rule, .vni = vni, .origin = k->dir };
 	if (p->proto == IPPROTO_TCP) {
 		v.state = (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN ? TCP_SYN_SENT
 									       : TCP_ESTABLISHED;
@@ -295,6 +295,10 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 	__u32 rule;
 
 	struct flow_val *f = flows.lookup(&k);
+	/* a new connection on the 4-tuple of a closed one starts afresh */
+	if (f && p->proto == IPPROTO_TCP && f->state == TCP_CLOSED &&
+	    (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+		f = 0;
 	if (f && now - f->last_ns <= flow_ttl(f, p->proto, cfg)) {
 		int reeval = f->epoch != epoch, ok = 1;
 		if (reeval) {
@@ -307,7 +311,8 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 				o.sport = p->dport;
 				o.dport = p->sport;
 			}
-			if (!fw_rules_verdict(port, f->origin, &o, vni, &rule, &ok))
+			/* judged as it was first: with the VNI it came in (or none) */
+			if (!fw_rules_verdict(port, f->origin, &o, f->vni, &rule, &ok))
 				return FW_PENDING;
 			f->epoch = epoch;
 		}
@@ -336,7 +341,7 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 		return FW_DENY;
 	}
 	port_count(port, P_fw_allowed, 1);
-	flow_create(&k, epoch, rule, p, len, now);
+	flow_create(&k, epoch, rule, p, vni, len, now);
 	return FW_PASS;
 }
 

@@ -241,10 +241,11 @@ struct flow_val {
 	__u64 bytes;
 	__u32 epoch;              /* the port's epoch when the verdict was cached */
 	__u32 rule;               /* id of the rule that decided, 0: the default */
+	__u32 vni;                /* the VNI the first packet was judged in (VNI_NONE: external) */
 	__u8 origin;              /* direction of the flow's first packet */
 	__u8 state;               /* enum tcp_state, shared by both entries' views */
 	__u8 fin;                 /* bit per direction that sent FIN */
-	__u8 pad[5];
+	__u8 pad;
 };
 
 /* What the firewall looks at, read once from the packet. */

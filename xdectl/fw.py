@@ -178,6 +178,11 @@ def write_rules(maps, port, rules):
     """Replace the port's rules (one atomic update per direction), give new
     rules ids, and bump the port's epoch."""
     m = maps["fw_rules"]
+    limit = len(m.Leaf().r)
+    for d in DIRS:  # check before anything is written
+        n = sum(r.direction == d for r in rules)
+        if n > limit:
+            raise XdeError(f"at most {limit} rules per direction, got {n} {d}")
     used = {r.id for k, v in m.items() for r in v.r[:v.count]}
     hits = maps["fw_hits"]
     next_id = 1
@@ -190,14 +195,14 @@ def write_rules(maps, port, rules):
             rule.id = next_id
             used.add(next_id)
             hits.set(hits.Key(next_id), hits.Leaf(0))
+    leaves = {}
     for d in DIRS:
         mine = sorted((r for r in rules if r.direction == d), key=lambda r: (r.priority, r.id))
-        leaf = m.Leaf()
-        if len(mine) > len(leaf.r):
-            raise XdeError(f"at most {len(leaf.r)} rules per direction, got {len(mine)}")
+        leaf = leaves[d] = m.Leaf()
         leaf.count = len(mine)
         for i, r in enumerate(mine):
             _encode(r, leaf.r[i])
+    for d, leaf in leaves.items():
         m.set(_key(m, port, d), leaf)
     bump_epoch(maps, port)
 
