@@ -255,6 +255,14 @@ def set_flow_timeouts(idle: Optional[int] = typer.Option(None, help="Non-TCP idl
 
 
 @app.command()
+def reload():
+    """Replace the programs of this root with freshly compiled ones, under
+    live traffic: maps kept, each attachment swapped atomically."""
+    from .reload import reload as do
+    print(f"{do(State.root)} attachments swapped")
+
+
+@app.command()
 def unload(force: bool = typer.Option(False, help="Delete the ports first.")):
     """Remove the datapath instance: programs, XDP, maps, pins."""
     from .ports import unload as do_unload

@@ -110,9 +110,26 @@ class Datapath:
 
     # --- load ----------------------------------------------------------
 
+    def _compile(self):
+        """Compile bpf/ against the root's maps (bcc creates and pins them
+        where absent, and reuses the pins where present), load every
+        program. Returns (bcc module, {program: fd}); the fds live as long
+        as it."""
+        from bcc import BPF
+        b = BPF(text=program_text().encode(),
+                cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
+                        "-Wno-unused-function"])
+        fds = {name: b.load_func(name, kind).fd for name, kind in PROGRAMS.items()}
+        return b, fds
+
+    @staticmethod
+    def _point_tail_calls(b, fds):
+        for table, names in TAIL_CALLS.items():
+            for slot, name in enumerate(names):
+                b[table][ct.c_int(slot)] = ct.c_int(fds[name])
+
     def load(self):
         """Compile bpf/ and pin programs and maps under the root (cold start)."""
-        from bcc import BPF
         from bcc.libbcc import lib
 
         lib.bpf_num_tables.argtypes = [ct.c_void_p]
@@ -121,16 +138,10 @@ class Datapath:
         try:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
             self.progs_dir.mkdir(exist_ok=True)
-            b = BPF(text=program_text().encode(),
-                    cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
-                            "-Wno-unused-function"])
-            fds = {}
-            for name, kind in PROGRAMS.items():
-                fds[name] = b.load_func(name, kind).fd
-                libbpf.obj_pin(fds[name], self.progs_dir / name)
-            for table, names in TAIL_CALLS.items():
-                for slot, name in enumerate(names):
-                    b[table][ct.c_int(slot)] = ct.c_int(fds[name])
+            b, fds = self._compile()
+            self._point_tail_calls(b, fds)
+            for name, fd in fds.items():
+                libbpf.obj_pin(fd, self.progs_dir / name)
             maps = {}
             for i in range(lib.bpf_num_tables(b.module)):
                 name = lib.bpf_table_name(b.module, i)
@@ -151,6 +162,26 @@ class Datapath:
             if isinstance(e, XdeError):
                 raise
             raise XdeError(f"cannot load the datapath under {self.root}: {e}") from e
+
+    def reload(self):
+        """Compile the current sources against the pinned maps, which stay
+        as they are, and re-pin the programs. The tail-call tables switch
+        at once; the caller swaps the attachments. Returns what _compile
+        does: keep the module until the swaps are done."""
+        self._read_meta()  # same map layout, or XdeError
+        try:
+            b, fds = self._compile()
+            # pinned beside the old ones first ('.' is not allowed in bpffs)
+            for name, fd in fds.items():
+                libbpf.obj_pin(fd, self.progs_dir / f"new_{name}")
+        except Exception as e:
+            for name in fds if "fds" in locals() else ():
+                (self.progs_dir / f"new_{name}").unlink(missing_ok=True)
+            raise XdeError(f"cannot load new programs for {self.root}: {e}") from e
+        self._point_tail_calls(b, fds)
+        for name in fds:
+            os.replace(self.progs_dir / f"new_{name}", self.progs_dir / name)
+        return b, fds
 
     # --- open ----------------------------------------------------------
 

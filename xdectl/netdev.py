@@ -86,6 +86,11 @@ class Netdev:
         self.ipr.tc("add-filter", "bpf", index, ":1", fd=prog_fd, name=name,
                     parent=TC_INGRESS, prio=TC_PRIO, classid=1, direct_action=True)
 
+    def replace_tc_ingress(self, index, prog_fd, name):
+        """Swap the program of our ingress filter in place (atomic)."""
+        self.ipr.tc("replace-filter", "bpf", index, ":1", fd=prog_fd, name=name,
+                    parent=TC_INGRESS, prio=TC_PRIO, classid=1, direct_action=True)
+
     def detach_tc_ingress(self, index):
         """Remove our filter, and the clsact qdisc once nothing else uses it."""
         try:
@@ -129,13 +134,15 @@ class Netdev:
             return 0
         return xdp.get_attr("IFLA_XDP_PROG_ID") or 0
 
-    def attach_xdp(self, index, prog_fd):
-        """Native mode where the driver has it, generic otherwise."""
+    def attach_xdp(self, index, prog_fd, replace=False):
+        """Native mode where the driver has it, generic otherwise. Refuses
+        to displace a program unless replace (an atomic swap)."""
+        only_new = 0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST
         for mode in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
             try:
                 self.ipr.link("set", index=index,
                               xdp={"attrs": [("IFLA_XDP_FD", prog_fd),
-                                             ("IFLA_XDP_FLAGS", XDP_FLAGS_UPDATE_IF_NOEXIST | mode)]})
+                                             ("IFLA_XDP_FLAGS", only_new | mode)]})
                 return
             except NetlinkError as e:
                 if mode == XDP_FLAGS_SKB_MODE or e.code not in (errno.EOPNOTSUPP, errno.EINVAL):
