@@ -11,7 +11,7 @@ fi
 
 arch=$(dpkg --print-architecture)
 packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping
-          tcpdump tshark iperf3 ethtool prometheus vagrant shellcheck)
+          tcpdump tshark iperf3 ethtool prometheus vagrant vagrant-libvirt shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,417 @@
-"""(being written)"""
+"""`xdectl trace`: run one frame through the loaded datapath with
+BPF_PROG_TEST_RUN and say what happened to it -- the verdict, the counters
+it moved, and the frame that came out (DESIGN.md section 6; issue 5).
+
+The run is real: the kernel executes the pinned program against the live
+maps, so the port and global counters, the firewall's rule hits and its
+flow table change exactly as they would for a frame on the wire. What is
+not real is the egress: a test run records a redirect without sending
+anything (bpf_redirect only sets the target), so nothing leaves the host.
+
+The ctx of a TC (SCHED_CLS) run is a struct __sk_buff (UAPI linux/bpf.h).
+The kernel (net/bpf/test_run.c, convert___skb_to_skb) takes only mark,
+priority, ingress_ifindex, ifindex, cb, tstamp, wire_len, gso_segs,
+gso_size and hwtstamp from it and refuses (EINVAL) a ctx with any other
+byte set; an ifindex is looked up in the caller's network namespace
+(ENODEV if absent) and becomes the skb's device. tc_port_out finds its
+port by skb->ifindex, so we give the port's datapath end, which is why a
+trace must run in the namespace the port was created in -- as every other
+xdectl command does.
+
+The ctx of an XDP run is a struct xdp_md: data_end must be the frame's
+length, data and data_meta 0, egress_ifindex 0; ingress_ifindex (with
+rx_queue_index 0) makes the frame arrive on that device. We give the
+root's first underlay, where real Geneve arrives.
+"""
+import ctypes as ct
+import ipaddress
+import json
+import os
+import struct
+import sys
+from typing import Optional
+
+TC_VERDICTS = {0xFFFFFFFF: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY",
+               2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE", 4: "TC_ACT_STOLEN", 5: "TC_ACT_QUEUED",
+               6: "TC_ACT_REPEAT", 7: "TC_ACT_REDIRECT", 8: "TC_ACT_TRAP"}
+XDP_VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+GENEVE_PORT = 6081
+GENEVE_PROTO_ETH = 0x6558
+OXIDE_OPT_CLASS = 0x0129
+OUTER_SPORT = 49152          # the bottom of RFC 8926's source-port range
+OUTER_SRC_MAC = "02:00:00:00:00:01"
+
+
+class SkBuff(ct.Structure):
+    """struct __sk_buff, as in include/uapi/linux/bpf.h (192 bytes since
+    hwtstamp, Linux 5.16). Pointer members (__bpf_md_ptr) are 8 bytes,
+    8-aligned, whatever the architecture."""
+    _fields_ = [("len", ct.c_uint32), ("pkt_type", ct.c_uint32), ("mark", ct.c_uint32),
+                ("queue_mapping", ct.c_uint32), ("protocol", ct.c_uint32),
+                ("vlan_present", ct.c_uint32), ("vlan_tci", ct.c_uint32),
+                ("vlan_proto", ct.c_uint32), ("priority", ct.c_uint32),
+                ("ingress_ifindex", ct.c_uint32), ("ifindex", ct.c_uint32),
+                ("tc_index", ct.c_uint32), ("cb", ct.c_uint32 * 5), ("hash", ct.c_uint32),
+                ("tc_classid", ct.c_uint32), ("data", ct.c_uint32), ("data_end", ct.c_uint32),
+                ("napi_id", ct.c_uint32), ("family", ct.c_uint32), ("remote_ip4", ct.c_uint32),
+                ("local_ip4", ct.c_uint32), ("remote_ip6", ct.c_uint32 * 4),
+                ("local_ip6", ct.c_uint32 * 4), ("remote_port", ct.c_uint32),
+                ("local_port", ct.c_uint32), ("data_meta", ct.c_uint32),
+                ("flow_keys", ct.c_uint64), ("tstamp", ct.c_uint64), ("wire_len", ct.c_uint32),
+                ("gso_segs", ct.c_uint32), ("sk", ct.c_uint64), ("gso_size", ct.c_uint32),
+                ("tstamp_type", ct.c_uint8), ("_pad", ct.c_uint8 * 3), ("hwtstamp", ct.c_uint64)]
+
+
+class XdpMd(ct.Structure):
+    """struct xdp_md, as in include/uapi/linux/bpf.h."""
+    _fields_ = [("data", ct.c_uint32), ("data_end", ct.c_uint32), ("data_meta", ct.c_uint32),
+                ("ingress_ifindex", ct.c_uint32), ("rx_queue_index", ct.c_uint32),
+                ("egress_ifindex", ct.c_uint32)]
+
+
+assert ct.sizeof(SkBuff) == 192 and SkBuff.ifindex.offset == 40
+assert ct.sizeof(XdpMd) == 24
+
+
+def skb_ctx(ifindex):
+    """A __sk_buff ctx for a frame entering TC ingress of ifindex. Only the
+    fields the kernel accepts are set (see the module docstring)."""
+    c = SkBuff()
+    c.ifindex = ifindex
+    c.ingress_ifindex = ifindex
+    return bytes(c)
+
+
+def xdp_ctx(frame_len, ingress_ifindex):
+    c = XdpMd()
+    c.data_end = frame_len
+    c.ingress_ifindex = ingress_ifindex
+    return bytes(c)
+
+
+def verdict_name(direction, retval):
+    names = TC_VERDICTS if direction == "out" else XDP_VERDICTS
+    return names.get(retval, f"unknown ({retval})")
+
+
+# --- parsing FRAME ---------------------------------------------------------
+
+def parse_hex(text):
+    """bytes if text is hex (whitespace, ':' and a leading 0x allowed), else None."""
+    t = "".join(text.split()).replace(":", "")
+    if t[:2].lower() == "0x":
+        t = t[2:]
+    if not t or len(t) % 2:
+        return None
+    try:
+        return bytes.fromhex(t)
+    except ValueError:
+        return None
+
+
+def parse_frame(text):
+    """FRAME as bytes: hex, or else a scapy expression evaluated with scapy's
+    names (and nothing else of ours) in scope."""
+    from .errors import XdeError
+    raw = parse_hex(text)
+    if raw is not None:
+        return raw
+    import scapy.all as scapy_all
+    from scapy.packet import Packet
+    names = {k: v for k, v in vars(scapy_all).items() if not k.startswith("_")}
+    try:
+        pkt = eval(text, {"__builtins__": __builtins__}, names)  # the operator's own expression
+    except Exception as e:
+        raise XdeError(f"FRAME is neither hex nor a scapy expression: {type(e).__name__}: {e}") from None
+    if isinstance(pkt, Packet):
+        return bytes(pkt)
+    if isinstance(pkt, (bytes, bytearray)):
+        return bytes(pkt)
+    raise XdeError(f"FRAME evaluates to a {type(pkt).__name__}, not a packet")
+
+
+def is_underlay_frame(frame, underlay_addr=None):
+    """A frame as the underlay carries it: Ethernet / IPv6 with UDP to port
+    6081, or anything IPv6 to this host's underlay address (traffic for
+    the host itself, which XDP must pass)."""
+    if len(frame) < 54 or frame[12:14] != b"\x86\xdd":
+        return False
+    if underlay_addr is not None and frame[38:54] == underlay_addr:
+        return True
+    return (len(frame) >= 58 and frame[20] == 17 and
+            struct.unpack("!H", frame[56:58])[0] == GENEVE_PORT)
+
+
+def encapsulate(inner, vni, src6, dst6, dst_mac, external=False):
+    """Outer Ethernet + IPv6 + UDP + Geneve around an inner frame (DESIGN.md
+    section 4's wire format; UDP checksum 0, as OPTE sends)."""
+    opts = struct.pack("!HBB", OXIDE_OPT_CLASS, 0x00, 0) if external else b""
+    geneve = (bytes([len(opts) // 4, 0]) + struct.pack("!H", GENEVE_PROTO_ETH) +
+              vni.to_bytes(3, "big") + b"\0" + opts)
+    udp_len = 8 + len(geneve) + len(inner)
+    udp = struct.pack("!HHHH", OUTER_SPORT, GENEVE_PORT, udp_len, 0)
+    ip6 = (struct.pack("!IHBB", 6 << 28, udp_len, 17, 128) +
+           ipaddress.IPv6Address(src6).packed + ipaddress.IPv6Address(dst6).packed)
+    eth = _mac(dst_mac) + _mac(OUTER_SRC_MAC) + b"\x86\xdd"
+    return eth + ip6 + udp + geneve + inner
+
+
+def _mac(s):
+    return bytes.fromhex(s.replace(":", ""))
+
+
+# --- counters ----------------------------------------------------------------
+
+def snapshot(maps, port_index):
+    """Everything a run can count: every port's counters (an inbound frame
+    may be delivered to another port than the one named), the global
+    counters, the traced port's rule hits, and its number of flows."""
+    from .fw import read_rules
+    from .maps import sum_percpu
+    snap = {}
+    for k, pc in maps["ports"].items():
+        vals = maps["port_stats"].get(k)
+        if vals:
+            snap[pc.name.decode()] = sum_percpu(vals)
+    g = maps["global_stats"]
+    snap["global"] = sum_percpu(g.get(g.Key(0)))
+    hits = maps["fw_hits"]
+    rules = {}
+    for r in read_rules(maps, port_index):
+        rules[r.id] = (r.text(), sum(hits.get(hits.Key(r.id)) or []))
+    snap["_rules"] = rules
+    snap["_flows"] = sum(1 for k in maps["flows"].keys() if k.port == port_index)
+    return snap
+
+
+def diff(before, after):
+    """(counters {scope: {name: delta}}, rule hits {id: (text, delta)}, flows delta)."""
+    counters = {}
+    for scope, vals in after.items():
+        if scope.startswith("_"):
+            continue
+        old = before.get(scope, {})
+        d = {k: v - old.get(k, 0) for k, v in vals.items() if v != old.get(k, 0)}
+        if d:
+            counters[scope] = d
+    rules = {i: (text, n - before["_rules"].get(i, (text, 0))[1])
+             for i, (text, n) in after["_rules"].items()
+             if n != before["_rules"].get(i, (text, 0))[1]}
+    return counters, rules, after["_flows"] - before["_flows"]
+
+
+# --- running -----------------------------------------------------------------
+
+def trace(root, port, direction, frame, vni=None, external=False, as_is=False):
+    """Run frame through PORT's outbound (TC) or the underlay's inbound (XDP)
+    program; returns a dict describing what happened."""
+    from . import libbpf
+    from .datapath import Datapath
+    from .errors import XdeError
+    from .maps import find_port, ip6_str
+
+    if direction not in ("in", "out"):
+        raise XdeError(f"--dir '{direction}' is not in or out")
+    if len(frame) < 14:
+        raise XdeError(f"FRAME is {len(frame)} bytes: shorter than an Ethernet header")
+    dp = Datapath(root)
+    if not dp.exists():
+        raise XdeError(f"no port {port}: nothing is loaded under {root}")
+    maps = dp.maps()
+    index, pc = find_port(maps, port)
+    if index is None:
+        raise XdeError(f"no port {port} on {root}")
+    cfg = maps["config"].get(maps["config"].Key(0))
+    passthrough = bool(pc.flags & 1)
+    notes = []
+
+    if direction == "out":
+        _check_link(index, pc.peer.decode())
+        prog, ctx, data = "tc_port_out", skb_ctx(index), frame
+    else:
+        prog, data = "xdp_underlay", frame
+        if passthrough:
+            notes.append("passthrough port: the frame is run as the underlay receives it, "
+                         "unencapsulated")
+        elif as_is:
+            notes.append("run as given (--as-is)")
+        elif is_underlay_frame(frame, bytes(cfg.underlay_addr)):
+            notes.append("FRAME is an underlay frame (IPv6 to this host or to UDP 6081): "
+                         "run as given")
+        else:
+            vni = pc.vni if vni is None else vni
+            src6 = _sender(maps, vni, frame) or ip6_str(pc.bsvc_addr)
+            data = encapsulate(frame, vni, src6, ip6_str(cfg.underlay_addr),
+                               _link_mac(cfg.u1) or "02:00:00:00:00:02", external)
+            notes.append(f"encapsulated: Geneve VNI {vni} from {src6} to "
+                         f"{ip6_str(cfg.underlay_addr)}" + (", option External" if external else ""))
+        ctx = xdp_ctx(len(data), cfg.u1) if cfg.u1 else None
+
+    fd = dp.prog_fd(prog)
+    try:
+        before = snapshot(maps, index)
+        try:
+            retval, out, _ = libbpf.test_run(fd, data, ctx=ctx)
+        except OSError:
+            if direction != "in" or ctx is None:
+                raise
+            # the underlay's rx queue is not usable for a test run (the
+            # kernel checks it is registered): arrive on loopback instead
+            notes.append("run without ingress_ifindex (the kernel refused the underlay's rx queue)")
+            before = snapshot(maps, index)
+            retval, out, _ = libbpf.test_run(fd, data)
+        after = snapshot(maps, index)
+    finally:
+        os.close(fd)
+    counters, rules, flows = diff(before, after)
+    notes += _where(direction, retval, port, counters, out)
+    return {"port": port, "dir": direction, "program": prog, "retval": retval,
+            "verdict": verdict_name(direction, retval), "input": data.hex(),
+            "output": out.hex(), "output_changed": out != data, "counters": counters,
+            "rule_hits": {str(i): {"rule": t, "hits": n} for i, (t, n) in rules.items()},
+            "flows": flows, "notes": notes}
+
+
+def _where(direction, retval, port, counters, out):
+    """Where a redirect goes: the test run does not report the target, so
+    say what the counters and the output frame show."""
+    if retval not in (4, 7) or (direction == "in" and retval != 4):
+        return []
+    if direction == "in":
+        into = [p for p, d in counters.items() if p != "global" and d.get("rx_packets")]
+        return [f"redirected into port {', '.join(into)}"] if into else []
+    mine = counters.get(port, {})
+    if mine.get("arp_replies") or mine.get("icmp_replies") or mine.get("mtu_icmp_sent"):
+        return [f"redirected back to the guest of {port} (the gateway answered)"]
+    if mine.get("encap"):
+        if out[:12] == bytes(12):
+            return ["redirected to the underlay with the outer MACs unset: the next hop's "
+                    "neighbour entry is not resolved yet (bpf_redirect_neigh resolves it)"]
+        dev = _link_by_mac(":".join(f"{b:02x}" for b in out[6:12]))
+        return ["redirected to the underlay" + (f" via {dev}" if dev else "") +
+                " (the kernel's FIB chose it)"]
+    if mine.get("passthrough_out"):
+        return ["redirected unchanged to an underlay (passthrough)"]
+    return []
+
+
+def _link_by_mac(mac):
+    from pyroute2 import IPRoute
+    try:
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                if link.get_attr("IFLA_ADDRESS") == mac:
+                    return link.get_attr("IFLA_IFNAME")
+    except Exception:
+        pass
+    return None
+
+
+def _sender(maps, vni, inner):
+    """The underlay address V2P gives the inner frame's IPv4 source, if any."""
+    from .maps import ip4_be, ip6_str
+    if len(inner) < 34 or inner[12:14] != b"\x08\x00":
+        return None
+    m = maps["v2p"]
+    k = m.Key()
+    k.vni = vni
+    k.ip = ip4_be(ipaddress.IPv4Address(inner[26:30]))
+    v = m.get(k)
+    return ip6_str(v.underlay) if v is not None else None
+
+
+def _link_mac(index):
+    from pyroute2 import IPRoute
+    try:
+        with IPRoute() as ipr:
+            return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+    except Exception:
+        return None
+
+
+def _check_link(index, peer):
+    """The port's datapath end must be here: the kernel resolves the ctx's
+    ifindex in this network namespace."""
+    from pyroute2 import IPRoute
+    from .errors import XdeError
+    try:
+        with IPRoute() as ipr:
+            name = ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+    except Exception:
+        name = None
+    if name != peer:
+        raise XdeError(f"the port's datapath end {peer} (ifindex {index}) is not in this network "
+                       f"namespace: run trace where the port was created")
+
+
+# --- output ------------------------------------------------------------------
+
+def decode(frame):
+    """A scapy packet of frame, Geneve decoded."""
+    import scapy.contrib.geneve  # noqa: F401  binds UDP 6081 to Geneve
+    from scapy.layers.l2 import Ether
+    return Ether(frame)
+
+
+def print_result(r, hexdump=False):
+    print(f"{r['port']} {r['dir']}: {r['program']} -> {r['verdict']} ({r['retval']})")
+    for n in r["notes"]:
+        print(f"  note: {n}")
+    print("counters:" if r["counters"] else "counters: none changed")
+    for scope, d in r["counters"].items():
+        print(f"  {scope}: " + ", ".join(f"{k} {v:+d}" for k, v in d.items()))
+    for rid, h in r["rule_hits"].items():
+        print(f"  firewall rule {rid} ({h['rule']}): hits {h['hits']:+d}")
+    if r["flows"]:
+        print(f"  flow table ({r['port']}): entries {r['flows']:+d}")
+    out = bytes.fromhex(r["output"])
+    pkt = decode(out)
+    what = "output" if r["output_changed"] else "output (unchanged)"
+    print(f"{what}, {len(out)} bytes: {pkt.summary()}")
+    print(pkt.show(dump=True).rstrip())
+    if hexdump:
+        from scapy.utils import hexdump as hd
+        print(hd(pkt, dump=True))
 
 
 def register(app):
-    """Add this module's commands to the xdectl typer app."""
+    """Add `xdectl trace` to the xdectl typer app."""
+    import typer
+
+    @app.command("trace")
+    def trace_cmd(port: str = typer.Argument(..., help="The port (its guest-facing name)."),
+                  frame: str = typer.Argument(..., help="Hex bytes, or a scapy expression such as "
+                                              "\"Ether(src=...,dst=...)/IP(...)/ICMP()\"."),
+                  direction: str = typer.Option(..., "--dir", help="out: from the guest (tc_port_out); "
+                                                "in: from the underlay (xdp_underlay)."),
+                  vni: Optional[int] = typer.Option(None, help="--dir in: the Geneve VNI (default: the port's)."),
+                  external: bool = typer.Option(False, "--external", help="--dir in: add Oxide's External option, "
+                                                "as traffic from outside the VPC carries."),
+                  as_is: bool = typer.Option(False, "--as-is", help="--dir in: run FRAME as the "
+                                             "underlay NIC receives it, never encapsulate it."),
+                  hexdump: bool = typer.Option(False, "--hexdump", help="Also print a hexdump of the output frame."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+        """Run one frame through the loaded datapath (BPF_PROG_TEST_RUN) and
+        print the verdict, the counters it moved and the output frame.
+
+        --dir out runs PORT's outbound program on FRAME as the guest sent it.
+        --dir in runs the underlay program; an inner frame (for the guest) is
+        wrapped in Geneve/IPv6 to this root's underlay address in PORT's VNI,
+        a full underlay frame (IPv6 to this host's underlay address, or UDP to
+        port 6081) is run as given, and so is any FRAME with --as-is.
+
+        The run is real: it moves the live counters, the firewall's rule hits
+        and its flow table (an allowed flow is remembered as if it had been
+        sent). Nothing is sent: a redirect is only reported.
+        Run it in the network namespace where the port was created.
+        """
+        from . import cli
+        data = parse_frame(frame)
+        result = trace(cli.State.root, port, direction, data, vni=vni, external=external,
+                       as_is=as_is)
+        if as_json:
+            result["output_summary"] = decode(bytes.fromhex(result["output"])).summary()
+            print(json.dumps(result, indent=2))
+        else:
+            print_result(result, hexdump)
+        sys.stdout.flush()
