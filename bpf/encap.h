@@ -81,6 +81,10 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	 * timeouts), so have the flow dissector compute it afresh. */
 	bpf_set_hash_invalid(skb);
 	__u32 hash = bpf_get_hash_recalc(skb);
+	/* The dissector leaves out the ICMP echo id: pings would all share one
+	 * path. Mix it in (a multiplicative hash spreads it over every bit). */
+	if (p->proto == IPPROTO_ICMP)
+		hash ^= (__u32)p->sport * 2654435761U;
 	__u32 label = hash & 0xFFFFF;
 	__u16 sport = 0xC000 | ((hash >> 16) & 0x3FFF);  /* 49152-65535, RFC 8926 */
 

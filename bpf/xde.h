@@ -65,6 +65,7 @@ struct xde_cfg {
 	__u32 ttl_tcp_handshake;
 	__u32 ttl_tcp_established;
 	__u32 ttl_tcp_closed;     /* after FIN from both sides or RST (TIME_WAIT) */
+	char pending[16];         /* port being created: what a killed create leaves */
 };
 
 /* One port, keyed by the ifindex of the veth end the datapath owns. */

@@ -210,7 +210,8 @@ class LabT:
         for sled in sleds:
             n = SLEDS[sled]["n"]
             for i in (1, 2):
-                self.run(sled, "ping", "-6", "-c", "1", "-W", "1", f"fd10:{n}:{i}::2")
+                # a link that just came up may take a moment (DAD, NDP)
+                self.run(sled, "ping", "-6", "-c", "1", "-w", "5", f"fd10:{n}:{i}::2")
 
 
 def _wait_line(stream, text, timeout, what):

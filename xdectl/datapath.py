@@ -126,7 +126,7 @@ class Datapath:
     def _point_tail_calls(b, fds):
         for table, names in TAIL_CALLS.items():
             for slot, name in enumerate(names):
-                b[table][ct.c_int(slot)] = ct.c_int(fds[name])
+                b[table.encode()][ct.c_int(slot)] = ct.c_int(fds[name])
 
     def load(self):
         """Compile bpf/ and pin programs and maps under the root (cold start)."""
@@ -151,7 +151,7 @@ class Datapath:
                     "type": lib.bpf_table_type(b.module, name),
                 }
             meta = json.dumps({"layout": layout_hash(), "maps": maps}).encode()
-            table = b["meta"]
+            table = b[b"meta"]
             leaf = table.Leaf()
             if len(meta) >= ct.sizeof(leaf):
                 raise XdeError("internal: map type descriptions exceed the meta map")
@@ -196,6 +196,10 @@ class Datapath:
     def layout(meta_text):
         return json.loads(meta_text).get("layout") if meta_text else None
 
+    def interrupted(self):
+        """Pinned, but its first load was killed before it wrote meta."""
+        return not self._meta_text()
+
     def layout_matches(self):
         try:
             self._read_meta()
@@ -214,14 +218,17 @@ class Datapath:
                 os.close(fd)
         return ids
 
-    def _read_meta(self):
+    def _meta_text(self):
         fd = libbpf.obj_get(self.maps_dir / "meta")
         try:
             buf = ct.create_string_buffer(libbpf.map_value_size(fd))
             libbpf.lookup(fd, ct.c_uint32(0), buf)
         finally:
             os.close(fd)
-        text = buf.value.decode()
+        return buf.value.decode()
+
+    def _read_meta(self):
+        text = self._meta_text()
         found = self.layout(text)
         if found != layout_hash():
             raise XdeError(f"the datapath pinned under {self.root} has map layout {found}, "

@@ -83,7 +83,8 @@ class Netdev:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        self.ipr.tc("add-filter", "bpf", index, ":1", fd=prog_fd, name=name,
+        # replace: adds the filter, or swaps ours if a killed command left it
+        self.ipr.tc("replace-filter", "bpf", index, ":1", fd=prog_fd, name=name,
                     parent=TC_INGRESS, prio=TC_PRIO, classid=1, direct_action=True)
 
     def replace_tc_ingress(self, index, prog_fd, name):

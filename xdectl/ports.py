@@ -108,7 +108,7 @@ def _check_links(nd, spec):
 
 def _check_instance(maps, spec, u1, u2, nd):
     _, cfg = _config(maps)
-    if cfg.nports:
+    if cfg.u1:
         if (cfg.u1, cfg.u2) != (u1, u2):
             raise XdeError(f"this root's ports use underlays {nd.name(cfg.u1)} and {nd.name(cfg.u2)}; "
                            f"a port here cannot use {spec.underlay1} and {spec.underlay2}")
@@ -138,8 +138,12 @@ def _free_passthru_slot(maps):
 def create(root, spec):
     spec = spec.validated()
     with session(root) as (dp, nd):
-        u1, u2 = _check_links(nd, spec)
+        if dp.exists() and dp.interrupted():
+            dp.remove()  # a first load that was killed: nothing attached yet
         fresh = not dp.exists()
+        if not fresh:
+            _remove_orphans(nd, dp.maps())
+        u1, u2 = _check_links(nd, spec)
         if not fresh:
             _check_instance(dp.maps(), spec, u1, u2, nd)
         undo = Undo()
@@ -160,6 +164,10 @@ def _create(dp, nd, spec, u1, u2, undo):
     mtu = _port_mtu(nd, u1, u2, spec.passthrough)
     # The datapath end takes any size, so that a guest that raised its MTU
     # past the port's reaches the program and gets ICMP, not a silent drop.
+    # Note the port as pending first: if this create is killed, the next
+    # command on the root finds its links by that name and removes them.
+    cfg.pending = spec.name.encode()
+    cfg_map.set(cfg_map.Key(0), cfg)
     nd.create_veth(spec.name, peer, spec.mac, mtu, DATAPATH_END_MTU)
     dp_index = nd.index(peer)
     undo.add(nd.delete, dp_index)
@@ -206,7 +214,7 @@ def _create(dp, nd, spec, u1, u2, undo):
         fw.write_rules(maps, dp_index, fw.default_rules(spec.vni))
         undo.add(fw.remove_port_state, maps, dp_index)
 
-    if cfg.nports == 0:
+    if not cfg.u1:
         underlay.attach(dp, nd, u1, u2, undo)
         cfg.u1, cfg.u2 = u1, u2
         set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(spec.underlay_addr).packed)
@@ -216,12 +224,14 @@ def _create(dp, nd, spec, u1, u2, undo):
                 setattr(cfg, f"ttl_{name}", value)
     else:
         underlay.ensure_liveness(nd, u1, u2)
-    cfg.nports += 1
+    cfg.nports = len(maps["ports"].keys())
     cfg_map.set(cfg_map.Key(0), cfg)
 
     nd.attach_tc_ingress(dp_index, dp.prog_fd("tc_port_out"), tc_name("tc_port_out", dp.root))
     nd.up(dp_index)
     nd.up(nd.index(spec.name))
+    cfg.pending = b""
+    cfg_map.set(cfg_map.Key(0), cfg)
 
 
 ENCAP_OVERHEAD = 14 + 40 + 8 + 8   # inner Ethernet, outer IPv6, UDP, Geneve
@@ -261,6 +271,7 @@ def delete(root, name):
         if not dp.exists():
             raise XdeError(f"no port {name}: nothing is loaded under {root}")
         maps = dp.maps()
+        _remove_orphans(nd, maps)
         index, pc = find_port(maps, name)
         if index is None:
             raise XdeError(f"no port {name} on {root}")
@@ -268,6 +279,9 @@ def delete(root, name):
 
 
 def _delete(maps, nd, index, pc):
+    """Links first, then map entries: a port in the map always has its links,
+    and a kill half-way leaves a port that `delete` can finish."""
+    nd.delete(index)  # removes both veth ends, wherever the guest end lives now
     key = maps["ports"].Key(index)
     passthrough = pc.flags & PORT_F_PASSTHROUGH
     maps["port_index"].delete(_port_key(maps, VNI_PASSTHROUGH if passthrough else pc.vni,
@@ -282,15 +296,34 @@ def _delete(maps, nd, index, pc):
         _clear_own_v2p(maps, pc)
         overlay.remove_port_routes(maps, index)
         fw.remove_port_state(maps, index)
-    maps["ports"].delete(key)
     maps["port_stats"].delete(key)
-    nd.delete(index)  # removes both veth ends, wherever the guest end lives now
+    maps["ports"].delete(key)
+    _release_underlays_if_unused(maps, nd)
+
+
+def _release_underlays_if_unused(maps, nd):
+    """The underlays stay attached exactly while the root has ports."""
     cfg_map, cfg = _config(maps)
-    cfg.nports = max(0, cfg.nports - 1)
-    if cfg.nports == 0:
+    cfg.nports = len(maps["ports"].keys())
+    if cfg.nports == 0 and cfg.u1:
         underlay.detach_pair(nd, cfg.u1, cfg.u2)
         cfg.u1 = cfg.u2 = 0
     cfg_map.set(cfg_map.Key(0), cfg)
+
+
+def _remove_orphans(nd, maps):
+    """The links of a create that was killed before its port entry was
+    written (it noted the port's name as pending first)."""
+    cfg_map, cfg = _config(maps)
+    name = cfg.pending.decode()
+    if name:
+        index, _ = find_port(maps, name)
+        link = nd.index(datapath_end(name))
+        if index is None and link is not None:
+            nd.delete(link)
+        cfg.pending = b""
+        cfg_map.set(cfg_map.Key(0), cfg)
+    _release_underlays_if_unused(maps, nd)
 
 
 def _clear_own_v2p(maps, pc):
@@ -373,24 +406,28 @@ def global_stats(root):
     return sum_percpu(m.get(m.Key(0)))
 
 
-def _remove_unreadable(dp, nd):
-    """unload --force of an instance whose map layout this xdectl cannot
-    read: find what it attached by its programs' ids, and remove that."""
+def _sweep(dp, nd):
+    """Find what the instance attached by its programs' ids and filter names,
+    without its maps, and remove it: for unload --force of a layout this
+    xdectl cannot read, or after a killed command."""
     ids = dp.prog_ids()
     for index, _ in nd.links():
         if nd.xdp_prog_id(index) in ids:
             underlay.detach(nd, index)
         elif tc_name("tc_port_out", dp.root) in nd.tc_ingress_names(index):
             nd.delete(index)      # a port's datapath end: the port goes with it
-    dp.remove()
 
 
 def unload(root, force=False):
     with session(root) as (dp, nd):
         if not dp.exists():
             return False
+        if dp.interrupted():
+            dp.remove()
+            return True
         if force and not dp.layout_matches():
-            _remove_unreadable(dp, nd)
+            _sweep(dp, nd)
+            dp.remove()
             return True
         maps = dp.maps()
         ports = list(maps["ports"].items())
@@ -399,8 +436,7 @@ def unload(root, force=False):
             raise XdeError(f"ports exist on {root} ({names}); delete them or use --force")
         for k, pc in ports:
             _delete(maps, nd, k.value, pc)
-        _, cfg = _config(maps)
-        if cfg.u1:
-            underlay.detach_pair(nd, cfg.u1, cfg.u2)
+        _remove_orphans(nd, maps)
+        _sweep(dp, nd)
         dp.remove()
         return True

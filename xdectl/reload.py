@@ -15,7 +15,7 @@ def reload(root):
         cfg = maps["config"].get(maps["config"].Key(0))
         bpf, fds = dp.reload()  # bpf keeps the new programs open until swapped
         swapped = 0
-        if cfg.nports:
+        if cfg.u1:
             for u in (cfg.u1, cfg.u2):
                 nd.attach_xdp(u, fds["xdp_underlay"], replace=True)
                 nd.replace_tc_ingress(u, fds["tc_underlay_in"], tc_name("tc_underlay_in", root))

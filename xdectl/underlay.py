@@ -15,13 +15,14 @@ def liveness_dst(ifindex):
 
 def attach(dp, nd, u1, u2, undo):
     xdp_fd, tc_fd = dp.prog_fd("xdp_underlay"), dp.prog_fd("tc_underlay_in")
+    ours = dp.prog_ids()  # a killed create may have left ours attached
     for u in (u1, u2):
         other = nd.xdp_prog_id(u)
-        if other:
+        if other and other not in ours:
             raise XdeError(f"underlay {nd.name(u)} already has an XDP program (id {other}) "
                            f"that is not this root's")
     for u in (u1, u2):
-        nd.attach_xdp(u, xdp_fd)
+        nd.attach_xdp(u, xdp_fd, replace=True)
         undo.add(nd.detach_xdp, u)
         nd.attach_tc_ingress(u, tc_fd, tc_name("tc_underlay_in", dp.root))
         undo.add(nd.detach_tc_ingress, u)

@@ -1,0 +1,93 @@
+"""Comparing one model Result with what the real program did."""
+import struct
+
+from .xde import csum
+
+
+def _check_encap(res, out, next_hops):
+    """Mismatch kinds of an encapsulated frame against the model's fields."""
+    e = res.encap
+    inner = e["inner"]
+    bad = []
+    if len(out) != len(inner) + 70:
+        return [f"encap_len {len(out)} != {len(inner) + 70}"]
+    if out[:12] not in next_hops and out[:12] != bytes(12):
+        bad.append("encap_outer_macs")
+    if out[12:14] != b"\x86\xdd":
+        bad.append("encap_ethertype")
+    w = struct.unpack_from("!I", out, 14)[0]
+    ver, tc, label = w >> 28, (w >> 20) & 0xFF, w & 0xFFFFF
+    plen, nh, hlim = struct.unpack_from("!HBB", out, 18)
+    if ver != 6:
+        bad.append("encap_ip6_version")
+    if tc != e["tc"]:
+        bad.append(f"encap_traffic_class {tc:#x} != {e['tc']:#x}")
+    if (plen, nh, hlim) != (len(inner) + 16, 17, 128):
+        bad.append(f"encap_ip6_fields {(plen, nh, hlim)}")
+    if out[22:38] != e["src"] or out[38:54] != e["dst"]:
+        bad.append("encap_ip6_addrs")
+    sport, dport, ulen, uck = struct.unpack_from("!HHHH", out, 54)
+    if not 49152 <= sport <= 65535:
+        bad.append(f"encap_sport_range {sport}")
+    if label == 0:
+        bad.append("encap_flow_label_zero")
+    if (dport, ulen) != (6081, len(inner) + 16):
+        bad.append(f"encap_udp_fields {(dport, ulen)}")
+    if uck != 0:
+        # a checksum, where given, must be right (pseudo-header + UDP)
+        pseudo = out[22:54] + struct.pack("!IxxxB", ulen, 17)
+        if csum(pseudo + out[54:]) not in (0, 0xFFFF) and csum(pseudo + out[54:]) != 0:
+            bad.append("encap_udp_checksum")
+    want_g = bytes([0, 0]) + b"\x65\x58" + e["vni"].to_bytes(3, "big") + b"\0"
+    if out[62:70] != want_g:
+        bad.append(f"encap_geneve {out[62:70].hex()} != {want_g.hex()}")
+    if out[70:] != inner:
+        bad.append("encap_inner")
+    return bad
+
+
+def _check_frag_needed(res, out):
+    eth, hdr, icmp = res.encap["frag_needed"]
+    bad = []
+    if out[:14] != eth:
+        bad.append("fragneeded_eth")
+    ip = out[14:]
+    if len(ip) < 20 or ip[0] != 0x45:
+        return bad + ["fragneeded_ip_header"]
+    tot = struct.unpack_from("!H", ip, 2)[0]
+    if tot != len(hdr) + len(icmp) or len(out) != 14 + tot:
+        bad.append(f"fragneeded_len {tot} {len(out)}")
+    if ip[9] != 1 or ip[12:20] != hdr[12:20]:
+        bad.append("fragneeded_ip_fields")
+    if csum(ip[:20]) != 0:
+        bad.append("fragneeded_ip_checksum")
+    got = ip[20:tot]
+    if got[:2] != icmp[:2] or got[4:] != icmp[4:]:
+        bad.append("fragneeded_icmp")
+    if csum(got) != 0:
+        bad.append("fragneeded_icmp_checksum")
+    return bad
+
+
+def compare(res, frame, rc, out, delta, next_hops=()):
+    """Mismatch kinds (strings, empty when the program agrees with the model)."""
+    bad = []
+    if rc != res.retval:
+        bad.append(f"retval {rc} != model {res.retval} ({res.verdict} {res.reason})")
+    want = {k: v for k, v in res.counters.items() if v}
+    if delta != want:
+        keys = sorted(set(delta) | set(want), key=str)
+        diff = {f"{k[0]}:{k[1]}": (delta.get(k, 0), want.get(k, 0))
+                for k in keys if delta.get(k, 0) != want.get(k, 0)}
+        bad.append(f"counters (datapath, model) {diff}")
+    if rc == res.retval and res.verdict != "drop":
+        if res.verdict == "pass":
+            if out != frame:
+                bad.append("pass_modified")
+        elif res.encap and "frag_needed" in res.encap:
+            bad += _check_frag_needed(res, out)
+        elif res.encap:
+            bad += _check_encap(res, out, next_hops)
+        elif res.out is not None and out != res.out:
+            bad.append(f"output {res.verdict}")
+    return bad

@@ -1,0 +1,170 @@
+"""Running the real programs of one lab sled on frames (BPF_PROG_TEST_RUN),
+with the counter deltas and the sled's state read from its pinned maps,
+for the differential tests (tests/test_differential.py, bench/fuzz.py).
+
+Everything happens inside the sled's network namespace (Lab.inside): the
+TC program finds its port by skb->ifindex, which the kernel looks up in
+the caller's namespace.
+"""
+import ipaddress
+import os
+import struct
+
+from xdectl import libbpf
+from xdectl.datapath import Datapath
+
+from .xde import FwRule, Instance, Port, Route
+
+SKB_CTX_SIZE = 192
+SKB_IFINDEX_OFF = 40
+
+
+def _ip4(be):
+    return int(be).to_bytes(4, "little")
+
+
+class SledRunner:
+    """One sled of a lab: its programs, maps, and a Model Instance read from them."""
+
+    def __init__(self, lab, sled="sled1"):
+        self.lab = lab
+        self.sled = sled
+        self.root = lab.root(sled)
+        with lab.inside(sled):
+            self.dp = Datapath(self.root)
+            self.maps = self.dp.maps()
+            self.fds = {p: self.dp.prog_fd(p) for p in ("tc_port_out", "xdp_underlay")}
+        self._pcpu_port = self.maps["port_stats"]
+        self._pcpu_glob = self.maps["global_stats"]
+        self.port_fields = [f for f, _ in self._pcpu_port.Leaf._fields_ if not f.startswith("__pad")]
+        self.glob_fields = [f for f, _ in self._pcpu_glob.Leaf._fields_ if not f.startswith("__pad")]
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        self.dp.close()
+
+    # --- state ------------------------------------------------------------
+
+    def instance(self):
+        """The model's view of this sled, read from the pinned maps."""
+        m = self.maps
+        cfg = m["config"].get(m["config"].Key(0))
+        inst = Instance(underlay_addr=bytes(cfg.underlay_addr)[:16])
+        for k, pc in m["ports"].items():
+            inst.ports[k.value] = Port(
+                ifindex=k.value, name=pc.name.decode(), mac=bytes(pc.mac)[:6],
+                gw_mac=bytes(pc.gw_mac)[:6], ip=_ip4(pc.ip), gw_ip=_ip4(pc.gw_ip),
+                vni=pc.vni, bsvc_vni=pc.bsvc_vni, bsvc_addr=bytes(pc.bsvc_addr)[:16],
+                subnet=ipaddress.IPv4Network((_ip4(pc.subnet), pc.subnet_len)),
+                mtu=pc.mtu, passthrough=bool(pc.flags & 1))
+        for k, v in m["v2p"].items():
+            inst.v2p[(k.vni, _ip4(k.ip))] = (bytes(v.mac)[:6], bytes(v.underlay)[:16])
+        for table, system in (("routes", False), ("routes_sys", True)):
+            for k, v in m[table].items():
+                net = ipaddress.IPv4Network((_ip4(k.ip), k.prefixlen - 32))
+                tgt = {1: "drop", 2: "ig", 3: "ip4", 4: "sub4"}[v.target]
+                inst.routes.setdefault(k.port, []).append(
+                    Route(net, tgt, _ip4(v.addr), v.len, system))
+        for k, v in m["fw_rules"].items():
+            d = "in" if k.dir == 1 else "out"
+            for i in range(v.count):
+                r = v.r[i]
+                inst.rules.setdefault((k.port, d), []).append(FwRule(
+                    id=r.id, priority=r.priority, action="allow" if r.action == 1 else "deny",
+                    proto=r.proto, host=_ip4(r.host), host_mask=_ip4(r.host_mask),
+                    vni=r.vni, vni_mask=r.vni_mask, icmp=r.icmp, icmp_mask=r.icmp_mask,
+                    ports=list(r.ports[:r.nports])))
+        return inst
+
+    def clear_flows(self):
+        f = self.maps["flows"]
+        for k in f.keys():
+            f.delete(k)
+
+    def counters(self, ports):
+        """{('g', name): n, (ifindex, name): n} summed over CPUs."""
+        out = {}
+        g = self._pcpu_glob.get(self._pcpu_glob.Key(0))
+        for f in self.glob_fields:
+            out[("g", f)] = sum(getattr(v, f) for v in g)
+        for ifi in ports:
+            vals = self._pcpu_port.get(self._pcpu_port.Key(ifi))
+            if vals is None:
+                continue
+            for f in self.port_fields:
+                out[(ifi, f)] = sum(getattr(v, f) for v in vals)
+        return out
+
+    # --- running --------------------------------------------------------------
+
+    def ctx(self, ifindex):
+        c = bytearray(SKB_CTX_SIZE)
+        struct.pack_into("<I", c, SKB_IFINDEX_OFF, ifindex)
+        return bytes(c)
+
+    def run(self, direction, frame, ifindex=None, ports=()):
+        """(retval, output bytes, counter deltas) of one frame.
+        direction 'out': tc_port_out on ifindex; 'in': xdp_underlay."""
+        before = self.counters(ports)
+        with self.lab.inside(self.sled):
+            try:
+                if direction == "out":
+                    rc, out, _ = libbpf.test_run(self.fds["tc_port_out"], frame,
+                                                 ctx=self.ctx(ifindex))
+                else:
+                    rc, out, _ = libbpf.test_run(self.fds["xdp_underlay"], frame)
+            except libbpf.BpfError as e:
+                if e.errno != 22:
+                    raise
+                # the kernel refuses to build a test skb from it (too short
+                # for its Ethernet or IP header): the program never sees it
+                return None, None, {}
+        after = self.counters(ports)
+        delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        return rc, out, delta
+
+
+def next_hops(lab, sled="sled1"):
+    """The (dst, src) outer MAC pairs of the sled's resolved underlay next hops."""
+    import json
+    import subprocess
+    sw = {"u1": "sw1", "u2": "sw2"}
+    out = set()
+    for dev, s in sw.items():
+        def mac(host, d):
+            p = subprocess.run(["ip", "-n", lab.ns(host), "-j", "link", "show", "dev", d],
+                               capture_output=True, text=True, check=True)
+            return bytes.fromhex(json.loads(p.stdout)[0]["address"].replace(":", ""))
+        out.add(mac(s, sled) + mac(sled, dev))
+    return out
+
+
+def run_case(runner, inst, steps, hops, port):
+    """Run the steps of one case on the datapath and the model from an empty
+    flow table; a list of (step index, mismatch kinds) that disagreed.
+
+    The programs stay attached while we test-run them, so the lab's own
+    traffic (neighbour discovery on the underlay, reaching the real XDP
+    hook) can move a counter between our two reads: a case that disagrees
+    is run once more, and only a disagreement seen twice is reported."""
+    bad = _run_case(runner, inst, steps, hops, port)
+    return bad and _run_case(runner, inst, steps, hops, port)
+
+
+def _run_case(runner, inst, steps, hops, port):
+    from . import xde
+    from .compare import compare
+    runner.clear_flows()
+    inst.flows.clear()
+    bad = []
+    for i, (direction, frame) in enumerate(steps):
+        rc, out, delta = runner.run(direction, frame, port, ports=list(inst.ports))
+        if rc is None:
+            continue        # the kernel would not build a test packet from it
+        res = xde.outbound(inst, port, frame) if direction == "out" else xde.inbound(inst, frame)
+        m = compare(res, frame, rc, out, delta, hops)
+        if m:
+            bad.append((i, m, res))
+    return bad
