@@ -33,6 +33,16 @@
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
 
+/* A whole, consistent IPv4 header: version 4, header inside the packet,
+ * total length from the header's end to at most the avail bytes there are. */
+static __always_inline int ip4_valid(struct iphdr *ip, void *data_end, __u32 avail)
+{
+	if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
+		return 0;
+	__u32 hlen = ip->ihl * 4, tot = bpf_ntohs(ip->tot_len);
+	return hlen <= avail && tot >= hlen && tot <= avail;
+}
+
 /* Fill p from the IPv4 header at ip; false when it is not a whole header. */
 static __always_inline int pkt4_parse(struct iphdr *ip, void *data_end, struct pkt4 *p)
 {

@@ -61,7 +61,9 @@ drop:
 static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
 					struct iphdr *ip, __u32 l4off)
 {
-	if (ip->daddr != pc->gw_ip || ip->protocol != IPPROTO_ICMP)
+	/* only a whole datagram carries an echo request (not a fragment) */
+	if (ip->daddr != pc->gw_ip || ip->protocol != IPPROTO_ICMP ||
+	    (ip->frag_off & bpf_htons(0x3fff)))
 		return -1;
 	struct icmphdr icmp;
 	if (bpf_skb_load_bytes(skb, l4off, &icmp, sizeof(icmp)) < 0 ||

@@ -11,6 +11,7 @@ struct geneve_rx {
 	__u32 vni;
 	__u32 outer_len;          /* bytes before the inner Ethernet header */
 	__u32 external;           /* Oxide "External" option present */
+	__u32 trim;               /* bytes after the UDP datagram (padding), to cut */
 };
 
 /* Frames that are not IPv6/UDP to port 6081 at our underlay address return
@@ -31,9 +32,12 @@ static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
 
 	struct geneve_hdr *g = (void *)(udp + 1);
 	__u32 avail = data_end - (void *)udp;
+	__u32 ulen = bpf_ntohs(udp->len);
 	if ((void *)(g + 1) > data_end || bpf_ntohs(ip6->payload_len) > avail ||
-	    bpf_ntohs(udp->len) > avail || bpf_ntohs(udp->len) < sizeof(*udp) + sizeof(*g))
+	    ulen > bpf_ntohs(ip6->payload_len) || ulen < sizeof(*udp) + sizeof(*g))
 		return G_malformed_truncated;
+	/* everything below is judged against the end of the UDP datagram */
+	__u32 glen = ulen - sizeof(*udp);
 	if (g->ver_optlen >> 6)
 		return G_malformed_version;
 	if (g->proto != bpf_htons(GENEVE_PROTO_ETH))
@@ -46,10 +50,12 @@ static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
 		if (off >= optlen)
 			break;
 		struct geneve_opt *o = (void *)(g + 1) + off;
-		if ((void *)(o + 1) > data_end)
+		if ((void *)(o + 1) > data_end || sizeof(*g) + off + sizeof(*o) > glen)
 			return G_malformed_options;
 		__u32 body = (o->len & 0x1f) * 4;
-		if (off + sizeof(*o) + body > optlen)
+		/* past the options area, or past the packet */
+		if (off + sizeof(*o) + body > optlen ||
+		    sizeof(*g) + off + sizeof(*o) + body > glen)
 			return G_malformed_options;
 		if (o->cls == bpf_htons(GENEVE_OPT_CLASS_OXIDE)) {
 			__u8 t = o->type & 0x7f;
@@ -67,8 +73,9 @@ static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
 		return G_malformed_options;
 
 	rx->outer_len = sizeof(*eth) + sizeof(*ip6) + sizeof(*udp) + sizeof(*g) + optlen;
-	if (data + rx->outer_len + sizeof(struct ethhdr) > data_end)
+	if (sizeof(*g) + optlen + sizeof(struct ethhdr) > glen)
 		return G_malformed_inner;
+	rx->trim = avail - ulen;
 	rx->vni = (g->vni[0] << 16) | (g->vni[1] << 8) | g->vni[2];
 	return 0;
 }

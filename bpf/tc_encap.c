@@ -29,18 +29,18 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_SHOT;
-	if (eth->h_proto == bpf_htons(ETH_P_ARP))
-		return gateway_arp(skb, pc, port);
-	if (!mac_eq(eth->h_source, pc->mac)) {
+	if (!mac_eq(eth->h_source, pc->mac)) {  /* every frame, ARP included */
 		port_count(port, P_drop_spoof, 1);
 		return TC_ACT_SHOT;
 	}
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return gateway_arp(skb, pc, port);
 	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
 		port_count(port, P_drop_unsupported, 1);
 		return TC_ACT_SHOT;
 	}
 	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end || ip->ihl < 5) {
+	if (!ip4_valid(ip, data_end, skb->len - ETH_HLEN)) {
 		port_count(port, P_drop_unsupported, 1);
 		return TC_ACT_SHOT;
 	}

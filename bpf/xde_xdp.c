@@ -24,6 +24,9 @@ static __always_inline int drop(enum global_counter why)
 
 static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, struct geneve_rx *rx)
 {
+	/* the guest gets the datagram's frame, not what padded it on the wire */
+	if (rx->trim && bpf_xdp_adjust_tail(ctx, -(int)rx->trim))
+		return drop(G_malformed_inner);
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *inner = data + rx->outer_len;
@@ -42,11 +45,14 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 
 	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	struct pkt4 pkt;
-	if (inner->h_proto != bpf_htons(ETH_P_IP) ||
-	    !pkt4_parse((void *)(inner + 1), data_end, &pkt)) {
-		port_count(p, P_drop_unsupported, 1);
+	if (inner->h_proto != bpf_htons(ETH_P_IP)) {
+		port_count(p, P_drop_unsupported, 1);  /* the IPv6 overlay comes later */
 		return XDP_DROP;
 	}
+	struct iphdr *iip = (void *)(inner + 1);
+	if (!ip4_valid(iip, data_end, data_end - (void *)iip) ||
+	    !pkt4_parse(iip, data_end, &pkt))
+		return drop(G_malformed_inner);
 	int v = firewall(p, DIR_IN, &pkt, rx->external ? VNI_NONE : rx->vni,
 			 data_end - (void *)inner, cfg);
 	if (v == FW_PENDING) {

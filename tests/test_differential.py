@@ -9,9 +9,9 @@ Each case starts from an empty flow table (the LRU map `flows` is
 cleared), so the firewall is modelled exactly; sequences of two or three
 frames check its state (replies of an allowed flow, External frames).
 
-Inputs that exercise a datapath bug found by these tests are left out of
-the generative tests (tests/model/gen.py known_bug) and pinned by a
-strict xfail below, each naming the bug. bench/fuzz.py runs the same
+The datapath bugs these tests found (B1-B6) are fixed; their inputs stay
+below as regression tests, and tests/model/gen.py known_bug() is where an
+input of a new, known bug would be set aside. bench/fuzz.py runs the same
 comparison on 100,000+ cases.
 """
 import contextlib
@@ -138,24 +138,19 @@ def test_model_can_fail(dlab):
     assert compare(res, frame, rc, out, delta, hops)
 
 
-# --- datapath bugs these tests found (strict xfail: each must keep failing
-# until the datapath is fixed, then this marker must go) -------------------------
+# --- datapath bugs these tests found (B1-B6), fixed: they stay as regressions ----
 
 G1E = Ether(src=gen.G1_MAC, dst=gen.GW_MAC)
 
 
-@pytest.mark.xfail(strict=True, reason="B1: the gateway answers ICMP echo fragments "
-                   "(MF set or offset != 0), hairpinning a lone fragment and treating a "
-                   "non-first fragment's data as an ICMP header")
+# B1 (fixed)
 @pytest.mark.parametrize("ip", [dict(flags="MF"), dict(frag=5)], ids=["first", "later"])
 def test_bug_gateway_echo_fragment(dlab, ip):
     check(dlab, [("out", bytes(G1E / IP(src=gen.G1_IP, dst=gen.GW_IP, proto=1, **ip) /
                                  ICMP(id=5) / b"fragment"))], allow_known=True)
 
 
-@pytest.mark.xfail(strict=True, reason="B2: outbound IPv4 header not validated: version != 4, "
-                   "total length past the frame or below the header, IHL past the frame "
-                   "are encapsulated and sent")
+# B2 (fixed)
 @pytest.mark.parametrize("field", ["version", "len_long", "len_short"])
 def test_bug_outbound_ipv4_not_validated(dlab, field):
     f = bytearray(bytes(G1E / IP(src=gen.G1_IP, dst=gen.G2_IP) / UDP(sport=1, dport=2) / b"x"))
@@ -168,9 +163,7 @@ def test_bug_outbound_ipv4_not_validated(dlab, field):
     check(dlab, [("out", bytes(f))], allow_known=True)
 
 
-@pytest.mark.xfail(strict=True, reason="B3: decap ends the inner frame at the end of the "
-                   "XDP frame, not of the UDP datagram: bytes after the IPv6 payload are "
-                   "delivered to the guest")
+# B3 (fixed)
 @pytest.mark.parametrize("what", ["trailer"])
 def test_bug_decap_trailing_bytes(dlab, what):
     import random
@@ -185,9 +178,7 @@ def test_bug_decap_trailing_bytes(dlab, what):
     check(dlab, [("in", f)], allow_known=True)
 
 
-@pytest.mark.xfail(strict=True, reason="B4: a malformed inner IPv4 header (truncated, bad "
-                   "version or length) is counted as the port's drop_unsupported, not as "
-                   "the global malformed_inner")
+# B4 (fixed)
 def test_bug_inner_ipv4_truncated(dlab):
     import random
     r = random.Random(4)
@@ -195,18 +186,14 @@ def test_bug_inner_ipv4_truncated(dlab):
     check(dlab, [("in", gen.underlay(r, gen.geneve() + inner))], allow_known=True)
 
 
-@pytest.mark.xfail(strict=True, reason="B5: an ARP request whose Ethernet source is not the "
-                   "port MAC (sender fields the guest's) is answered instead of dropped as "
-                   "spoofed, unlike every other frame with a foreign source MAC")
+# B5 (fixed)
 def test_bug_arp_foreign_ethernet_source(dlab):
     f = bytes(Ether(src="a8:40:25:ff:00:66", dst="ff:ff:ff:ff:ff:ff") /
               ARP(hwsrc=gen.G1_MAC, psrc=gen.G1_IP, pdst=gen.GW_IP))
     check(dlab, [("out", f)], allow_known=True)
 
 
-@pytest.mark.xfail(strict=True, reason="B6: a Geneve option whose body runs past the end of "
-                   "the packet (inside the declared option length) is counted "
-                   "malformed_inner, not malformed_options")
+# B6 (fixed)
 def test_bug_option_body_past_packet(dlab):
     import random
     r = random.Random(5)
