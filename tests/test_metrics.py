@@ -150,6 +150,7 @@ PORT_NAMES = {
     "flow_reevaluated": ("xde_port_flow_reevaluated_total", {}),
     "fw_allowed": ("xde_port_fw_verdicts_total", {"verdict": "allowed"}),
     "fw_denied": ("xde_port_fw_verdicts_total", {"verdict": "denied"}),
+    "flow_entries": ("xde_flows", {}),  # a gauge: stats shows the occupancy too
 }
 
 

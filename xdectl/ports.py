@@ -386,6 +386,9 @@ def port_stats(root, name=None):
     if not dp.exists():
         return {}
     maps = dp.maps()
+    flows = {}  # flow-table occupancy: entries (one per direction of a flow)
+    for k in maps["flows"].keys():
+        flows[k.port] = flows.get(k.port, 0) + 1
     out = {}
     for k, pc in maps["ports"].items():
         pname = pc.name.decode()
@@ -393,6 +396,7 @@ def port_stats(root, name=None):
             continue
         vals = maps["port_stats"].get(k)
         out[pname] = sum_percpu(vals) if vals else {}
+        out[pname]["flow_entries"] = flows.get(k.value, 0)
     if name and name not in out:
         raise XdeError(f"no port {name} on {root}")
     return out
