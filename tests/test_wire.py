@@ -103,13 +103,15 @@ def geneve_of(pkt):
 
 
 def flow_key(inner):
-    """Inner 5-tuple (ICMP: addresses and protocol only)."""
+    """Inner 5-tuple (ICMP echo: addresses and the echo id, which xde mixes
+    into the flow hash so that pings spread over ECMP like other flows)."""
     ip = inner[IP]
     if TCP in ip:
         return ("tcp", ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport)
     if UDP in ip:
         return ("udp", ip.src, ip.dst, ip[UDP].sport, ip[UDP].dport)
-    return (ip.proto, ip.src, ip.dst, ip[ICMP].type if ICMP in ip else None)
+    return (ip.proto, ip.src, ip.dst, ip[ICMP].type if ICMP in ip else None,
+            ip[ICMP].id if ICMP in ip else None)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,8 @@ def test_capture_saw_every_flow(wire):
     for sp in UDP_SPORTS:
         assert ("udp", G1_IP, G2_IP, sp, UDP_DPORT) in keys, keys
     assert any(k[0] == "tcp" and k[4] == TCP_DPORT for k in keys), keys
-    assert (1, G1_IP, G2_IP, 8) in keys, keys
+    # the two ping runs: two echo ids, two flows
+    assert len({k for k in keys if k[:4] == (1, G1_IP, G2_IP, 8)}) == 2, keys
     ikeys = {flow_key(geneve_of(p).payload) for _, p in inbound(wire)}
     for sp in (44101, 44102):
         assert ("udp", G2_IP, G1_IP, sp, UDP_DPORT) in ikeys, ikeys
@@ -203,13 +206,13 @@ def test_outer_ethernet_is_the_links_own(wire, xlab):
 def test_flow_label_and_source_port_per_flow(wire):
     """The flow label and UDP source port are a function of the flow: one
     value per flow (and one underlay per flow), different between flows
-    (the UDP flows and the ping flow)."""
+    (the UDP flows and the two ping runs)."""
     by_flow = collections.defaultdict(set)
     for link, p in outbound(wire):
         k = flow_key(geneve_of(p).payload)
         if k[0] == "udp" and k[3] in UDP_SPORTS or k[:4] == (1, G1_IP, G2_IP, 8):
             by_flow[k].add((p[IPv6].fl, p[UDP].sport, link))
-    assert len(by_flow) == len(UDP_SPORTS) + 1
+    assert len(by_flow) == len(UDP_SPORTS) + 2  # + the two ping runs
     for k, vals in by_flow.items():
         assert len(vals) == 1, f"flow {k} used several labels/ports/links: {vals}"
     labels = [next(iter(v))[0] for v in by_flow.values()]
