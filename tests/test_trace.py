@@ -207,6 +207,10 @@ def test_no_v2p_is_shot_and_counted(tl):
 
 
 def test_outbound_encapsulation_decoded(tl):
+    # resolve sled1's next hops through both switches: the flow may hash to
+    # either, and the trace names the NIC only once the FIB has its MAC
+    for sw in (1, 2):
+        tl.run("sled1", "ping", "-6", "-c", "1", "-w", "5", f"fd10:1:{sw}::2")
     r = tl.trace_json("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IP(src='{G1_IP}',"
                              f"dst='{G2_IP}')/UDP(sport=45353,dport=45354)/Raw(b'over')")
     assert r["verdict"] == "TC_ACT_REDIRECT"

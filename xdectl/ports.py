@@ -6,6 +6,7 @@ a `ports` map entry keyed by the datapath end's ifindex, so `list` reads
 the kernel, never a file.
 """
 import ipaddress
+import os
 from dataclasses import dataclass
 
 from . import fw, overlay, underlay, validate
@@ -227,7 +228,11 @@ def _create(dp, nd, spec, u1, u2, undo):
     cfg.nports = len(maps["ports"].keys())
     cfg_map.set(cfg_map.Key(0), cfg)
 
-    nd.attach_tc_ingress(dp_index, dp.prog_fd("tc_port_out"), tc_name("tc_port_out", dp.root))
+    fd = dp.prog_fd("tc_port_out")
+    try:
+        nd.attach_tc_ingress(dp_index, fd, tc_name("tc_port_out", dp.root))
+    finally:
+        os.close(fd)  # the filter holds the program now
     nd.up(dp_index)
     nd.up(nd.index(spec.name))
     cfg.pending = b""

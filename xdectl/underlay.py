@@ -1,6 +1,8 @@
 """The underlay pair of an instance: XDP and the broadcast hook on both
 NICs (attached with the first port, detached with the last), and the
 liveness routes passthrough failover reads (ARCHITECTURE.md)."""
+import os
+
 from .datapath import tc_name
 from .errors import XdeError
 from .netdev import sysctl
@@ -15,6 +17,14 @@ def liveness_dst(ifindex):
 
 def attach(dp, nd, u1, u2, undo):
     xdp_fd, tc_fd = dp.prog_fd("xdp_underlay"), dp.prog_fd("tc_underlay_in")
+    try:
+        _attach(dp, nd, u1, u2, undo, xdp_fd, tc_fd)
+    finally:
+        os.close(xdp_fd)  # XDP and the filters hold the programs now
+        os.close(tc_fd)
+
+
+def _attach(dp, nd, u1, u2, undo, xdp_fd, tc_fd):
     ours = dp.prog_ids()  # a killed create may have left ours attached
     for u in (u1, u2):
         other = nd.xdp_prog_id(u)
