@@ -7,14 +7,6 @@
 
 #ifndef XDE_PIN_DIR
 #error "XDE_PIN_DIR must name the root's maps directory"
-XDE_MAP("percpu_array", u32, struct scratch, scratch, 1);
-XDE_MAP_F("hash", struct fw_key, struct fw_rules, fw_rules, 2048, BPF_F_NO_PREALLOC);
-XDE_MAP("hash", u32, u32, fw_epoch, 1024);
-XDE_MAP("percpu_array", u32, u64, fw_hits, 65536);
-XDE_MAP("lru_hash", struct flow_key, struct flow_val, flows, 262144);
-XDE_MAP("prog", u32, u32, xdp_progs, 2);
-XDE_MAP("prog", u32, u32, tc_progs, 2);
-
 #endif
 
 #define XDE_MAP(type, key, val, name, n) \
