@@ -169,13 +169,14 @@ class Datapath:
         at once; the caller swaps the attachments. Returns what _compile
         does: keep the module until the swaps are done."""
         self._read_meta()  # same map layout, or XdeError
+        fds = {}
         try:
             b, fds = self._compile()
             # pinned beside the old ones first ('.' is not allowed in bpffs)
             for name, fd in fds.items():
                 libbpf.obj_pin(fd, self.progs_dir / f"new_{name}")
         except Exception as e:
-            for name in fds if "fds" in locals() else ():
+            for name in fds:
                 (self.progs_dir / f"new_{name}").unlink(missing_ok=True)
             raise XdeError(f"cannot load new programs for {self.root}: {e}") from e
         self._point_tail_calls(b, fds)

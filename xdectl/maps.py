@@ -3,7 +3,8 @@
 The key and value types are the ctypes classes bcc derives from the C
 declarations in bpf/xde.h. They are recorded (as bcc's own JSON type
 descriptions) in the instance's `meta` map when it is loaded, so a command
-that only reads or edits maps neither imports bcc nor compiles anything.
+that only reads or edits maps compiles nothing (it loads bcc only for its
+type decoder).
 """
 import ctypes as ct
 import ipaddress
