@@ -1,10 +1,18 @@
 # Two commands do everything on a fresh machine (as root):
 #   make lab    bring up the namespace lab and show traffic flowing
 #   make test   run the test suite
-.PHONY: setup lab lab-down test bench clean
+# Each first installs what it needs (scripts/setup.sh): the lab a lean set,
+# the tests every tool they run, the benchmarks the profilers too.
+.PHONY: setup setup-test setup-bench lab lab-down test clean
 
 setup:
-	@./scripts/setup.sh
+	@./scripts/setup.sh lab
+
+setup-test:
+	@./scripts/setup.sh test
+
+setup-bench:
+	@./scripts/setup.sh bench
 
 lab: setup
 	.venv/bin/xdectl lab up
@@ -13,7 +21,7 @@ lab: setup
 lab-down: setup
 	.venv/bin/xdectl lab down
 
-test: setup
+test: setup-test
 	.venv/bin/pytest -q
 
 clean:

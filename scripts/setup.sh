@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent set-up of a fresh Debian/Ubuntu machine for xde (DESIGN.md section 8):
-# distribution packages, kernel headers for bcc, bpffs, and the project's venv.
+# Idempotent set-up of a fresh Debian/Ubuntu machine for xde: distribution
+# packages, kernel headers for bcc, bpffs, and the project's venv.
+#   scripts/setup.sh [lab|test|bench]
+# lab (the default) installs what the datapath and the namespace lab need;
+# test adds every tool the test suite runs; bench adds the profilers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+what=${1:-lab}
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: run as root (sudo make setup): it installs packages and mounts bpffs" >&2
@@ -10,8 +14,26 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 arch=$(dpkg --print-architecture)
-packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping
-          tcpdump tshark iperf3 ethtool prometheus vagrant vagrant-libvirt shellcheck)
+# The datapath (bcc and the headers it compiles against) and the lab (ip and
+# ping are what an operator types in its namespaces).
+packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping)
+extras=""
+case "$what" in
+  lab) ;;
+  test|bench)
+    # sysctl (procps) and ip in test namespaces; captures and their decoder;
+    # TCP load; Open vSwitch as a foreign Geneve peer; systemd-analyze,
+    # vagrant and shellcheck check deploy/ and vagrant/; a real Prometheus.
+    packages+=(procps ethtool tcpdump tshark iperf3 openvswitch-switch systemd
+               prometheus vagrant vagrant-libvirt shellcheck)
+    extras="test"
+    if [ "$what" = bench ]; then
+      packages+=(bpftool linux-perf)
+      extras="test,bench"
+    fi ;;
+  *) echo "setup: unknown set '$what' (lab, test or bench)" >&2; exit 1 ;;
+esac
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -46,8 +68,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; 
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c "import xdectl, pytest, scapy, pyroute2, typer, prometheus_client, hypothesis" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-  touch .venv/.installed
+stamp=.venv/.installed-${extras:-base}
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+  touch "$stamp"
 fi

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .datapath import DEFAULT_ROOT
-from .errors import XdeError
+from .errors import Incomplete, XdeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Control plane of xde, the eBPF overlay datapath.")
@@ -21,6 +21,7 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 
 class State:
     root = DEFAULT_ROOT
+    lab_prefix = "xl-"
 
 
 @app.callback()
@@ -270,32 +271,38 @@ def unload(force: bool = typer.Option(False, help="Delete the ports first.")):
         print(f"nothing loaded under {State.root}", file=sys.stderr)
 
 
+@lab_app.callback()
+def lab_main(prefix: str = typer.Option("xl-", help="Prefix of the lab's namespaces and roots "
+                                                     "(several labs can coexist).")):
+    State.lab_prefix = prefix
+
+
 @lab_app.command("up")
 def lab_up():
     """Build the lab: switches, sleds, guests, boundary services."""
     from .lab import Lab
-    Lab().up()
+    Lab(State.lab_prefix).up()
 
 
 @lab_app.command("ping")
 def lab_ping():
     """Check guest-guest, guest-gateway and guest-boundary reachability."""
     from .lab import Lab
-    Lab().check()
+    Lab(State.lab_prefix).check()
 
 
 @lab_app.command("down")
 def lab_down():
     """Remove everything the lab made."""
     from .lab import Lab
-    Lab().down()
+    Lab(State.lab_prefix).down()
 
 
 @lab_app.command("status")
 def lab_status():
     """Show whether the lab is up, and its ports."""
     from .lab import Lab
-    Lab().status()
+    Lab(State.lab_prefix).status()
 
 
 # Commands whose logic lives in modules of their own register themselves;
@@ -310,6 +317,10 @@ def run():
     """Entry point: user errors become one line on stderr and exit 2."""
     try:
         app()
+    except Incomplete as e:
+        for line in e.lines:
+            print(f"xdectl: {line}", file=sys.stderr)
+        sys.exit(1)
     except XdeError as e:
         print(f"xdectl: {e}", file=sys.stderr)
         sys.exit(2)

@@ -105,8 +105,12 @@ class Datapath:
             self._lock_fd = None
         # A root left without an instance is removed: a failed first create
         # must not leave even an empty directory behind.
+        # A root that holds something else stays (unload names it).
         if self.root.exists() and not self.exists():
-            self._remove_pins()
+            try:
+                self._remove_pins()
+            except XdeError:
+                pass
 
     # --- load ----------------------------------------------------------
 

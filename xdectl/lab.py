@@ -10,6 +10,7 @@ VPC VNI 10; off-VPC traffic goes to boundary services in VNI 99.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 
 from . import overlay, ports
-from .errors import XdeError
+from .errors import Teardown, XdeError
 from .netdev import set_features, sysctl
 
 DEFAULT_PREFIX = "xl-"
@@ -48,6 +49,8 @@ class Lab:
     build their own beside an operator's (`xl-` by default)."""
 
     def __init__(self, prefix=DEFAULT_PREFIX):
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,9}", prefix):
+            raise XdeError(f"lab prefix {prefix!r}: 1 to 10 of a-z, 0-9, '-', starting with a letter")
         self.prefix = prefix
         self.namespaces = [prefix + h for h in HOSTS]
         self.state = Path(f"/run/xde-lab/{prefix.rstrip('-')}")
@@ -174,6 +177,23 @@ class Lab:
     # --- tearing down ---------------------------------------------------
 
     def down(self, quiet=False):
+        """Remove everything the lab made; a broken piece is reported (one
+        line each) and does not stop the rest."""
+        td = Teardown()
+        td.step("stop the boundary services responder", self._stop_bsvc)
+        for sled in SLEDS:
+            td.step(f"unload {self.root(sled)}", self._unload, sled)
+        for n in self.namespaces:
+            if os.path.lexists(f"/run/netns/{n}"):
+                td.step(f"remove namespace {n}", netns.remove, n)
+        if self.state.exists():
+            td.step(f"remove {self.state}", self.state.rmdir)
+        if not quiet:
+            left = [n for n in self.namespaces if os.path.lexists(f"/run/netns/{n}")]
+            print(f"lab: down ({len(left)} namespaces left)" if left else "lab: down")
+        td.done()
+
+    def _stop_bsvc(self):
         pidfile = self.state / "bsvc.pid"
         if pidfile.exists():
             try:
@@ -181,21 +201,24 @@ class Lab:
             except (ProcessLookupError, ValueError):
                 pass
             pidfile.unlink()
-        for sled in SLEDS:
-            if os.path.exists(f"/run/netns/{self.ns(sled)}"):
-                with self.inside(sled):
-                    ports.unload(self.root(sled), force=True)
-            elif Path(self.root(sled)).exists():
-                ports.unload(self.root(sled), force=True)
-        removed = 0
-        for n in self.namespaces:
-            if os.path.exists(f"/run/netns/{n}"):
-                netns.remove(n)
-                removed += 1
-        if self.state.exists():
-            self.state.rmdir()
-        if not quiet:
-            print(f"lab: down ({removed} namespaces removed)")
+
+    def _unload(self, sled):
+        """Unload a sled's root inside its namespace. A namespace that is gone
+        or stale took its links with it: only the pins are left to remove."""
+        root = self.root(sled)
+        if not Path(root).exists():
+            return
+        try:
+            netns.pushns(self.ns(sled))
+        except OSError:
+            ports.unpin(root)
+            return
+        try:
+            ports.unload(root, force=True)
+        finally:
+            netns.popns()
+        if Path(root).exists():
+            raise XdeError(f"it holds what xdectl did not make: {', '.join(os.listdir(root))}")
 
     # --- checking -------------------------------------------------------
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from . import fw, overlay, underlay, validate
 from .datapath import Datapath, session, tc_name
-from .errors import XdeError
+from .errors import Teardown, XdeError
 from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
 from .netdev import Netdev, sysctl
 
@@ -434,18 +434,40 @@ def unload(root, force=False):
         if dp.interrupted():
             dp.remove()
             return True
-        if force and not dp.layout_matches():
-            _sweep(dp, nd)
-            dp.remove()
+        if force:
+            _force_unload(dp, nd)
             return True
         maps = dp.maps()
         ports = list(maps["ports"].items())
-        if ports and not force:
+        if ports:
             names = ", ".join(pc.name.decode() for _, pc in ports)
             raise XdeError(f"ports exist on {root} ({names}); delete them or use --force")
-        for k, pc in ports:
-            _delete(maps, nd, k.value, pc)
         _remove_orphans(nd, maps)
         _sweep(dp, nd)
         dp.remove()
         return True
+
+
+def _force_unload(dp, nd):
+    """Delete the ports, detach, unpin: every step is tried whatever the others
+    did; what could not be removed is reported, and a second run finishes."""
+    td = Teardown()
+    maps = td.step(f"read the maps under {dp.root}", dp.maps) if dp.layout_matches() else None
+    if maps is not None:
+        for k, pc in td.step("read the ports map", lambda: list(maps["ports"].items())) or []:
+            td.step(f"delete port {pc.name.decode()}", _delete, maps, nd, k.value, pc)
+        td.step("remove a half-created port", _remove_orphans, nd, maps)
+    td.step("detach the programs", _sweep, dp, nd)
+    td.step(f"remove the pins under {dp.root}", dp.remove)
+    td.done()
+
+
+def unpin(root):
+    """Remove a root's pins without touching any link: for a root whose
+    network namespace is gone (its links went with it)."""
+    dp = Datapath(root)
+    dp.lock()
+    try:
+        dp.remove()
+    finally:
+        dp.release()
