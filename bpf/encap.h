@@ -134,16 +134,30 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	__builtin_memcpy(fib->ipv6_src, cfg->underlay_addr, 16);
 	__builtin_memcpy(fib->ipv6_dst, underlay, 16);
 	int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	__u64 now = bpf_ktime_get_ns();
+	__u32 detour = 0;
+	int kick = 1;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		__builtin_memcpy(h.eth.h_dest, fib->dmac, ETH_ALEN);
-		__builtin_memcpy(h.eth.h_source, fib->smac, ETH_ALEN);
-	} else if (rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		nexthop_seen(underlay, fib, now);
+	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		detour = nexthop_detour(underlay, cfg, fib, now, &kick);
+	} else {
 		port_count(port, P_drop_underlay_unreachable, 1);
 		return TC_ACT_SHOT;
+	}
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || detour) {
+		__builtin_memcpy(h.eth.h_dest, fib->dmac, ETH_ALEN);
+		__builtin_memcpy(h.eth.h_source, fib->smac, ETH_ALEN);
 	}
 	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
 		return TC_ACT_SHOT;
 	port_count(port, P_encap, 1);
+	if (detour) {
+		port_count(port, P_underlay_detours, 1);
+		if (!kick)
+			return bpf_redirect(detour, 0);
+		bpf_clone_redirect(skb, detour, 0);
+	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* Next hop not resolved yet: the kernel resolves it and sends.
 		 * Name the next hop the FIB chose (with our ECMP entropy); left

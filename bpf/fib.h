@@ -8,17 +8,15 @@
 #ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
 #define BPF_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
 #endif
-#ifndef BPF_FIB_LOOKUP_TBID
-#define BPF_FIB_LOOKUP_TBID (1U << 3)
-#endif
 
 /* Underlay liveness, for passthrough's "U1, or U2 while U1 is down".
- * A BPF program cannot read a link's state, but the kernel deletes a
- * link's routes when it goes down: xdectl keeps a host route to a
- * sentinel address fd78:6465:7864::IFINDEX through each underlay in
- * a table of its own, and a link counts as up while the lookup of its
- * sentinel still leads out through it. */
-static __always_inline int underlay_alive(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 ifindex)
+ * A BPF program cannot read a link's state, but the kernel removes a
+ * link's routes while it is down (and skips them while it has no carrier,
+ * with ignore_routes_with_linkdown): xdectl gives each underlay the
+ * sentinel address fd78:6465:7864::IFINDEX/128, whose prefix route the
+ * kernel restores when the link comes back, and a link counts as up while
+ * the main table's route to its sentinel leads out through it. */
+static __always_inline int underlay_alive(struct __sk_buff *skb, __u32 ifindex)
 {
 	struct bpf_fib_lookup p = {};
 	p.family = AF_INET6;
@@ -26,11 +24,59 @@ static __always_inline int underlay_alive(struct __sk_buff *skb, struct xde_cfg 
 	p.ipv6_dst[0] = bpf_htonl(0xfd786465);
 	p.ipv6_dst[1] = bpf_htonl(0x78640000);
 	p.ipv6_dst[3] = bpf_htonl(ifindex);
-	/* tbid shares its 4 bytes with h_vlan_proto/h_vlan_TCI (UAPI >= 6.8) */
-	*(__u32 *)&p.h_vlan_proto = cfg->liveness_table;
-	int rc = bpf_fib_lookup(skb, &p, sizeof(p),
-				BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID | BPF_FIB_LOOKUP_SKIP_NEIGH);
+	int rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_SKIP_NEIGH);
 	return rc == BPF_FIB_LKUP_RET_SUCCESS && p.ifindex == ifindex;
+}
+
+/* Next hops whose neighbour is not resolved. The FIB may pick one while
+ * another path is fine: a link that just came back, whose far end does not
+ * answer neighbour solicitations until its own stack has caught up (up to
+ * a second: the kernel handles link events in batches), or whose link-local
+ * address is still being checked for duplicates. The kernel would hold the
+ * frames in the neighbour's queue meanwhile, and drop them when it fills.
+ * Instead the frame takes the other underlay's next hop toward the same
+ * destination, as last seen resolved; once per NH_KICK_NS a copy of it also
+ * goes to the unresolved one, so that the kernel keeps resolving it. */
+#define NH_REFRESH_NS (50ULL * 1000000)   /* how often a resolved next hop is noted */
+#define NH_TRUST_NS (1000ULL * 1000000)   /* how long a noted one may stand in */
+#define NH_KICK_NS (100ULL * 1000000)
+
+static __always_inline void nexthop_seen(const __u8 *dst, struct bpf_fib_lookup *fib, __u64 now)
+{
+	struct nh_key k = { .ifindex = fib->ifindex };
+	__builtin_memcpy(k.dst, dst, 16);
+	struct nh_val *v = nexthops.lookup(&k);
+	if (v && now - v->seen_ns < NH_REFRESH_NS && mac_eq(v->dmac, fib->dmac))
+		return;
+	struct nh_val n = { .seen_ns = now, .kick_ns = v ? v->kick_ns : 0 };
+	__builtin_memcpy(n.dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(n.smac, fib->smac, ETH_ALEN);
+	nexthops.update(&k, &n);
+}
+
+/* The FIB chose an unresolved next hop on fib->ifindex. Returns the other
+ * underlay, with its next hop's MACs in fib, or 0 if there is none to
+ * trust; *kick says whether the chosen one gets this frame too. */
+static __always_inline __u32 nexthop_detour(const __u8 *dst, struct xde_cfg *cfg,
+					    struct bpf_fib_lookup *fib, __u64 now, int *kick)
+{
+	struct nh_key k = { .ifindex = fib->ifindex };
+	__builtin_memcpy(k.dst, dst, 16);
+	struct nh_val *v = nexthops.lookup(&k);
+	*kick = !v || now - v->kick_ns >= NH_KICK_NS;
+	if (!v) {
+		struct nh_val n = { .kick_ns = now };
+		nexthops.update(&k, &n);
+	} else if (*kick) {
+		v->kick_ns = now;
+	}
+	k.ifindex = fib->ifindex == cfg->u1 ? cfg->u2 : cfg->u1;
+	struct nh_val *alt = nexthops.lookup(&k);
+	if (!alt || now - alt->seen_ns >= NH_TRUST_NS)
+		return 0;
+	__builtin_memcpy(fib->dmac, alt->dmac, ETH_ALEN);
+	__builtin_memcpy(fib->smac, alt->smac, ETH_ALEN);
+	return k.ifindex;
 }
 
 #endif

@@ -30,6 +30,7 @@ XDE_MAP_F("hash", struct fw_key, struct fw_rules, fw_rules, 2048, BPF_F_NO_PREAL
 XDE_MAP("hash", u32, u32, fw_epoch, 1024);
 XDE_MAP("percpu_array", u32, u64, fw_hits, 65536);
 XDE_MAP("lru_hash", struct flow_key, struct flow_val, flows, 262144);
+XDE_MAP("lru_hash", struct nh_key, struct nh_val, nexthops, 4096);
 XDE_MAP("prog", u32, u32, xdp_progs, 2);
 XDE_MAP("prog", u32, u32, tc_progs, 2);
 

@@ -15,7 +15,7 @@
 static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port)
 {
 	__u32 out = cfg->u1;
-	if (!underlay_alive(skb, cfg, cfg->u1) && underlay_alive(skb, cfg, cfg->u2))
+	if (!underlay_alive(skb, cfg->u1) && underlay_alive(skb, cfg->u2))
 		out = cfg->u2;
 	port_count(port, P_passthrough_out, 1);
 	return bpf_redirect(out, 0);

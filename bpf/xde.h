@@ -59,13 +59,13 @@ struct xde_cfg {
 	__u32 u2;
 	__u8 underlay_addr[16];   /* this host's underlay IPv6 address */
 	__u32 nports;
-	__u32 liveness_table;     /* routing table holding the underlay liveness routes */
 	/* flow-table timeouts in seconds (OPTE's defaults; settable) */
 	__u32 ttl_idle;           /* non-TCP flows: idle expiry */
 	__u32 ttl_tcp_handshake;
 	__u32 ttl_tcp_established;
 	__u32 ttl_tcp_closed;     /* after FIN from both sides or RST (TIME_WAIT) */
 	char pending[16];         /* port being created: what a killed create leaves */
+	__u32 sw_csum;            /* bit i: xdectl turned tx checksum offload off on underlay i+1 */
 };
 
 /* One port, keyed by the ifindex of the veth end the datapath owns. */
@@ -130,6 +130,7 @@ struct port_key {
 	X(drop_spoof) X(drop_no_route) X(drop_no_v2p) X(drop_firewall) \
 	X(drop_router) X(drop_arp) X(drop_mtu) X(drop_unsupported) \
 	X(drop_no_underlay) X(drop_underlay_unreachable) X(drop_no_port_local) \
+	X(underlay_detours) \
 	X(mtu_icmp_sent) X(flow_hits) X(flow_misses) X(flow_reevaluated) \
 	X(fw_allowed) X(fw_denied)
 
@@ -272,6 +273,20 @@ struct fw_job {
 	__u32 state;              /* enum fw_job_state */
 	__u32 action;             /* the answer: enum fw_action, 0 when no rule matched */
 	__u32 rule_id;
+};
+
+/* Next hops seen resolved, per (underlay destination, egress NIC): when the
+ * FIB picks a next hop whose neighbour is not resolved (a link that has
+ * just come back), the frame takes the other underlay's instead (fib.h). */
+struct nh_key {
+	__u8 dst[16];
+	__u32 ifindex;
+};
+struct nh_val {
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u64 seen_ns;            /* last time the FIB gave this next hop resolved */
+	__u64 kick_ns;            /* last time a frame went to it unresolved */
 };
 
 /* Per-CPU scratch space: what does not fit the 512-byte BPF stack once every

@@ -118,6 +118,13 @@ class Netns:
         return sh("nsenter", f"--net={self.path}", *cmd, check=check,
                   timeout=timeout, input=input, env=env)
 
+    def popen(self, *cmd, **kw):
+        """cmd in the background inside this namespace (output discarded
+        unless kw says otherwise); the caller kills and waits for it."""
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        return subprocess.Popen(["nsenter", f"--net={self.path}", *map(str, cmd)], **kw)
+
     def ip(self, *args, check=True):
         return sh("ip", "-n", self.name, *args, check=check)
 

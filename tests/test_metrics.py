@@ -147,6 +147,7 @@ PORT_NAMES = {
     "passthrough_in": ("xde_port_passthrough_packets_total", {"dir": "in"}),
     "passthrough_out": ("xde_port_passthrough_packets_total", {"dir": "out"}),
     "mtu_icmp_sent": ("xde_port_mtu_icmp_sent_total", {}),
+    "underlay_detours": ("xde_port_underlay_detours_total", {}),
     "flow_reevaluated": ("xde_port_flow_reevaluated_total", {}),
     "fw_allowed": ("xde_port_fw_verdicts_total", {"verdict": "allowed"}),
     "fw_denied": ("xde_port_fw_verdicts_total", {"verdict": "denied"}),

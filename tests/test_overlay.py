@@ -461,7 +461,7 @@ def _route_state(t, host):
 
 def _restore_u1(t):
     """Bring sled1's u1 and sw1's side back, and put back what the kernel
-    dropped on link down: addresses, the lab's routes, xdectl's liveness route."""
+    dropped on link down: the switch's address, the lab's routes."""
     t.ip("sled1", "link", "set", "u1", "up", check=False)
     t.ip("sw1", "link", "set", "sled1", "up", check=False)
     t.ip("sled1", "addr", "replace", "fd10:1:1::1/64", "dev", "u1", "nodad", check=False)
@@ -473,9 +473,6 @@ def _restore_u1(t):
              "dev", "u1", "nexthop", "via", "fd10:1:2::2", "dev", "u2", check=False)
     t.ip("sled2", "-6", "route", "replace", f"{U1_ADDR}/128", "nexthop", "via", "fd10:2:1::2",
          "dev", "u1", "nexthop", "via", "fd10:2:2::2", "dev", "u2", check=False)
-    idx = t.ifindex("sled1", "u1")
-    t.ip("sled1", "-6", "route", "replace", f"fd78:6465:7864::{idx >> 16:x}:{idx & 0xffff:x}",
-         "dev", "u1", "table", str(0x7864), "proto", "120", check=False)
 
 
 def test_underlay_link_down_traffic_continues(xlab):

@@ -171,13 +171,26 @@ def test_encap_entropy_is_per_flow(xlab, runner):
     assert links == set(runner.links.values()), "all 16 flows chose the same underlay"
 
 
+def forget_next_hops(runner):
+    """Empty the datapath's memory of next hops seen resolved."""
+    with runner.t.lab.inside("sled1"):
+        dp = Datapath(runner.root)
+        try:
+            m = dp.maps()["nexthops"]
+            for k in list(m.keys()):
+                m.delete(k)
+        finally:
+            dp.close()
+
+
 def test_encap_next_hop_unresolved(xlab, runner):
-    """With the next hops' neighbour entries flushed, the program still
-    encapsulates (everything but the outer MACs, which the kernel fills in
-    when bpf_redirect_neigh resolves the next hop) and returns
-    TC_ACT_REDIRECT."""
+    """With the next hops' neighbour entries flushed and none seen resolved
+    before, the program still encapsulates (everything but the outer MACs,
+    which the kernel fills in when bpf_redirect_neigh resolves the next
+    hop) and returns TC_ACT_REDIRECT."""
     for dev in ("u1", "u2"):
         xlab.ip("sled1", "-6", "neigh", "flush", "dev", dev)
+    forget_next_hops(runner)
     try:
         frame = g1_frame(ICMP(id=0x79) / Raw(b"no neighbour"))
         rc, out = runner.tc(frame)
@@ -186,6 +199,34 @@ def test_encap_next_hop_unresolved(xlab, runner):
     assert rc == TC_ACT_REDIRECT
     label, sport = split_encap(out)
     assert out == expected_encap(frame, bytes(12), label, sport, U2_ADDR, VNI, G2_MAC, 0)
+
+
+def test_encap_detours_around_an_unresolved_next_hop(xlab, runner):
+    """The FIB picks, for one flow, a next hop whose neighbour entry is gone
+    (a link that just came back) while the other underlay's was seen
+    resolved: the frame leaves through the other underlay, with its MACs,
+    counted as a detour. (The first such frame is also copied to the
+    unresolved next hop, to keep the kernel resolving it.)"""
+    xlab.resolve_underlay_neighbours(("sled1",))
+    frame = g1_frame(UDP(sport=40404, dport=53) / Raw(b"detour"))
+    rc, out = runner.tc(frame)        # resolved: its link, and the other's noted
+    other = {runner.links["u1"]: "u2", runner.links["u2"]: "u1"}[out[:12]]
+    for sp in range(40406, 40430):    # flows on both links: both noted as resolved
+        runner.tc(g1_frame(UDP(sport=sp, dport=53) / Raw(b"q")))
+    chosen = "u1" if other == "u2" else "u2"
+    before = runner.t.xdectl_json("sled1", "stats", "xde0")["xde0"]["underlay_detours"]
+    xlab.ip("sled1", "-6", "neigh", "flush", "dev", chosen)
+    try:
+        results = [runner.tc(frame) for _ in range(3)]
+    finally:
+        xlab.resolve_underlay_neighbours(("sled1",))
+    after = runner.t.xdectl_json("sled1", "stats", "xde0")["xde0"]["underlay_detours"]
+    label, sport = split_encap(out)
+    for rc, o in results:
+        assert rc == TC_ACT_REDIRECT
+        assert o == expected_encap(frame, runner.links[other], label, sport, U2_ADDR, VNI,
+                                   G2_MAC, 0), f"not through {other}: {o[:12].hex()}"
+    assert after - before == 3
 
 
 def test_encap_matches_the_wire(xlab, runner, tmp_path):

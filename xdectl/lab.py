@@ -22,7 +22,7 @@ from pyroute2 import IPRoute, netns
 
 from . import overlay, ports
 from .errors import Teardown, XdeError
-from .netdev import set_features, sysctl
+from .netdev import sysctl
 
 DEFAULT_PREFIX = "xl-"
 UNDERLAY_MTU = 1600           # guest 1500 + encapsulation, under the XDP-on-veth cap
@@ -131,12 +131,6 @@ class Lab:
         for host, n, addr in hosts:
             for i, sw in enumerate(SWITCHES, 1):
                 self._link_pair(host, f"u{i}", sw, host, UNDERLAY_MTU)
-                with self.inside(sw):
-                    # Behave like a wire: a veth passes checksums still to be
-                    # filled in ("partial") straight through, and the frame
-                    # XDP redirects on the far sled would lose that mark. A
-                    # real NIC computes them; here the switch's stack does.
-                    set_features(host, {"tx-checksum-ip-generic": False})
                 self._addr6(host, f"u{i}", _p2p(n, i) + "1", 64)
                 self._addr6(sw, host, _p2p(n, i) + "2", 64)
             self._addr6(host, "lo", addr, 128)

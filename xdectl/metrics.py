@@ -48,6 +48,9 @@ PORT_METRICS = {
                        {"dir": "in"}),
     "mtu_icmp_sent": ("xde_port_mtu_icmp_sent",
                       "ICMP fragmentation-needed messages sent to the guest for oversize frames.", {}),
+    "underlay_detours": ("xde_port_underlay_detours",
+                         "Encapsulated frames sent through the other underlay because the "
+                         "next hop the routes chose was not resolved yet.", {}),
     "flow_hits": ("xde_port_flow_hits", "Packets whose verdict came from the flow table.", {}),
     "flow_misses": ("xde_port_flow_misses",
                     "Packets that found no flow-table entry and were judged by the rules.", {}),

@@ -1,4 +1,5 @@
-"""Netlink operations on links, tc, XDP, routes and sysctls (pyroute2).
+"""Netlink operations on links, tc, XDP, addresses, features and sysctls
+(pyroute2).
 
 Everything here acts on the network namespace xdectl runs in; the root's
 datapath ends and underlays live there.
@@ -16,7 +17,6 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
 TC_PRIO = 0xD0      # the priority our filters use, so we find and remove only ours
-RT_PROTO_XDE = 0x78  # routes xdectl owns carry this protocol number
 
 
 class Netdev:
@@ -51,6 +51,11 @@ class Netdev:
             if opts is not None and opts.get_attr("TCA_BPF_NAME"):
                 names.add(opts.get_attr("TCA_BPF_NAME"))
         return names
+
+    def kind(self, index):
+        """The link's type (veth, bridge, ...), or None for a physical NIC."""
+        info = self.ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+        return info.get_attr("IFLA_INFO_KIND") if info else None
 
     def is_up(self, index):
         link = self.ipr.get_links(index)[0]
@@ -158,18 +163,29 @@ class Netdev:
                 if e.code not in (errno.ENODEV, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
 
-    # --- routes ----------------------------------------------------------
+    # --- addresses -------------------------------------------------------
 
-    def replace_route6(self, dst, oif, table):
-        self.ipr.route("replace", family=socket.AF_INET6, dst=dst, oif=oif,
-                       table=table, proto=RT_PROTO_XDE)
+    def add_addr6(self, index, addr, plen):
+        """An IPv6 address that needs no duplicate detection (replaced if
+        it is there already)."""
+        self.ipr.addr("replace", index=index, address=addr, prefixlen=plen,
+                      family=socket.AF_INET6, IFA_F_NODAD=True)
 
-    def del_route6(self, dst, table):
+    def del_addr6(self, index, addr, plen):
         try:
-            self.ipr.route("del", family=socket.AF_INET6, dst=dst, table=table)
+            self.ipr.addr("del", index=index, address=addr, prefixlen=plen, family=socket.AF_INET6)
         except NetlinkError as e:
-            if e.code not in (errno.ESRCH, errno.ENOENT):
+            if e.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
                 raise
+
+
+def get_feature(name, feature):
+    """ethtool -k: whether feature is on, on a link of this namespace."""
+    eth = Ethtool()
+    try:
+        return bool(eth.get_features(name).features[feature].enable)
+    finally:
+        eth.close()
 
 
 def set_features(name, features):
@@ -182,6 +198,11 @@ def set_features(name, features):
         eth.set_features(name, feats)
     finally:
         eth.close()
+
+
+def read_sysctl(path):
+    with open(f"/proc/sys/{path}") as f:
+        return f.read().strip()
 
 
 def sysctl(path, value):

@@ -216,15 +216,12 @@ def _create(dp, nd, spec, u1, u2, undo):
         undo.add(fw.remove_port_state, maps, dp_index)
 
     if not cfg.u1:
-        underlay.attach(dp, nd, u1, u2, undo)
+        cfg.sw_csum = underlay.attach(dp, nd, u1, u2, undo)
         cfg.u1, cfg.u2 = u1, u2
         set_bytes(cfg.underlay_addr, ipaddress.IPv6Address(spec.underlay_addr).packed)
-        cfg.liveness_table = underlay.LIVENESS_TABLE
         if not cfg.ttl_idle:  # the instance's first port: OPTE's flow timeouts
             for name, value in fw.DEFAULT_TIMEOUTS.items():
                 setattr(cfg, f"ttl_{name}", value)
-    else:
-        underlay.ensure_liveness(nd, u1, u2)
     cfg.nports = len(maps["ports"].keys())
     cfg_map.set(cfg_map.Key(0), cfg)
 
@@ -311,8 +308,8 @@ def _release_underlays_if_unused(maps, nd):
     cfg_map, cfg = _config(maps)
     cfg.nports = len(maps["ports"].keys())
     if cfg.nports == 0 and cfg.u1:
-        underlay.detach_pair(nd, cfg.u1, cfg.u2)
-        cfg.u1 = cfg.u2 = 0
+        underlay.detach_pair(nd, cfg.u1, cfg.u2, cfg.sw_csum)
+        cfg.u1 = cfg.u2 = cfg.sw_csum = 0
     cfg_map.set(cfg_map.Key(0), cfg)
 
 
@@ -351,9 +348,6 @@ def list_ports(root):
     _, cfg = _config(maps)
     nd = Netdev()
     try:
-        if cfg.nports:
-            # restore the sentinel routes of underlays that came back up
-            underlay.ensure_liveness(nd, cfg.u1, cfg.u2)
         out = []
         for k, pc in sorted(maps["ports"].items(), key=lambda kv: kv[1].name):
             out.append({

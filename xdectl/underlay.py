@@ -1,65 +1,108 @@
-"""The underlay pair of an instance: XDP and the broadcast hook on both
-NICs (attached with the first port, detached with the last), and the
-liveness routes passthrough failover reads (ARCHITECTURE.md)."""
+"""The underlay pair of an instance: what xdectl attaches to both NICs with
+the first port and removes with the last, and what it sets on them so that
+the datapath works on any underlay and rides out link flaps (ARCHITECTURE.md,
+"Underlay").
+
+- XDP (Geneve in) and the broadcast hook on TC ingress.
+- Sysctls, back to the namespace's defaults when the last port goes:
+  keep_addr_on_down, so a flap does not delete the link's addresses;
+  ignore_routes_with_linkdown, so route lookups (ECMP, and passthrough's
+  liveness below) skip a link without carrier; accept_dad=0, because while
+  a link that just came up checks its link-local address for duplicates
+  (about a second) the kernel sends no neighbour solicitation on it, and
+  flows the FIB hashes back onto the link stall until then.
+- A sentinel address fd78:6465:7864::IFINDEX/128 on each NIC: the kernel
+  removes its prefix route when the link goes down and restores it when the
+  link comes back, so the datapath learns a link's state from a route
+  lookup with no one watching (passthrough's "U1, or U2 while U1 is down").
+- On a veth, transmit checksum offload off. A veth hands a frame whose
+  checksums are still to be filled in (the guest's TCP and UDP are,
+  encapsulated or not) to its peer as it is, and XDP on a receiving veth,
+  or a userspace program reading it, loses that mark: the segments arrive
+  with bad checksums and TCP moves nothing. A real NIC fills them in on
+  transmit; on a veth the kernel now does, before the frame leaves. Real
+  NICs are left as they are; the veth's own setting comes back at detach.
+"""
+import ipaddress
 import os
 
 from .datapath import tc_name
 from .errors import XdeError
-from .netdev import sysctl
+from .netdev import get_feature, set_features, sysctl, read_sysctl
 
-LIVENESS_TABLE = 0x7864        # "xd": table of the underlay liveness routes
-LIVENESS_PREFIX = "fd78:6465:7864::"
+SENTINEL_PREFIX = "fd78:6465:7864::"     # fib.h builds the same address
+TX_CSUM = "tx-checksum-ip-generic"
+SYSCTLS = {"keep_addr_on_down": 1, "ignore_routes_with_linkdown": 1, "accept_dad": 0}
 
 
-def liveness_dst(ifindex):
-    return f"{LIVENESS_PREFIX}{ifindex >> 16:x}:{ifindex & 0xFFFF:x}"
+def sentinel(ifindex):
+    return str(ipaddress.IPv6Address(SENTINEL_PREFIX) + ifindex)
 
 
 def attach(dp, nd, u1, u2, undo):
+    """Attach to both underlays; returns the bits of those on which checksum
+    offload was turned off (xde_cfg.sw_csum)."""
     xdp_fd, tc_fd = dp.prog_fd("xdp_underlay"), dp.prog_fd("tc_underlay_in")
     try:
-        _attach(dp, nd, u1, u2, undo, xdp_fd, tc_fd)
+        _check_free(dp, nd, u1, u2)
+        bits = 0
+        for i, u in enumerate((u1, u2)):
+            nd.attach_xdp(u, xdp_fd, replace=True)
+            undo.add(nd.detach_xdp, u)
+            nd.attach_tc_ingress(u, tc_fd, tc_name("tc_underlay_in", dp.root))
+            undo.add(nd.detach_tc_ingress, u)
+            _configure(nd, u, undo)
+            bits |= _software_checksums(nd, u, undo) << i
+        return bits
     finally:
         os.close(xdp_fd)  # XDP and the filters hold the programs now
         os.close(tc_fd)
 
 
-def _attach(dp, nd, u1, u2, undo, xdp_fd, tc_fd):
+def _check_free(dp, nd, u1, u2):
     ours = dp.prog_ids()  # a killed create may have left ours attached
     for u in (u1, u2):
         other = nd.xdp_prog_id(u)
         if other and other not in ours:
             raise XdeError(f"underlay {nd.name(u)} already has an XDP program (id {other}) "
                            f"that is not this root's")
-    for u in (u1, u2):
-        nd.attach_xdp(u, xdp_fd, replace=True)
-        undo.add(nd.detach_xdp, u)
-        nd.attach_tc_ingress(u, tc_fd, tc_name("tc_underlay_in", dp.root))
-        undo.add(nd.detach_tc_ingress, u)
-        undo.add(nd.del_route6, liveness_dst(u), LIVENESS_TABLE)
-        # A link that loses carrier keeps its routes, marked linkdown; make
-        # lookups skip them, so both ECMP and passthrough fail over.
-        sysctl(f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 1)
-        undo.add(sysctl, f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 0)
-    ensure_liveness(nd, u1, u2)
 
 
-def ensure_liveness(nd, u1, u2):
-    """(Re)install the sentinel routes of the links that are up: the kernel
-    deleted those of a link that went down, and does not restore them."""
-    for u in (u1, u2):
-        if nd.name(u) is not None and nd.is_up(u):
-            nd.replace_route6(liveness_dst(u), u, LIVENESS_TABLE)
+def _configure(nd, u, undo):
+    name = nd.name(u)
+    for key, value in SYSCTLS.items():
+        sysctl(f"net/ipv6/conf/{name}/{key}", value)
+        undo.add(_restore_sysctl, name, key)
+    nd.add_addr6(u, sentinel(u), 128)
+    undo.add(nd.del_addr6, u, sentinel(u), 128)
 
 
-def detach_pair(nd, u1, u2):
-    for u in (u1, u2):
+def _restore_sysctl(name, key):
+    sysctl(f"net/ipv6/conf/{name}/{key}", read_sysctl(f"net/ipv6/conf/default/{key}"))
+
+
+def _software_checksums(nd, u, undo):
+    """1 if checksum offload was turned off on this veth, else 0."""
+    name = nd.name(u)
+    if nd.kind(u) != "veth" or not get_feature(name, TX_CSUM):
+        return 0
+    set_features(name, {TX_CSUM: False})
+    undo.add(set_features, name, {TX_CSUM: True})
+    return 1
+
+
+def detach_pair(nd, u1, u2, sw_csum=0):
+    for i, u in enumerate((u1, u2)):
         if nd.name(u) is not None:
             detach(nd, u)
+            if sw_csum & (1 << i):
+                set_features(nd.name(u), {TX_CSUM: True})
 
 
 def detach(nd, u):
-    sysctl(f"net/ipv6/conf/{nd.name(u)}/ignore_routes_with_linkdown", 0)
+    name = nd.name(u)
+    for key in SYSCTLS:
+        _restore_sysctl(name, key)
     nd.detach_xdp(u)
     nd.detach_tc_ingress(u)
-    nd.del_route6(liveness_dst(u), LIVENESS_TABLE)
+    nd.del_addr6(u, sentinel(u), 128)
