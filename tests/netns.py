@@ -329,7 +329,41 @@ def ping(ns, addr, count=3, check=True, interval="0.2", **kw):
     return p
 
 
-class PassthroughLab:
+class Topology:
+    """Namespaces and roots made together and removed together: close()
+    unloads the roots from their namespaces, then deletes the namespaces,
+    whatever state the building got to. Subclasses build in build()."""
+
+    def __init__(self):
+        self.namespaces, self.roots = [], []
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+
+    def build(self):
+        raise NotImplementedError
+
+    def netns(self, tag):
+        ns = Netns(tag)
+        self.namespaces.append(ns)
+        return ns
+
+    def new_root(self, ns):
+        root = Root(ns)
+        self.roots.append(root)
+        return root
+
+    def close(self):
+        for root in self.roots:
+            root.cleanup()
+        for ns in reversed(self.namespaces):
+            ns.delete()
+        self.roots, self.namespaces = [], []
+
+
+class PassthroughLab(Topology):
     """The seed's scenario: HV (the host, where xdectl runs) has underlays u1
     and u2 whose peers n1 and n2 are ports of bridge br0 in NET; PEER hangs
     off the same bridge (pb <-> p0) with 10.0.0.2/24. The peer is reachable
@@ -337,43 +371,25 @@ class PassthroughLab:
 
     PEER_IP = "10.0.0.2"
 
-    def __init__(self):
-        self.namespaces = []
-        self.root = None
-        try:
-            self.hv = self._ns("h")
-            self.net = self._ns("n")
-            self.peer = self._ns("p")
-            self.net.ip("link", "add", "br0", "type", "bridge")
-            veth(self.hv, "u1", self.net, "n1")
-            veth(self.hv, "u2", self.net, "n2")
-            veth(self.net, "pb", self.peer, "p0")
-            for port in ("n1", "n2", "pb"):
-                self.net.ip("link", "set", port, "master", "br0")
-            self.net.ip("link", "set", "br0", "up")
-            self.peer.ip("addr", "add", f"{self.PEER_IP}/24", "dev", "p0")
-            self.root = Root(self.hv)
-        except BaseException:
-            self.close()
-            raise
-
-    def _ns(self, tag):
-        ns = Netns(tag)
-        self.namespaces.append(ns)
-        return ns
+    def build(self):
+        self.hv = self.netns("h")
+        self.net = self.netns("n")
+        self.peer = self.netns("p")
+        self.net.ip("link", "add", "br0", "type", "bridge")
+        veth(self.hv, "u1", self.net, "n1")
+        veth(self.hv, "u2", self.net, "n2")
+        veth(self.net, "pb", self.peer, "p0")
+        for port in ("n1", "n2", "pb"):
+            self.net.ip("link", "set", port, "master", "br0")
+        self.net.ip("link", "set", "br0", "up")
+        self.peer.ip("addr", "add", f"{self.PEER_IP}/24", "dev", "p0")
+        self.root = self.new_root(self.hv)
 
     def guest(self, tag="g"):
         """A new namespace for a guest end; deleted with the lab."""
-        return self._ns(tag)
+        return self.netns(tag)
 
     def move_to_guest(self, port, guest, cidr):
         self.hv.ip("link", "set", port, "netns", guest.name)
         guest.ip("addr", "add", cidr, "dev", port)
         guest.ip("link", "set", port, "up")
-
-    def close(self):
-        # The root first, from its namespace; then the namespaces.
-        if self.root is not None:
-            self.root.cleanup()
-        for ns in reversed(self.namespaces):
-            ns.delete()

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from netns import Netns, Root, create_args, sh, veth, xdectl
+from netns import Topology, create_args, sh, veth, xdectl
 
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 
@@ -121,32 +121,25 @@ class Ovs:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class OvsPeerLab:
+class OvsPeerLab(Topology):
     """Sled A (xde, port xde0 moved into guest namespace xg) back to back with
     an OVS userspace host (guest namespace og behind br-int). close() tears
     everything down, whatever state construction got to."""
 
-    def __init__(self):
-        self.namespaces = []
-        self.root = None
-        self.ovs = None
+    root = ovs = None
+
+    def build(self):
         try:
             self._build()
-        except BaseException as e:
+        except AssertionError as e:
             tail = self.ovs.log_tail() if self.ovs is not None else ""
-            self.close()
-            if tail and isinstance(e, AssertionError) and "--- tail of" not in str(e):
+            if tail and "--- tail of" not in str(e):
                 raise AssertionError(f"{e}\n{tail}") from e
             raise
 
-    def _ns(self, tag):
-        ns = Netns(tag)
-        self.namespaces.append(ns)
-        return ns
-
     def _build(self):
-        self.sled, self.host = self._ns("a"), self._ns("o")
-        self.xg, self.og = self._ns("xg"), self._ns("og")
+        self.sled, self.host = self.netns("a"), self.netns("o")
+        self.xg, self.og = self.netns("xg"), self.netns("og")
 
         # the underlay: two veths, sled A's u{i} to the OVS host's p{i}
         for i in LINKS:
@@ -160,7 +153,7 @@ class OvsPeerLab:
                        ("nexthop", "via", link_addr(i, 2), "dev", f"u{i}")])
 
         # the xde port, its guest behind it
-        self.root = Root(self.sled)
+        self.root = self.new_root(self.sled)
         self.root.xdectl(*create_args("xde0", mac=XDE_GUEST_MAC, ip=XDE_GUEST_IP,
                                       vni=VNI, underlay_addr=SLED_ADDR,
                                       vpc_subnet="10.0.0.0/24"))
@@ -245,13 +238,8 @@ class OvsPeerLab:
         return "\n".join(parts)
 
     def close(self):
-        # OVS first (it holds the host's links), then the root from its
-        # namespace, then the namespaces.
+        # OVS first (it holds the host's links), then roots and namespaces
         if self.ovs is not None:
             self.ovs.stop()
             self.ovs = None
-        if self.root is not None:
-            self.root.cleanup()
-        for ns in reversed(self.namespaces):
-            ns.delete()
-        self.namespaces = []
+        super().close()

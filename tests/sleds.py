@@ -15,46 +15,35 @@ import json
 import re
 import subprocess
 
-from netns import Netns, Root, create_args, ping, xdectl
+from netns import Topology, create_args, ping, xdectl
 
 UNDERLAY_MTU = 1600
 GUESTS = {"A": ("10.0.0.1", "a8:40:25:ff:00:01", "fd00:1::1"),
           "B": ("10.0.0.2", "a8:40:25:ff:00:02", "fd00:2::1")}
 
 
-class BackToBack:
-    def __init__(self):
-        self.namespaces, self.roots = [], []
-        try:
-            self.a, self.b = self._ns("a"), self._ns("b")
-            self.ga, self.gb = self._ns("ga"), self._ns("gb")
-            for i in (1, 2):
-                self.a.ip("link", "add", f"u{i}", "type", "veth", "peer", "name", f"u{i}",
-                          "netns", self.b.name)
-                for n, sled in enumerate((self.a, self.b), 1):
-                    sled.ip("link", "set", f"u{i}", "mtu", UNDERLAY_MTU, "up")
-                    sled.ip("addr", "add", f"fd10:{i}::{n}/64", "dev", f"u{i}", "nodad")
-            for sled, me, other, n in ((self.a, "A", "B", 2), (self.b, "B", "A", 1)):
-                sled.ip("addr", "add", f"{GUESTS[me][2]}/128", "dev", "lo")
-                sled.ip("route", "add", f"{GUESTS[other][2]}/128",
-                        "nexthop", "via", f"fd10:1::{n}", "dev", "u1",
-                        "nexthop", "via", f"fd10:2::{n}", "dev", "u2")
-                sled.run("sysctl", "-qw", "net.ipv6.fib_multipath_hash_policy=1")
-            self.root_a, self.root_b = self._port(self.a, "A", "B", self.ga), \
-                self._port(self.b, "B", "A", self.gb)
-        except BaseException:
-            self.close()
-            raise
-
-    def _ns(self, tag):
-        ns = Netns(tag)
-        self.namespaces.append(ns)
-        return ns
+class BackToBack(Topology):
+    def build(self):
+        self.a, self.b = self.netns("a"), self.netns("b")
+        self.ga, self.gb = self.netns("ga"), self.netns("gb")
+        for i in (1, 2):
+            self.a.ip("link", "add", f"u{i}", "type", "veth", "peer", "name", f"u{i}",
+                      "netns", self.b.name)
+            for n, sled in enumerate((self.a, self.b), 1):
+                sled.ip("link", "set", f"u{i}", "mtu", UNDERLAY_MTU, "up")
+                sled.ip("addr", "add", f"fd10:{i}::{n}/64", "dev", f"u{i}", "nodad")
+        for sled, me, other, n in ((self.a, "A", "B", 2), (self.b, "B", "A", 1)):
+            sled.ip("addr", "add", f"{GUESTS[me][2]}/128", "dev", "lo")
+            sled.ip("route", "add", f"{GUESTS[other][2]}/128",
+                    "nexthop", "via", f"fd10:1::{n}", "dev", "u1",
+                    "nexthop", "via", f"fd10:2::{n}", "dev", "u2")
+            sled.run("sysctl", "-qw", "net.ipv6.fib_multipath_hash_policy=1")
+        self.root_a = self._port(self.a, "A", "B", self.ga)
+        self.root_b = self._port(self.b, "B", "A", self.gb)
 
     def _port(self, sled, me, other, guest):
         ip, mac, addr = GUESTS[me]
-        root = Root(sled)
-        self.roots.append(root)
+        root = self.new_root(sled)
         xdectl(sled, root, *create_args("xde0", mac=mac, ip=ip, underlay_addr=addr,
                                         vpc_subnet="10.0.0.0/24"))
         oip, omac, oaddr = GUESTS[other]
@@ -69,12 +58,6 @@ class BackToBack:
         for sled, n in ((self.a, 2), (self.b, 1)):
             for i in (1, 2):
                 ping(sled, f"fd10:{i}::{n}", count=1, interval="0.2")
-
-    def close(self):
-        for root in self.roots:
-            root.cleanup()
-        for ns in reversed(self.namespaces):
-            ns.delete()
 
 
 def snmp(ns, proto):
