@@ -1,4 +1,5 @@
-"""Control-plane timings: `xdectl` as an operator runs it (DESIGN.md section 9, issue 6).
+"""Control-plane timings: `xdectl` as an operator runs it
+(docs/design.md, "How it is proved").
 
     .venv/bin/python bench/control.py [--n 5] [--v2p 100000] [--out bench/results/control.json]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Differential fuzzing: the reference model (tests/model, written from
-DESIGN.md) against the real programs, run with BPF_PROG_TEST_RUN in a lab
-of its own, on --cases generated cases (valid, edge and malformed guest
+docs/design.md) against the real programs, run with BPF_PROG_TEST_RUN in a
+lab of its own, on --cases generated cases (valid, edge and malformed guest
 frames, Geneve frames, non-Geneve underlay traffic, and short stateful
 sequences). Reports mismatches by kind; goal: 0 outside the known
 datapath bugs (tests/model/gen.py known_bug, listed apart).

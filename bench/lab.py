@@ -1,5 +1,5 @@
 """Throughput through the lab: xde vs the kernel's VXLAN over IPv6 vs plain
-routing, on ONE topology, in the same run (DESIGN.md section 9, issue 6).
+routing, on ONE topology, in the same run (docs/design.md, "How it is proved").
 
     .venv/bin/python bench/lab.py [--seconds 10] [--rounds 2] [--out bench/results/lab.json]
 

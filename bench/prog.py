@@ -1,5 +1,5 @@
-"""ns per packet of the datapath programs via BPF_PROG_TEST_RUN (DESIGN.md
-section 9; issues 4 and 6).
+"""ns per packet of the datapath programs via BPF_PROG_TEST_RUN
+(docs/design.md, "How it is proved").
 
     .venv/bin/python bench/prog.py [--repeat 200000] [--samples 3000] [--rounds 5]
                                    [--out bench/results/prog.json]
@@ -18,12 +18,12 @@ Two ways of timing, and where each is sound:
            ns per run. The kernel runs every iteration on the same skb /
            xdp_buff, so a path that changes the frame (encap, decap, the
            gateway's replies) would be timed on its own output from the
-           second iteration on (DESIGN.md section 11). Used only for paths
-           that leave the frame as it is: the inbound first packet that the
-           default deny drops after walking every rule, and the outbound
-           flow-table hit that ends in a `drop` route. The counters are
-           checked after each measurement: R rule walks (fw_denied += R) or
-           R flow hits and no miss.
+           second iteration on (docs/design.md, "Kernel constraints").
+           Used only for paths that leave the frame as it is: the inbound
+           first packet that the default deny drops after walking every
+           rule, and the outbound flow-table hit that ends in a `drop`
+           route. The counters are checked after each measurement: R rule
+           walks (fw_denied += R) or R flow hits and no miss.
   single   the median over S separate runs with repeat=1: a fresh frame
            every run, so sound for every path, but each figure carries the
            kernel's timer overhead (a few tens of ns), the same for the empty
@@ -48,8 +48,8 @@ Paths, with N = 0, 16, 256, 1024 rules that do not match the frame:
 and with the default rules: encap (tc_port_out, g1 -> g2 UDP, cached
 flow, Geneve-encapsulated, TC_ACT_REDIRECT), decap (= hit_in at N=0 with the
 default rules), gateway ARP reply and gateway echo reply (tc_port_out).
-Goals: the hit path flat in N (issue 4); every path within 3x the empty
-program (issue 6).
+Goals (docs/design.md, "How it is proved"): the hit path flat in N; every
+path within 3x the empty program.
 """
 import argparse
 import contextlib

@@ -1,5 +1,5 @@
 """ns per packet of encap and decap as the V2P and flow tables grow
-(DESIGN.md section 9; issue 6: bench/scale.py, goal: flat within 1.2x).
+(docs/design.md, "How it is proved"; goal: flat within 1.2x).
 
     .venv/bin/python bench/scale.py [--samples 2000] [--rounds 5]
                                     [--out bench/results/scale.json]
@@ -13,10 +13,11 @@ the same run), timed the same way on the same frames, alternating.
 
 Timing: "single" only -- the median over `samples` separate runs with
 repeat=1. Encap and decap rewrite the frame, and with repeat > 1 the kernel
-runs later iterations on the already rewritten frame (DESIGN.md section 11),
-so repeat > 1 would time encap-of-an-encapsulated-frame. Each figure carries
-the kernel's per-call timer overhead, the same for the empty program; the
-ratio to the empty program and to the first size are what to read.
+runs later iterations on the already rewritten frame (docs/design.md,
+"Kernel constraints"), so repeat > 1 would time
+encap-of-an-encapsulated-frame. Each figure carries the kernel's per-call
+timer overhead, the same for the empty program; the ratio to the empty
+program and to the first size are what to read.
 
 Paths (both flow hits, the counters are checked: every run a hit, no miss):
   encap  tc_port_out, g1 -> g2 UDP of an established flow: flow hit, router,

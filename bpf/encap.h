@@ -1,5 +1,5 @@
 /* Overlay layer: Geneve encapsulation over IPv6 and the choice of underlay
- * through the kernel's FIB (DESIGN.md section 4, outbound 6 and 7). */
+ * through the kernel's FIB (docs/design.md, "Outbound pipeline", steps 10 and 11). */
 #ifndef XDE_ENCAP_H
 #define XDE_ENCAP_H
 

@@ -1,5 +1,6 @@
-/* Firewall layer and flow table (DESIGN.md section 5; OPTE's firewall
- * layer and UFT). Shared by both programs: outbound in TC, inbound in XDP
+/* Firewall layer and flow table (docs/design.md, "Firewall and flow
+ * table"; OPTE's firewall layer and UFT). Shared by the port's TC program
+ * (outbound) and the underlay's XDP program (inbound)
  * (and for same-host delivery, in TC on the destination's behalf).
  *
  * A flow's first packet walks the port's rules for its direction (sorted

@@ -1,5 +1,5 @@
 /* Gateway layer: the virtual router every port sees answers ARP and ping
- * itself, straight back to the guest (DESIGN.md section 4, outbound 2). */
+ * itself, straight back to the guest (docs/design.md, "Outbound pipeline"). */
 #ifndef XDE_GATEWAY_H
 #define XDE_GATEWAY_H
 

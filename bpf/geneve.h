@@ -1,5 +1,5 @@
 /* Inbound Geneve: is this frame for us, and is it well formed?
- * (DESIGN.md section 4, inbound 1 and 2.) */
+ * (docs/design.md, "Inbound pipeline", steps 1 and 2.) */
 #ifndef XDE_GENEVE_H
 #define XDE_GENEVE_H
 

@@ -1,5 +1,5 @@
 /* Port datapath, TC ingress on the datapath end of each port's veth: every
- * frame the guest sends enters here (DESIGN.md section 4, outbound):
+ * frame the guest sends enters here (docs/design.md, "Outbound pipeline"):
  * passthrough, or gateway -> anti-spoofing -> router -> overlay encap. */
 #include "xde.h"
 #include "maps.h"

@@ -53,7 +53,7 @@ static __always_inline int bytes_eq(const void *a, const void *b, const int n)
 #define CFG_KEY 0
 
 /* Instance-wide settings: one root's ports share one underlay pair and one
- * underlay source address (DESIGN.md section 10). */
+ * underlay source address (docs/design.md, "Ports and roots"). */
 struct xde_cfg {
 	__u32 u1;                 /* ifindex of underlay 1, 0 while no port */
 	__u32 u2;
@@ -180,7 +180,7 @@ struct route_val {
 	__u32 plen;               /* this entry's own prefix length (picks the longer of two tries) */
 };
 
-/* Firewall (DESIGN.md section 5): rules per port and direction, kept
+/* Firewall (docs/design.md, "Firewall and flow table"): rules per port and direction, kept
  * sorted by priority in one map value, so that set-fw-rules replaces a
  * whole rule set with one atomic update. */
 #ifndef FW_MAX_RULES

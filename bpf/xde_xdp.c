@@ -1,5 +1,5 @@
-/* Underlay datapath: XDP on each underlay NIC (DESIGN.md section 4,
- * inbound): Geneve for a local port is checked, decapsulated and
+/* Underlay datapath: XDP on each underlay NIC (docs/design.md, "Inbound
+ * pipeline"): Geneve for a local port is checked, decapsulated and
  * redirected into the port; everything else passes to the host. A TC
  * ingress hook on the same NICs copies to passthrough guests the
  * broadcasts they need (XDP cannot clone a frame). */

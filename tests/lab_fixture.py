@@ -1,7 +1,7 @@
 """The overlay lab as a test fixture, and the helpers the overlay, wire and
 BPF_PROG_TEST_RUN tests share.
 
-One lab (DESIGN.md section 7) is built per test session under its own
+One lab (docs/design.md, "The lab") is built per test session under its own
 prefix (`xt<4 hex>-`), so it never touches an operator's lab (`xl-`), and is
 always torn down, even when a test or the build fails. Test modules load
 this file with `pytest_plugins = ["lab_fixture"]`, which registers the

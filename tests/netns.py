@@ -34,7 +34,7 @@ def _find_xdectl():
 
 XDECTL = _find_xdectl()
 
-# The seed's port (DESIGN.md section 10), as `xdectl create` options.
+# The seed's port (docs/glossary.md, "The seed"), as `xdectl create` options.
 SEED = {
     "mac": "A8:40:25:ff:00:01",
     "ip": "10.0.0.1",
@@ -63,7 +63,8 @@ def sh(*cmd, check=True, timeout=60, input=None, env=None):
 
 
 def create_args(name, underlays=("u1", "u2"), passthrough=False, **over):
-    """`xdectl create` arguments for the seed's port, with overrides.
+    """`xdectl create` arguments for the seed's port (docs/glossary.md,
+    "The seed"), with overrides.
 
     Keys use '_' for '-' (gateway_mac=...). A value of None drops the option;
     `underlays` gives the --underlay options in order."""
@@ -82,8 +83,9 @@ def create_args(name, underlays=("u1", "u2"), passthrough=False, **over):
 
 
 def positional_args(name, u1="u1", u2="u2", passthrough=True, **over):
-    """The seed's positional form: xde-create [--passthrough] NAME U1 U2 MAC IP
-    GW_MAC GW_IP BSVC_ADDR BSVC_VNI VPC_VNI SRC_UNDERLAY_ADDR."""
+    """The seed's positional form (docs/glossary.md, "The seed"): xde-create
+    [--passthrough] NAME U1 U2 MAC IP GW_MAC GW_IP BSVC_ADDR BSVC_VNI VPC_VNI
+    SRC_UNDERLAY_ADDR."""
     o = dict(SEED)
     for k, v in over.items():
         o[k.replace("_", "-")] = v
@@ -364,10 +366,10 @@ class Topology:
 
 
 class PassthroughLab(Topology):
-    """The seed's scenario: HV (the host, where xdectl runs) has underlays u1
-    and u2 whose peers n1 and n2 are ports of bridge br0 in NET; PEER hangs
-    off the same bridge (pb <-> p0) with 10.0.0.2/24. The peer is reachable
-    through either underlay."""
+    """The seed's scenario (docs/glossary.md, "The seed"): HV (the host, where
+    xdectl runs) has underlays u1 and u2 whose peers n1 and n2 are ports of
+    bridge br0 in NET; PEER hangs off the same bridge (pb <-> p0) with
+    10.0.0.2/24. The peer is reachable through either underlay."""
 
     PEER_IP = "10.0.0.2"
 

@@ -1,7 +1,8 @@
-"""`xdectl apply FILE` (issue 5): the running state made to match a TOML
-file, idempotently. Runs in a namespace of its own with two veth underlays
-(tests/netns.py: names `xt<hex>`, roots `/sys/fs/bpf/xt-<hex>`), removed at
-the end; xdectl runs there through `nsenter --net`.
+"""`xdectl apply FILE` (docs/design.md, "Reload, apply and trace"): the
+running state made to match a TOML file, idempotently. Runs in a namespace of
+its own with two veth underlays (tests/netns.py: names `xt<hex>`, roots
+`/sys/fs/bpf/xt-<hex>`), removed at the end; xdectl runs there through
+`nsenter --net`.
 
 Also here: the systemd units that run `apply` at boot and the exporter.
 """

@@ -1,9 +1,9 @@
-"""Differential tests (DESIGN.md section 9): the reference model in
-tests/model (written from DESIGN.md, not from bpf/) must agree with the
-real loaded programs, run with BPF_PROG_TEST_RUN on sled1 of a lab of
-this module's own (prefix xd<3 hex>-, always torn down), on frames
-generated with hypothesis: verdict (return code), counter deltas (per-CPU
-counters summed, read before and after each frame) and output bytes.
+"""Differential tests (docs/design.md, "How it is proved"): the reference
+model in tests/model (written from docs/design.md, not from bpf/) must agree
+with the real loaded programs, run with BPF_PROG_TEST_RUN on sled1 of a lab of
+this module's own (prefix xd<3 hex>-, always torn down), on frames generated
+with hypothesis: verdict (return code), counter deltas (per-CPU counters
+summed, read before and after each frame) and output bytes.
 
 Each case starts from an empty flow table (the LRU map `flows` is
 cleared), so the firewall is modelled exactly; sequences of two or three

@@ -1,4 +1,5 @@
-"""Fault tests (issue 6, item 2; DESIGN.md sections 1, 3 and 9).
+"""Fault tests (docs/design.md, "Ports and roots",
+"Global options and exit codes" and "How it is proved").
 
 1. xdectl killed with SIGKILL in the middle of `create`, `delete` and
    `set-fw-rules`, then the commands an operator would run next must

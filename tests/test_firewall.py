@@ -1,6 +1,6 @@
-"""The stateful firewall and the flow table (DESIGN.md section 5, issue 4),
-end to end in a lab of this module's own, and the rule matcher through
-BPF_PROG_TEST_RUN on the loaded programs.
+"""The stateful firewall and the flow table (docs/design.md,
+"Firewall and flow table"), end to end in a lab of this module's own, and the
+rule matcher through BPF_PROG_TEST_RUN on the loaded programs.
 
 One lab (`xdectl.lab.Lab`, prefix `xf<3 hex>-`) is built for the module
 and always torn down. After every test both sleds go back to the default
@@ -358,8 +358,8 @@ def restored(t):
     """Every test ends with the defaults back on both sleds."""
     yield
     t.restore()
-    # the underlay next hops stay resolved (an unresolved one is another
-    # issue's subject, not this module's)
+    # the underlay next hops stay resolved (an unresolved one is tested
+    # elsewhere, not in this module)
     t.resolve_underlay_neighbours()
 
 
@@ -624,9 +624,9 @@ def test_1024_rules_per_direction_load_and_work(t):
     1..1022, then the two defaults) and 1,024 outbound rules (denies of UDP
     20000..21023) on sled2: loaded, listed, and enforced at both ends of
     each range, while an unaffected port (reached after walking every
-    rule) still works. (The brief's "1,024 denies plus the defaults" is
-    1,026 inbound rules: more than the 1,024 per direction the datapath
-    holds, see the next test.)"""
+    rule) still works. (1,024 denies plus the two defaults would be 1,026
+    inbound rules: more than the 1,024 per direction the datapath holds,
+    docs/design.md, "Firewall and flow table"; see the next test.)"""
     lines = _many_rules(1022, 1024) + DEFAULT_LINES
     out = t.set_rules("sled2", lines)
     assert "2048 rules set" in out, out

@@ -85,7 +85,8 @@ def clean_host(privileged):
 
 @pytest.fixture(scope="module")
 def loaded(privileged):
-    """A root with one passthrough port p0 (the seed's values) on u1, u2."""
+    """A root with one passthrough port p0 (the seed's values,
+    docs/glossary.md, "The seed") on u1, u2."""
     hv, far = underlay_host("l", UNDERLAYS, extra=("taken0",))
     root = Root(hv)
     try:
@@ -227,7 +228,8 @@ def shared(reused_host):
 def test_list_shows_ports_from_kernel(shared):
     hv, root = shared
     xdectl(hv, root, *create_args("p0", **OVERLAY))
-    xdectl(hv, root, *positional_args("p1", passthrough=True))   # the seed's form
+    # the seed's form (docs/glossary.md, "The seed")
+    xdectl(hv, root, *positional_args("p1", passthrough=True))
     ports = root.ports()
     want = [
         dict(name="p0", mode="overlay", mac="02:00:00:00:00:0a", ip="10.1.2.3", vni=4242,

@@ -1,6 +1,6 @@
 """The Prometheus exporter (`xdectl metrics`) and `stats --watch` rates
-(issue 5, DESIGN.md section 6), against a lab of this module's own
-(prefix `xp<3 hex>-`, always torn down).
+(docs/design.md, "Observability commands" and "Counters and drop reasons"),
+against a lab of this module's own (prefix `xp<3 hex>-`, always torn down).
 
 1. `metrics --once`: every metric has HELP and TYPE, the names and labels
    are the conventional ones, and the values are those `xdectl stats --json`
@@ -131,8 +131,8 @@ def spoofed_frame():
                  UDP(sport=4000, dport=4001) / b"spoof")
 
 
-# The mapping the brief and DESIGN.md section 6 fix, written out here
-# independently of xdectl/metrics.py.
+# The mapping docs/design.md, "Counters and drop reasons", fixes, written out
+# here independently of xdectl/metrics.py.
 PORT_NAMES = {
     "rx_packets": ("xde_port_rx_packets_total", {}),
     "rx_bytes": ("xde_port_rx_bytes_total", {}),

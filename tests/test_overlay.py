@@ -1,8 +1,8 @@
-"""End-to-end overlay tests in the namespace lab (issue 3, DESIGN.md sections
-4 and 7): real traffic between guests on two sleds through the attached XDP
-and TC programs, the gateway, boundary services, two VPCs with overlapping
-addresses, ECMP over both underlays and failover, anti-spoofing, and
-malformed Geneve injected on the underlay.
+"""End-to-end overlay tests in the namespace lab (docs/design.md,
+"The datapath", "The lab" and "How it is proved"): real traffic between guests
+on two sleds through the attached XDP and TC programs, the gateway, boundary
+services, two VPCs with overlapping addresses, ECMP over both underlays and
+failover, anti-spoofing, and malformed Geneve injected on the underlay.
 
 All tests share one lab (lab_fixture.xlab). A test that changes the lab puts
 it back in a finally block.

@@ -1,8 +1,9 @@
-"""Passthrough mode end to end: the seed's scenario (DESIGN.md section 10)
-in namespaces. The lab (one per module, see netns.PassthroughLab): HV runs
-xdectl and has underlays u1, u2; their peers n1, n2 are ports of a bridge in
-NET; PEER (10.0.0.2/24) hangs off the same bridge. Each test gets a fresh xde0 whose
-guest end lives in a namespace of its own with 10.0.0.1/24."""
+"""Passthrough mode end to end (docs/design.md, "Passthrough ports"): the
+seed's scenario (docs/glossary.md, "The seed") in namespaces. The lab (one per
+module, see netns.PassthroughLab): HV runs xdectl and has underlays u1, u2;
+their peers n1, n2 are ports of a bridge in NET; PEER (10.0.0.2/24) hangs off
+the same bridge. Each test gets a fresh xde0 whose guest end lives in a
+namespace of its own with 10.0.0.1/24."""
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,8 @@ PEER = PassthroughLab.PEER_IP
 
 @pytest.fixture(scope="module")
 def lab(privileged):
-    """The seed's passthrough topology (see PassthroughLab), one per module."""
+    """The seed's passthrough topology (docs/glossary.md, "The seed"; see
+    PassthroughLab), one per module."""
     lab = PassthroughLab()
     yield lab
     lab.close()
@@ -71,8 +73,9 @@ def test_host_keeps_its_own_traffic_on_underlays(lab, seed_port):
 
 
 def test_seed_positional_form_and_delete_from_other_namespace(lab, seed_port):
-    """xde-create (the seed's form) makes a working port; xde-delete removes
-    it although its guest end lives in another namespace."""
+    """xde-create (the seed's form, docs/glossary.md, "The seed") makes a
+    working port; xde-delete removes it although its guest end lives in
+    another namespace."""
     xdectl(lab.hv, lab.root, *positional_args("xde1", mac="A8:40:25:ff:00:02", ip="10.0.0.3"))
     guest2 = Netns("g2")
     try:

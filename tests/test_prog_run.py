@@ -1,6 +1,6 @@
 """BPF_PROG_TEST_RUN on the loaded programs of the lab's sled1 root: the
 verdicts and the exact bytes encap, decap and the gateway produce for known
-frames (DESIGN.md sections 4 and 9).
+frames (docs/design.md, "The datapath" and "How it is proved").
 
 tc_port_out is a SCHED_CLS program: it finds its port by skb->ifindex, so
 each run passes a struct __sk_buff (UAPI linux/bpf.h) as ctx_in with only
@@ -95,7 +95,7 @@ def g1_frame(l4, dst=G2_IP, tos=0, src_mac=G1_MAC, src=G1_IP, **ip):
 
 
 def expected_encap(frame, outer_macs, label, sport, dst6, vni, inner_dmac, tos):
-    """The bytes DESIGN.md section 4 prescribes around `frame`."""
+    """The bytes docs/design.md, "Wire format", prescribes around `frame`."""
     n = len(frame)
     ip6hdr = struct.pack("!IHBB", (6 << 28) | (tos << 20) | label, n + 16, 17, 128) + \
         ip6(U1_ADDR) + ip6(dst6)

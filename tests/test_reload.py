@@ -1,5 +1,6 @@
-"""`xdectl reload` (issue 6): the programs of a running instance are
-replaced under live traffic, maps kept, without losing a packet."""
+"""`xdectl reload` (docs/design.md, "Reload, apply and trace"): the
+programs of a running instance are replaced under live traffic, maps kept,
+without losing a packet."""
 import re
 import threading
 

@@ -1,8 +1,9 @@
-"""`xdectl trace` (issue 5): one frame through the loaded programs with
-BPF_PROG_TEST_RUN -- the verdict, the counters it moved and the output
-frame -- and the same frame through the live datapath, which must agree.
+"""`xdectl trace` (docs/design.md, "Reload, apply and trace"): one frame
+through the loaded programs with BPF_PROG_TEST_RUN -- the verdict, the
+counters it moved and the output frame -- and the same frame through the live
+datapath, which must agree.
 
-The tests build their own lab (DESIGN.md section 7) under a prefix of
+The tests build their own lab (docs/design.md, "The lab") under a prefix of
 their own (`xo<3 hex>-`), torn down at the end even on failure; xdectl
 runs in sled1's namespace through `nsenter --net` (never `ip netns exec`,
 which hides bpffs).

@@ -1,8 +1,8 @@
-"""The Vagrant lab (vagrant/, issue 5): no VM can boot here, so what is
-checked is what can be without one -- `vagrant validate` of the
-Vagrantfile for both providers, shellcheck of the provisioning scripts,
-and that the scripts set up and check the same things as the namespace
-lab (xdectl/lab.py). vagrant/README.md says what was verified where.
+"""The Vagrant lab (vagrant/; docs/design.md, "The lab"): no VM can boot here,
+so what is checked is what can be without one -- `vagrant validate` of the
+Vagrantfile for both providers, shellcheck of the provisioning scripts, and
+that the scripts set up and check the same things as the namespace lab
+(xdectl/lab.py). vagrant/README.md says what was verified where.
 
 - libvirt: the vagrant-libvirt plugin (Debian package, installed by
   `make setup`) validates the libvirt provider block.

@@ -141,7 +141,7 @@ def test_cidr4_accepted():
 # --- PortSpec.validated() ----------------------------------------------------
 
 def seed_spec(**over):
-    """The seed's port (DESIGN.md section 10)."""
+    """The seed's port (docs/glossary.md, "The seed")."""
     spec = PortSpec(name="xde0", underlay1="vioif0", underlay2="vioif1",
                     mac="A8:40:25:ff:00:01", ip="10.0.0.1",
                     gw_mac="A8:40:25:00:00:01", gw_ip="172.30.0.5",

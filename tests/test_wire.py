@@ -1,5 +1,5 @@
-"""The wire format (DESIGN.md section 4, "Wire format of what we emit"),
-read back from captures of real lab traffic, by scapy and by tshark.
+"""The wire format (docs/design.md, "Wire format"), read back from captures of
+real lab traffic, by scapy and by tshark.
 
 One capture session per module: on the switch side of sled1's two underlay
 links (sw1/sled1 and sw2/sled1 see exactly what sled1's u1 and u2 transmit
@@ -220,10 +220,10 @@ def test_flow_label_and_source_port_per_flow(wire):
 
 
 def test_flow_label_is_a_function_of_the_inner_five_tuple(wire):
-    """DESIGN.md: flow label and UDP source port are hashes of the inner
-    5-tuple. The same 5-tuple sent from two sockets one after the other
-    must get the same label and port (not, say, each socket's random
-    transmit hash, which the kernel also re-rolls on TCP timeouts)."""
+    """docs/design.md, "Wire format": flow label and UDP source port are
+    hashes of the inner 5-tuple. The same 5-tuple sent from two sockets one
+    after the other must get the same label and port (not, say, each socket's
+    random transmit hash, which the kernel also re-rolls on TCP timeouts)."""
     vals = collections.defaultdict(set)
     for link, p in outbound(wire):
         k = flow_key(geneve_of(p).payload)

@@ -1,6 +1,6 @@
 """`xdectl apply FILE`: make the running state of a root match a
-declarative TOML file -- the boot-time restore of ports (issue 5), and the
-way to change many things at once.
+declarative TOML file -- the boot-time restore of ports, and the way to
+change many things at once (docs/design.md, "Reload, apply and trace").
 
 The file (see deploy/xde.example.toml):
 

@@ -1,5 +1,6 @@
-"""xdectl: the command line (DESIGN.md section 3). Commands parse their
-arguments and call the module that owns the concern; nothing else here."""
+"""xdectl: the command line (docs/design.md, "The command line"). Commands
+parse their arguments and call the module that owns the concern; nothing else
+here."""
 import json
 import sys
 from typing import List, Optional
@@ -11,7 +12,7 @@ from .errors import Incomplete, XdeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Control plane of xde, the eBPF overlay datapath.")
-lab_app = typer.Typer(no_args_is_help=True, help="The namespace lab (DESIGN.md section 7).")
+lab_app = typer.Typer(no_args_is_help=True, help='The namespace lab (docs/design.md, "The lab").')
 app.add_typer(lab_app, name="lab")
 
 ROOT = typer.Option(DEFAULT_ROOT, "--root", envvar="XDE_ROOT",
@@ -69,7 +70,7 @@ def xde_create(name: str, underlay1: str, underlay2: str, mac: str, ip: str,
                gateway_mac: str, gateway_ip: str, boundary_services: str,
                boundary_vni: str, vpc_vni: str, src_underlay_addr: str,
                passthrough: bool = typer.Option(False, help="Bypass the pipeline.")):
-    """Create a port, in the seed's positional form."""
+    """Create a port, in the seed's positional form (docs/glossary.md, "The seed")."""
     _create(name, [underlay1, underlay2], mac, ip, gateway_mac, gateway_ip,
             boundary_services, boundary_vni, vpc_vni, src_underlay_addr, None, passthrough)
 
@@ -83,7 +84,7 @@ def delete(name: str):
 
 @app.command("xde-delete")
 def xde_delete(name: str):
-    """Delete a port (the seed's name for delete)."""
+    """Delete a port (the seed's name for delete; docs/glossary.md, "The seed")."""
     delete(name)
 
 

@@ -47,7 +47,7 @@ def tc_name(prog, root):
 def program_text():
     """bpf/ sources as one compilation unit, local headers inlined.
 
-    One unit, so that the two programs share every map. Inlined, because
+    One unit, so that all five programs share every map. Inlined, because
     bcc only rewrites map calls (m.lookup()) and takes programs from its
     main file, not from included headers."""
     seen = set()

@@ -1,6 +1,6 @@
-"""Firewall rules and the flow table (DESIGN.md section 5), with OPTE's
-grammar: `dir=in action=allow priority=10 hosts=subnet=10.0.0.0/24
-protocol=tcp ports=22,80`.
+"""Firewall rules and the flow table (docs/design.md,
+"Firewall and flow table"), with OPTE's grammar: `dir=in action=allow
+priority=10 hosts=subnet=10.0.0.0/24 protocol=tcp ports=22,80`.
 
 A port's rules for one direction live in one map value, sorted by
 priority; replacing them is one map update. Every change bumps the port's

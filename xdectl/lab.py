@@ -1,4 +1,5 @@
-"""The namespace lab (DESIGN.md section 7): an Oxide rack at small scale.
+"""The namespace lab (docs/design.md, "The lab"): an Oxide rack at small
+scale.
 
     g1 ─ sled1 ─u1─ sw1 ─u1─ sled2 ─ g2        sw1, sw2: IPv6 routers
                └u2─ sw2 ─u2┘                   bsvc: boundary services,

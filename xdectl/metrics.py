@@ -1,5 +1,6 @@
 """Observability: the Prometheus exporter (`xdectl metrics`) and the live
-rates of `xdectl stats --watch` (DESIGN.md section 6).
+rates of `xdectl stats --watch` (docs/design.md, "Observability commands"
+and "Counters and drop reasons").
 
 Both read the instance's pinned maps when asked (a scrape, a refresh),
 never on a timer of their own, and only the maps: no netlink, so the

@@ -77,7 +77,8 @@ class Netdev:
 
     def enable_gro(self, name):
         """XDP_REDIRECT into a veth needs NAPI on the receiving end; GRO turns
-        it on without an XDP program there (DESIGN.md section 11)."""
+        it on without an XDP program there (docs/design.md,
+        "Kernel constraints")."""
         set_features(name, {"rx-gro": True})
 
     # --- tc --------------------------------------------------------------

@@ -244,7 +244,7 @@ DATAPATH_END_MTU = 65535
 def _port_mtu(nd, u1, u2, passthrough):
     """Passthrough frames leave unchanged: the underlays' MTU. Overlay frames
     grow by the encapsulation, which must fit the underlay's MTU; a guest
-    gets 1500 where the underlay allows it (DESIGN.md section 4, MTU)."""
+    gets 1500 where the underlay allows it (docs/design.md, "MTU")."""
     underlay = min(nd.ipr.get_links(u)[0].get_attr("IFLA_MTU") for u in (u1, u2))
     if passthrough:
         return underlay

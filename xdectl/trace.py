@@ -1,6 +1,7 @@
 """`xdectl trace`: run one frame through the loaded datapath with
 BPF_PROG_TEST_RUN and say what happened to it -- the verdict, the counters
-it moved, and the frame that came out (DESIGN.md section 6; issue 5).
+it moved, and the frame that came out (docs/design.md,
+"Reload, apply and trace" and "Counters and drop reasons").
 
 The run is real: the kernel executes the pinned program against the live
 maps, so the port and global counters, the firewall's rule hits and its
@@ -143,8 +144,8 @@ def is_underlay_frame(frame, underlay_addr=None):
 
 
 def encapsulate(inner, vni, src6, dst6, dst_mac, external=False):
-    """Outer Ethernet + IPv6 + UDP + Geneve around an inner frame (DESIGN.md
-    section 4's wire format; UDP checksum 0, as OPTE sends)."""
+    """Outer Ethernet + IPv6 + UDP + Geneve around an inner frame
+    (docs/design.md, "Wire format"; UDP checksum 0, as OPTE sends)."""
     opts = struct.pack("!HBB", OXIDE_OPT_CLASS, 0x00, 0) if external else b""
     geneve = (bytes([len(opts) // 4, 0]) + struct.pack("!H", GENEVE_PROTO_ETH) +
               vni.to_bytes(3, "big") + b"\0" + opts)

@@ -1,5 +1,6 @@
-"""A reference model of the xde datapath, written from DESIGN.md (sections
-4, 5 and 6), not from bpf/.
+"""A reference model of the xde datapath, written from the specification,
+docs/design.md ("The datapath", "Firewall and flow table",
+"Counters and drop reasons"), not from the C in bpf/.
 
 Given one instance's state (underlay address, ports, V2P, routes, firewall
 rules, flows) and a frame arriving either from a port's guest ("out", the
@@ -7,7 +8,7 @@ TC program on the port's datapath end) or from an underlay NIC ("in", the
 XDP program), `outbound()` / `inbound()` return a Result: the verdict, the
 counter deltas by name, and the output frame where it is determined.
 
-Where DESIGN.md is silent the model follows the spec's intent (what an
+Where docs/design.md is silent the model follows the spec's intent (what an
 operator of a production overlay would expect); each such decision is
 marked "SPEC-SILENT" with the reasoning, so a disagreement with the
 datapath can be judged.
@@ -187,7 +188,7 @@ def l4_tuple(ip):
     return 0, 0, 0, 0, 0
 
 
-# --- firewall (section 5) --------------------------------------------------------
+# --- firewall (docs/design.md, "Firewall and flow table") ------------------------
 
 def _rule_matches(r, ip, t, remote, vni):
     if r.proto == 0xFE:                       # arp: never an IPv4 packet
@@ -213,9 +214,10 @@ def _rule_matches(r, ip, t, remote, vni):
 
 
 def firewall(inst, res, port, direction, ip, vni):
-    """Section 5: True when the packet may pass. Counts flow hits/misses and
-    the verdict. The flow table is keyed by (port, direction, protocol,
-    addresses, ports or ICMP id)."""
+    """True when the packet may pass (docs/design.md,
+    "Firewall and flow table"). Counts flow hits/misses and the verdict. The
+    flow table is keyed by (port, direction, protocol, addresses, ports or
+    ICMP id)."""
     t = l4_tuple(ip) or (0, 0, 0, 0, 0)
     key = (port.ifindex, direction, ip.proto, ip.src, ip.dst, t[0], t[1])
     hit = inst.flows.get(key)
@@ -240,7 +242,7 @@ def firewall(inst, res, port, direction, ip, vni):
     return verdict
 
 
-# --- outbound (section 4, guest -> world) ----------------------------------------
+# --- outbound (docs/design.md, "Outbound pipeline": guest -> world) --------------
 
 def _arp_reply(frame, port, tpa):
     sha, spa = frame[22:28], frame[28:32]
@@ -323,7 +325,7 @@ def outbound(inst, ifindex, frame):
         res.count(P, "drop_spoof")
         return res
 
-    # 2. gateway: ARP
+    # 4. gateway: ARP
     if etype == ETH_P_ARP:
         a = frame[14:42]
         ok = (len(a) == 28 and a[0:6] == struct.pack("!HHBB", 1, ETH_P_IP, 6, 4)
@@ -355,11 +357,11 @@ def outbound(inst, ifindex, frame):
         res.reason = "bad ipv4"
         res.count(P, "drop_unsupported")
         return res
-    # 2. gateway: echo to the gateway IP (only a whole datagram carries an
+    # 6. gateway: echo to the gateway IP (only a whole datagram carries an
     # ICMP header the gateway can answer: a fragment is not an echo request)
     if ip.dst == port.gw_ip and ip.proto == IPPROTO_ICMP and not ip.fragmented \
             and len(ip.l4) >= 8 and ip.l4[0] == 8 and ip.l4[1] == 0:
-        # 3. anti-spoofing applies to what the gateway answers, too
+        # 5. anti-spoofing applies to what the gateway answers, too
         if ip.src != port.ip:
             res.reason = "spoof"
             res.count(P, "drop_spoof")
@@ -368,17 +370,17 @@ def outbound(inst, ifindex, frame):
         res.out = _echo_reply(frame, ip, port)
         res.count(P, "icmp_replies")
         return res
-    # 3. anti-spoofing
+    # 5. anti-spoofing
     if ip.src != port.ip:
         res.reason = "spoof"
         res.count(P, "drop_spoof")
         return res
-    # 4. firewall
+    # 7. firewall
     if not firewall(inst, res, port, "out", ip, port.vni):
         res.reason = "firewall"
         res.count(P, "drop_firewall")
         return res
-    # MTU (checked before routing, so the guest learns it whatever the
+    # 8. MTU (checked before routing, so the guest learns it whatever the
     # destination): larger than the port MTU is dropped (counted), and with
     # DF the guest gets "fragmentation needed" back, never a silent drop
     if ip.total > port.mtu:
@@ -390,7 +392,7 @@ def outbound(inst, ifindex, frame):
             res.encap = {"frag_needed": (eth, hdr, icmp)}
             res.count(P, "mtu_icmp_sent")
         return res
-    # 5. router
+    # 9. router
     r = route_lookup(inst, port, ip.dst)
     if r is None:
         res.reason = "no route"
@@ -411,7 +413,8 @@ def outbound(inst, ifindex, frame):
             return res
         vni, (inner_mac, dst6) = port.vni, m
     inner = inner_mac + frame[6:]
-    # 7. same host: straight into the local port, as if decapsulated
+    # same host (docs/design.md, "Same-host delivery"): straight into the
+    # local port, as if decapsulated
     if dst6 == inst.underlay_addr:
         target = inst.port_by(vni, inner_mac)
         if target is None:
@@ -427,10 +430,10 @@ def outbound(inst, ifindex, frame):
     return res
 
 
-# --- inbound (section 4, world -> guest) -----------------------------------------
+# --- inbound (docs/design.md, "Inbound pipeline": world -> guest) ----------------
 
 def _deliver(inst, res, port, inner, ip, vni, tc=False):
-    """Inbound steps 4 on: firewall, then the inner frame, with the gateway
+    """Inbound steps 6 and 7: firewall, then the inner frame, with the gateway
     MAC as its source, into the port."""
     P = port.ifindex
     if ip is not None and not firewall(inst, res, port, "in", ip, vni):
@@ -471,7 +474,7 @@ def inbound(inst, frame):
         return _pass(res)
     if len(frame) < 54 + 8 or struct.unpack_from("!H", frame, 56)[0] != GENEVE_PORT:
         return _pass(res)
-    # Geneve for us from here: malformed is a drop, counted by kind
+    # 2. Geneve for us from here: malformed is a drop, counted by kind
     plen = struct.unpack_from("!H", ip6, 4)[0]
     if 54 + plen > len(frame):
         return _malformed(res, "malformed_truncated")
@@ -511,7 +514,7 @@ def inbound(inst, frame):
     if len(inner) < 14:
         return _malformed(res, "malformed_inner")
     ietype = struct.unpack_from("!H", inner, 12)[0]
-    # 3. port by (VNI, inner destination MAC); ARP never crosses the overlay
+    # 3. ARP never crosses the overlay; 4. port by (VNI, inner destination MAC)
     if ietype == ETH_P_ARP:
         res.verdict, res.retval = "drop", XDP_DROP
         res.count("g", "drop_arp_in_geneve")
@@ -522,6 +525,7 @@ def inbound(inst, frame):
         res.count("g", "drop_no_port")
         return res
     P = port.ifindex
+    # 5. the inner frame must be IPv4
     ip = parse_ip4(inner[14:]) if ietype == ETH_P_IP else None
     if ip is None:
         res.verdict, res.retval, res.reason = "drop", XDP_DROP, "inner not IPv4"
@@ -529,5 +533,6 @@ def inbound(inst, frame):
             return _malformed(res, "malformed_inner")
         res.count(P, "drop_unsupported")
         return res
-    # 4. firewall (External: from outside the VPC, matches no vni= filter)
+    # 6. firewall (External: from outside the VPC, matches no vni= filter),
+    # then 7. delivery
     return _deliver(inst, res, port, inner, ip, VNI_EXTERNAL if external else vni)
