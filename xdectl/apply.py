@@ -60,8 +60,6 @@ the run with an error; the actions done so far stay done, and applying
 again finishes the job.
 """
 import ipaddress
-import json
-import sys
 from dataclasses import dataclass, field
 
 from .errors import XdeError
@@ -398,31 +396,3 @@ def apply(root, path, dry_run=False, out=None):
                                f"changes; apply again to finish)") from None
         out(a.line())
     return actions
-
-
-def register(app):
-    """Add `xdectl apply` to the xdectl typer app."""
-    import typer
-
-    @app.command("apply")
-    def apply_cmd(file: str = typer.Argument(..., help="TOML file: ports, V2P, routes, firewall."),
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
-                  as_json: bool = typer.Option(False, "--json", help="Print the actions as JSON.")):
-        """Make the root's ports, V2P mappings, routes and firewall rules match
-        FILE (idempotent: a second run changes nothing). Ports not in FILE are
-        deleted; changed ports are replaced. The format is documented in
-        deploy/xde.example.toml."""
-        from . import cli
-        if as_json:
-            actions = apply(cli.State.root, file, dry_run, out=lambda line: None)
-            print(json.dumps({"dry_run": dry_run, "actions": [a.as_dict() for a in actions]},
-                             indent=2))
-            return
-        actions = apply(cli.State.root, file, dry_run)
-        if not actions:
-            print("no changes")
-        elif dry_run:
-            print(f"{len(actions)} changes planned (dry run: nothing changed)")
-        else:
-            print(f"{len(actions)} changes applied")
-        sys.stdout.flush()

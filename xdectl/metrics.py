@@ -15,11 +15,8 @@ import sys
 import threading
 import time
 
-import typer
-
 from .errors import XdeError
 
-DEFAULT_LISTEN = "127.0.0.1:9477"
 PORT_F_PASSTHROUGH = 1       # bpf/xde.h
 
 # Port counters (bpf/xde.h XDE_PORT_COUNTERS) -> (metric, HELP, labels).
@@ -397,21 +394,3 @@ def watch(root, port=None, interval=1.0):
         w.close()
 
 
-# --- the command ---------------------------------------------------------------
-
-def register(app):
-    """Add this module's commands to the xdectl typer app."""
-
-    @app.command("metrics")
-    def metrics_cmd(listen: str = typer.Option(DEFAULT_LISTEN, "--listen", metavar="ADDR:PORT",
-                                               help="Address and port to serve /metrics on "
-                                                    "(port 0: any free port, printed on stderr)."),
-                    once: bool = typer.Option(False, "--once",
-                                              help="Print the metrics once on stdout and exit.")):
-        """Prometheus exporter: serve the counters of this root, read from the
-        pinned maps at every scrape."""
-        from .cli import State
-        if once:
-            sys.stdout.write(exposition(State.root))
-            return
-        serve(State.root, listen)

@@ -26,11 +26,8 @@ root's first underlay, where real Geneve arrives.
 """
 import ctypes as ct
 import ipaddress
-import json
 import os
 import struct
-import sys
-from typing import Optional
 
 TC_VERDICTS = {0xFFFFFFFF: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY",
                2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE", 4: "TC_ACT_STOLEN", 5: "TC_ACT_QUEUED",
@@ -373,46 +370,3 @@ def print_result(r, hexdump=False):
     if hexdump:
         from scapy.utils import hexdump as hd
         print(hd(pkt, dump=True))
-
-
-def register(app):
-    """Add `xdectl trace` to the xdectl typer app."""
-    import typer
-
-    @app.command("trace")
-    def trace_cmd(port: str = typer.Argument(..., help="The port (its guest-facing name)."),
-                  frame: str = typer.Argument(..., help="Hex bytes, or a scapy expression such as "
-                                              "\"Ether(src=...,dst=...)/IP(...)/ICMP()\"."),
-                  direction: str = typer.Option(..., "--dir", help="out: from the guest (tc_port_out); "
-                                                "in: from the underlay (xdp_underlay)."),
-                  vni: Optional[int] = typer.Option(None, help="--dir in: the Geneve VNI (default: the port's)."),
-                  external: bool = typer.Option(False, "--external", help="--dir in: add Oxide's External option, "
-                                                "as traffic from outside the VPC carries."),
-                  as_is: bool = typer.Option(False, "--as-is", help="--dir in: run FRAME as the "
-                                             "underlay NIC receives it, never encapsulate it."),
-                  hexdump: bool = typer.Option(False, "--hexdump", help="Also print a hexdump of the output frame."),
-                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-        """Run one frame through the loaded datapath (BPF_PROG_TEST_RUN) and
-        print the verdict, the counters it moved and the output frame.
-
-        --dir out runs PORT's outbound program on FRAME as the guest sent it.
-        --dir in runs the underlay program; an inner frame (for the guest) is
-        wrapped in Geneve/IPv6 to this root's underlay address in PORT's VNI,
-        a full underlay frame (IPv6 to this host's underlay address, or UDP to
-        port 6081) is run as given, and so is any FRAME with --as-is.
-
-        The run is real: it moves the live counters, the firewall's rule hits
-        and its flow table (an allowed flow is remembered as if it had been
-        sent). Nothing is sent: a redirect is only reported.
-        Run it in the network namespace where the port was created.
-        """
-        from . import cli
-        data = parse_frame(frame)
-        result = trace(cli.State.root, port, direction, data, vni=vni, external=external,
-                       as_is=as_is)
-        if as_json:
-            result["output_summary"] = decode(bytes.fromhex(result["output"])).summary()
-            print(json.dumps(result, indent=2))
-        else:
-            print_result(result, hexdump)
-        sys.stdout.flush()
