@@ -3,7 +3,7 @@
 #   make test   run the test suite
 # Each first installs what it needs (scripts/setup.sh): the lab a lean set,
 # the tests every tool they run, the benchmarks the profilers too.
-.PHONY: setup setup-test setup-bench lab lab-down test clean
+.PHONY: setup setup-test setup-bench lab lab-down test unit clean
 
 setup:
 	@./scripts/setup.sh lab
@@ -23,6 +23,10 @@ lab-down: setup
 
 test: setup-test
 	.venv/bin/pytest -q
+
+# The unit tier: no root, no namespaces, seconds (after a `make setup`).
+unit:
+	.venv/bin/pytest -q -m unit
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

@@ -1,10 +1,20 @@
 """Shared fixtures. End-to-end tests need root and a mounted bpffs; they
-make their own namespaces and roots and remove them, even on failure."""
+make their own namespaces and roots and remove them, even on failure.
+
+Every test that does not ask for the `privileged` fixture (directly, through
+another fixture, or by a module's `pytestmark`) is a unit test: marked
+`unit`, so that `pytest -m unit` runs them without root in seconds."""
 import os
 
 import pytest
 
 from netns import BPFFS, Netns, Root
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "privileged" not in item.fixturenames:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -331,11 +331,9 @@ def valid_cases(marker):
 
 
 @pytest.fixture(scope="session")
-def xlab():
+def xlab(privileged):
     """One overlay lab for the session, under a prefix of its own; always
     torn down. Fails (never skips) when it cannot be built."""
-    assert os.geteuid() == 0, "the overlay lab tests must run as root"
-    assert os.path.ismount("/sys/fs/bpf"), "bpffs is not mounted on /sys/fs/bpf"
     lab = Lab(f"xt{secrets.token_hex(2)}-")
     assert not lab.is_up()
     try:

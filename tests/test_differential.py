@@ -33,9 +33,7 @@ from xdectl.lab import Lab
 
 
 @pytest.fixture(scope="module")
-def dlab():
-    assert os.geteuid() == 0, "the differential tests must run as root"
-    assert os.path.ismount("/sys/fs/bpf"), "bpffs is not mounted on /sys/fs/bpf"
+def dlab(privileged):
     lab = Lab(f"xd{secrets.token_hex(2)[:3]}-")
     assert not lab.is_up()
     runner = None

@@ -327,9 +327,7 @@ def wait_for(pred, timeout=3.0, step=0.05):
 # --- the lab ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def t():
-    assert os.geteuid() == 0, "the firewall tests must run as root"
-    assert os.path.ismount("/sys/fs/bpf"), "bpffs is not mounted on /sys/fs/bpf"
+def t(privileged):
     lab = Lab(f"xf{secrets.token_hex(2)[:3]}-")
     assert not lab.is_up()
     fl = None

@@ -79,9 +79,7 @@ class MLab:
 
 
 @pytest.fixture(scope="module")
-def mlab():
-    assert os.geteuid() == 0, "the metrics tests must run as root"
-    assert os.path.ismount("/sys/fs/bpf"), "bpffs is not mounted on /sys/fs/bpf"
+def mlab(privileged):
     lab = Lab(f"xp{secrets.token_hex(2)[:3]}-")
     assert not lab.is_up()
     try:

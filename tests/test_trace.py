@@ -106,9 +106,7 @@ def wait_delta(get, before, key, want, timeout=5):
 
 
 @pytest.fixture(scope="module")
-def tl():
-    assert os.geteuid() == 0, "trace tests must run as root"
-    assert os.path.ismount("/sys/fs/bpf"), "bpffs is not mounted on /sys/fs/bpf"
+def tl(privileged):
     lab = Lab(f"xo{secrets.token_hex(2)[:3]}-")
     assert not lab.is_up()
     try:
