@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from model import gen, setup
 from model.harness import SledRunner, next_hops, run_case
 
-from xdectl.lab import Lab
+from xdelab.lab import Lab
 
 
 def kind_of(mismatch):

@@ -3,7 +3,7 @@ routing, on ONE topology, in the same run (docs/design.md, "How it is proved").
 
     .venv/bin/python bench/lab.py [--seconds 10] [--rounds 2] [--out bench/results/lab.json]
 
-One Lab (xdectl.lab, prefix `xb-`) gives the xde path g1 -> g2 (10.0.0.1 ->
+One Lab (xdelab.lab, prefix `xb-`) gives the xde path g1 -> g2 (10.0.0.1 ->
 10.0.0.2). In the same sled and switch namespaces, over the same u1/u2
 underlay links (MTU 1600, ECMP through sw1 and sw2), two more guest pairs:
 
@@ -37,7 +37,7 @@ except ImportError:
 
 from pyroute2 import netns  # noqa: E402
 
-from xdectl.lab import Lab  # noqa: E402
+from xdelab.lab import Lab  # noqa: E402
 
 PREFIX = "xb-"
 EXTRA = ("v1", "v2", "p1", "p2")          # our guests, beside the Lab's namespaces
@@ -231,7 +231,7 @@ class Bench:
         except Exception as e:     # e.g. the pinned datapath no longer matches this xdectl
             print(f"lab down failed ({e}); removing by hand", file=sys.stderr)
             import shutil
-            from xdectl.lab import SLEDS
+            from xdelab.lab import SLEDS
             for n in self.lab.namespaces:
                 if os.path.exists(f"/run/netns/{n}"):
                     netns.remove(n)           # takes its links, XDP and filters with it

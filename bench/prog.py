@@ -4,7 +4,7 @@
     .venv/bin/python bench/prog.py [--repeat 200000] [--samples 3000] [--rounds 5]
                                    [--out bench/results/prog.json]
 
-Builds a lab of its own (`xdectl.lab.Lab`, prefix `xp<3 hex>-`, always torn
+Builds a lab of its own (`xdelab.lab.Lab`, prefix `xp<3 hex>-`, always torn
 down) and runs sled1's pinned programs on crafted frames, inside sled1's
 namespace (tc_port_out finds its port by the ctx's ifindex: a struct
 __sk_buff with ifindex = xde0_dp, resolved in the caller's namespace). The
@@ -78,7 +78,7 @@ from scapy.packet import Raw
 
 from xdectl import fw, libbpf, overlay
 from xdectl.datapath import Datapath
-from xdectl.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
+from xdelab.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
 from xdectl.maps import find_port, sum_percpu
 
 G1, G2 = SLEDS["sled1"], SLEDS["sled2"]

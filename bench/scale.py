@@ -4,7 +4,7 @@
     .venv/bin/python bench/scale.py [--samples 2000] [--rounds 5]
                                     [--out bench/results/scale.json]
 
-Builds a lab of its own (`xdectl.lab.Lab`, prefix `xs<3 hex>-`, always torn
+Builds a lab of its own (`xdelab.lab.Lab`, prefix `xs<3 hex>-`, always torn
 down) and runs sled1's pinned programs with BPF_PROG_TEST_RUN inside sled1's
 namespace (tc_port_out gets a 192-byte struct __sk_buff ctx with ifindex =
 xde0_dp at offset 40; xdp_underlay needs no ctx), against EMPTY programs of
@@ -71,7 +71,7 @@ from scapy.packet import Raw
 
 from xdectl import fw, libbpf, overlay
 from xdectl.datapath import Datapath
-from xdectl.lab import GW_MAC, SLEDS, VNI, Lab
+from xdelab.lab import GW_MAC, SLEDS, VNI, Lab
 from xdectl.maps import find_port, ip4_be, mac_bytes, set_bytes, sum_percpu
 
 G1, G2 = SLEDS["sled1"], SLEDS["sled2"]

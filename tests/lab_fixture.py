@@ -33,7 +33,7 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from xdectl.datapath import Datapath
-from xdectl.lab import BSVC_ADDR, GW_IP, GW_MAC, OUTSIDE, SLEDS, SUBNET, VNI, Lab
+from xdelab.lab import BSVC_ADDR, GW_IP, GW_MAC, OUTSIDE, SLEDS, SUBNET, VNI, Lab
 from xdectl.maps import find_port, sum_percpu
 
 REPO = Path(__file__).resolve().parents[1]

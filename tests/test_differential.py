@@ -29,7 +29,7 @@ from model.harness import SledRunner, next_hops, run_case
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from xdectl.lab import Lab
+from xdelab.lab import Lab
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 "Firewall and flow table"), end to end in a lab of this module's own, and the
 rule matcher through BPF_PROG_TEST_RUN on the loaded programs.
 
-One lab (`xdectl.lab.Lab`, prefix `xf<3 hex>-`) is built for the module
+One lab (`xdelab.lab.Lab`, prefix `xf<3 hex>-`) is built for the module
 and always torn down. After every test both sleds go back to the default
 rules (`in allow vni=10`, `in allow icmp`, both priority 65535), OPTE's
 flow timeouts (60/5/8000/120 s) and an empty flow table, so tests do not
@@ -62,7 +62,7 @@ from lab_fixture import (
 from xdectl import fw as xfw
 from xdectl import libbpf
 from xdectl.datapath import Datapath
-from xdectl.lab import Lab
+from xdelab.lab import Lab
 from xdectl.maps import find_port, sum_percpu
 
 DEFAULT_LINES = ["dir=in action=allow priority=65535 hosts=vni=10",

@@ -9,7 +9,7 @@ import pytest
 from pyroute2 import netns
 
 from netns import XDECTL, create_args, short_id, sh
-from xdectl.lab import HOSTS, Lab
+from xdelab.lab import HOSTS, Lab
 
 pytestmark = pytest.mark.usefixtures("privileged")
 

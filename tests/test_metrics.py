@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from xdectl.lab import GW_IP, SLEDS, Lab
+from xdelab.lab import GW_IP, SLEDS, Lab
 
 REPO = Path(__file__).resolve().parents[1]
 XDECTL = str(REPO / ".venv" / "bin" / "xdectl")

@@ -25,7 +25,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from xdectl.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
+from xdelab.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
 
 REPO = Path(__file__).resolve().parents[1]
 XDECTL = str(REPO / ".venv" / "bin" / "xdectl")

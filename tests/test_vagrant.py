@@ -2,7 +2,7 @@
 so what is checked is what can be without one -- `vagrant validate` of the
 Vagrantfile for both providers, shellcheck of the provisioning scripts, and
 that the scripts set up and check the same things as the namespace lab
-(xdectl/lab.py). vagrant/README.md says what was verified where.
+(xdelab/lab.py). vagrant/README.md says what was verified where.
 
 - libvirt: the vagrant-libvirt plugin (Debian package, installed by
   `make setup`) validates the libvirt provider block.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from xdectl import lab
+from xdelab import lab
 
 REPO = Path(__file__).resolve().parents[1]
 VAGRANT_DIR = REPO / "vagrant"
@@ -130,7 +130,7 @@ def _vars(path):
 
 def test_scripts_use_the_namespace_labs_plan():
     """Same gateway, VNIs, boundary services and check targets as
-    xdectl/lab.py, so the VMs answer the same pings as `xdectl lab ping`."""
+    xdelab/lab.py, so the VMs answer the same pings as `xdectl lab ping`."""
     prov, chk = _vars(SCRIPTS[0]), _vars(SCRIPTS[1])
     assert prov["GW_MAC"] == lab.GW_MAC and prov["GW_IP"] == lab.GW_IP
     assert prov["VNI"] == str(lab.VNI) and prov["BSVC_VNI"] == str(lab.BSVC_VNI)

@@ -2,7 +2,7 @@
 # Provision one machine of the Vagrant lab (see Vagrantfile): ROLE is
 # sled1, sled2 or boundary. Runs as root inside the VM; safe to run again.
 #
-# The addresses are those of the namespace lab (xdectl/lab.py): sled N has
+# The addresses are those of the namespace lab (xdelab/lab.py): sled N has
 # underlay address fd00:N::1 and guest gN (10.0.0.N, MAC a8:40:25:ff:00:0N)
 # in VPC VNI 10; boundary services are fd00:99::1 in VNI 99.
 set -euo pipefail
@@ -66,7 +66,7 @@ boundary() {
   if ! systemctl is-active --quiet xde-bsvc.service; then
     systemctl reset-failed xde-bsvc.service 2>/dev/null || true
     systemd-run --unit=xde-bsvc --working-directory="$src" -p Restart=on-failure \
-      /usr/bin/python3 -m xdectl.bsvc "$BSVC_ADDR" "$VNI"
+      /usr/bin/python3 -m xdelab.bsvc "$BSVC_ADDR" "$VNI"
   fi
   log "router of both underlays and boundary services $BSVC_ADDR"
 }

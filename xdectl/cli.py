@@ -281,28 +281,28 @@ def lab_main(prefix: str = typer.Option("xl-", help="Prefix of the lab's namespa
 @lab_app.command("up")
 def lab_up():
     """Build the lab: switches, sleds, guests, boundary services."""
-    from .lab import Lab
+    from xdelab.lab import Lab
     Lab(State.lab_prefix).up()
 
 
 @lab_app.command("ping")
 def lab_ping():
     """Check guest-guest, guest-gateway and guest-boundary reachability."""
-    from .lab import Lab
+    from xdelab.lab import Lab
     Lab(State.lab_prefix).check()
 
 
 @lab_app.command("down")
 def lab_down():
     """Remove everything the lab made."""
-    from .lab import Lab
+    from xdelab.lab import Lab
     Lab(State.lab_prefix).down()
 
 
 @lab_app.command("status")
 def lab_status():
     """Show whether the lab is up, and its ports."""
-    from .lab import Lab
+    from xdelab.lab import Lab
     Lab(State.lab_prefix).status()
 
 

@@ -19,7 +19,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-# sled1 of the lab (xdectl/lab.py) plus tests/model/setup.py's extra state
+# sled1 of the lab (xdelab/lab.py) plus tests/model/setup.py's extra state
 G1_MAC, G2_MAC, GW_MAC = "a8:40:25:ff:00:01", "a8:40:25:ff:00:02", "a8:40:25:00:00:01"
 G1_IP, G2_IP, GW_IP = "10.0.0.1", "10.0.0.2", "172.30.0.5"
 U1, U2, BSVC6 = "fd00:1::1", "fd00:2::1", "fd00:99::1"

@@ -2,7 +2,7 @@
 6081 at its underlay address, answers ICMP echo requests for any address
 outside the VPC (decap, reply, encap in the VPC's VNI), and drops the rest.
 
-Run inside the lab's boundary namespace: `python -m xdectl.bsvc ADDR VNI`.
+Run inside the lab's boundary namespace: `python -m xdelab.bsvc ADDR VNI`.
 """
 import socket
 import struct

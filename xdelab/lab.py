@@ -21,9 +21,9 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
-from . import overlay, ports
-from .errors import Teardown, XdeError
-from .netdev import sysctl
+from xdectl import overlay, ports
+from xdectl.errors import Teardown, XdeError
+from xdectl.netdev import sysctl
 
 DEFAULT_PREFIX = "xl-"
 UNDERLAY_MTU = 1600           # guest 1500 + encapsulation, under the XDP-on-veth cap
@@ -119,7 +119,7 @@ class Lab:
         for sled, s in SLEDS.items():
             self._sled(sled, s)
         proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns('bsvc')}", sys.executable,
-                                 "-m", "xdectl.bsvc", BSVC_ADDR, str(VNI)],
+                                 "-m", "xdelab.bsvc", BSVC_ADDR, str(VNI)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         (self.state / "bsvc.pid").write_text(str(proc.pid))
