@@ -104,8 +104,8 @@ class Datapath:
             os.close(self._lock_fd)
             self._lock_fd = None
         # A root left without an instance is removed: a failed first create
-        # must not leave even an empty directory behind.
-        # A root that holds something else stays (unload names it).
+        # must not leave even an empty directory behind. One that holds
+        # something xdectl did not make stays (unload --force names it).
         if self.root.exists() and not self.exists():
             try:
                 self._remove_pins()
