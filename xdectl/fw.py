@@ -10,17 +10,17 @@ import ipaddress
 import time
 from dataclasses import dataclass, field
 
-from . import validate
+from . import abi, validate
 from .datapath import Datapath, session
 from .errors import XdeError
 from .maps import find_port, ip4_be, ip4_str
 
-DIRS = {"out": 0, "in": 1}
-ACTIONS = {"allow": 1, "deny": 2}
-PROTOCOLS = {"any": 0, "tcp": 6, "udp": 17, "icmp": 1, "arp": 0xFE}
-MAX_PORTS = 8
+DIRS = {"out": abi.DIR_OUT, "in": abi.DIR_IN}
+ACTIONS = {"allow": abi.FW_ALLOW, "deny": abi.FW_DENY}
+PROTOCOLS = {"any": abi.FW_PROTO_ANY, "tcp": 6, "udp": 17, "icmp": 1, "arp": abi.FW_PROTO_ARP}
+MAX_PORTS = abi.FW_MAX_PORTS
 DEFAULT_PRIORITY = 65535
-TCP_STATES = {0: "-", 1: "SYN_SENT", 2: "ESTABLISHED", 3: "FIN_WAIT", 4: "CLOSED"}
+TCP_STATES = {0: "-", **{i: name for i, name in enumerate(abi.TCP_STATES) if i}}
 # OPTE's flow timeouts, in seconds
 DEFAULT_TIMEOUTS = {"idle": 60, "tcp_handshake": 5, "tcp_established": 8000, "tcp_closed": 120}
 

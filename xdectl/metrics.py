@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 
+from .abi import PORT_F_PASSTHROUGH
 from .errors import XdeError
 
-PORT_F_PASSTHROUGH = 1       # bpf/xde.h
 
 # Port counters (bpf/xde.h XDE_PORT_COUNTERS) -> (metric, HELP, labels).
 # drop_* counters become xde_port_drops_total{reason}; a counter missing

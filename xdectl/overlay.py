@@ -8,11 +8,11 @@ import ipaddress
 import sys
 
 from . import validate
+from .abi import RT_DROP, RT_IG, RT_IP4, RT_SUB4
 from .datapath import Datapath, session
 from .errors import XdeError
 from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes
 
-RT_DROP, RT_IG, RT_IP4, RT_SUB4 = 1, 2, 3, 4
 TARGET_NAMES = {RT_DROP: "drop", RT_IG: "ig", RT_IP4: "ip4", RT_SUB4: "sub4"}
 BATCH = 4096
 

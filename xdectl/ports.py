@@ -10,13 +10,12 @@ import os
 from dataclasses import dataclass
 
 from . import fw, overlay, underlay, validate
+from .abi import ENCAP_LEN as ENCAP_OVERHEAD, PORT_F_PASSTHROUGH, VNI_PASSTHROUGH
 from .datapath import Datapath, session, tc_name
 from .errors import Teardown, XdeError
 from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
 from .netdev import Netdev, sysctl
 
-PORT_F_PASSTHROUGH = 1
-VNI_PASSTHROUGH = 0xFFFFFFFF
 DEFAULT_SUBNET_LEN = 24
 
 
@@ -236,7 +235,6 @@ def _create(dp, nd, spec, u1, u2, undo):
     cfg_map.set(cfg_map.Key(0), cfg)
 
 
-ENCAP_OVERHEAD = 14 + 40 + 8 + 8   # inner Ethernet, outer IPv6, UDP, Geneve
 MAX_PORT_MTU = 1500
 DATAPATH_END_MTU = 65535
 

@@ -26,11 +26,11 @@ the datapath works on any underlay and rides out link flaps (ARCHITECTURE.md,
 import ipaddress
 import os
 
+from .abi import SENTINEL_PREFIX
 from .datapath import tc_name
 from .errors import XdeError
 from .netdev import get_feature, set_features, sysctl, read_sysctl
 
-SENTINEL_PREFIX = "fd78:6465:7864::"     # fib.h builds the same address
 TX_CSUM = "tx-checksum-ip-generic"
 SYSCTLS = {"keep_addr_on_down": 1, "ignore_routes_with_linkdown": 1, "accept_dad": 0}
 

@@ -1,0 +1,106 @@
+"""The values C and Python must agree on are defined in bpf/ and mirrored in
+xdectl/abi.py; this reads the C source and checks every mirrored value, so
+that an edit on one side alone fails here (no root needed)."""
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+
+from xdectl import abi, datapath, fw, overlay, ports
+
+BPF = Path(__file__).resolve().parents[1] / "bpf"
+
+
+def c_source():
+    return "\n".join(p.read_text() for p in sorted(BPF.glob("*.[ch]")))
+
+
+def c_value(expr):
+    """A #define's value: an integer expression of literals."""
+    expr = re.sub(r"/\*.*?\*/", "", expr).strip()
+    expr = re.sub(r"(?<=\d)U?L*L?\b", "", expr)
+    assert re.fullmatch(r"[0-9a-fA-Fx+\-*<() ]+", expr), f"not a plain integer: {expr!r}"
+    return eval(expr)  # noqa: S307 - digits and operators only, checked above
+
+
+def defines():
+    out = {}
+    for name, value in re.findall(r"^#define ([A-Z][A-Z0-9_]*) ([^\n{]+)$", c_source(), re.M):
+        try:
+            out[name] = c_value(value)
+        except AssertionError:
+            pass  # macros that are not integers (BPF helpers, lists)
+    return out
+
+
+def enum(name):
+    """{member: value} of a named enum (or the anonymous one whose members
+    include `name`)."""
+    src = c_source()
+    m = re.search(r"enum " + name + r" \{([^}]*)\}", src) or \
+        re.search(r"enum \{([^}]*\b" + name + r"\b[^}]*)\}", src)
+    assert m, f"enum {name} not found in bpf/"
+    out, nxt = {}, 0
+    for item in m.group(1).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, val = item.partition("=")
+        nxt = c_value(val) if val else nxt
+        out[key.strip()] = nxt
+        nxt += 1
+    return out
+
+
+D = defines()
+
+
+@pytest.mark.parametrize("name", ["PORT_F_PASSTHROUGH", "VNI_PASSTHROUGH", "GENEVE_PORT",
+                                  "GENEVE_PROTO_ETH", "GENEVE_OPT_CLASS_OXIDE", "FW_PROTO_ANY",
+                                  "FW_PROTO_ARP", "FW_MAX_PORTS"])
+def test_defines(name):
+    assert getattr(abi, name) == D[name], f"{name}: C says {D[name]:#x}"
+
+
+def test_encapsulation_length():
+    assert abi.ENCAP_LEN == D["ENCAP_LEN"] == 70
+    assert ports.ENCAP_OVERHEAD == abi.ENCAP_LEN
+
+
+def test_enums():
+    assert (abi.RT_DROP, abi.RT_IG, abi.RT_IP4, abi.RT_SUB4) == \
+        tuple(enum("route_target")[k] for k in ("RT_DROP", "RT_IG", "RT_IP4", "RT_SUB4"))
+    assert (abi.DIR_OUT, abi.DIR_IN) == (enum("fw_dir")["DIR_OUT"], enum("fw_dir")["DIR_IN"])
+    assert (abi.FW_ALLOW, abi.FW_DENY) == \
+        (enum("fw_action")["FW_ALLOW"], enum("fw_action")["FW_DENY"])
+    states = enum("tcp_state")
+    assert [f"TCP_{s}" for s in abi.TCP_STATES] == sorted(states, key=states.get)
+    slots = enum("PROG_MAIN")
+    assert (abi.PROG_MAIN, abi.PROG_FW_EVAL) == (slots["PROG_MAIN"], slots["PROG_FW_EVAL"])
+
+
+def test_python_users_take_the_mirrored_values():
+    assert overlay.RT_SUB4 == abi.RT_SUB4
+    assert fw.DIRS == {"out": abi.DIR_OUT, "in": abi.DIR_IN}
+    assert fw.ACTIONS == {"allow": abi.FW_ALLOW, "deny": abi.FW_DENY}
+    assert fw.TCP_STATES[2] == "ESTABLISHED"
+    # the tail-call tables list their programs in slot order
+    for table, names in datapath.TAIL_CALLS.items():
+        assert names.index(names[abi.PROG_FW_EVAL]) == abi.PROG_FW_EVAL
+        assert names[abi.PROG_FW_EVAL].endswith("_fw_eval"), (table, names)
+
+
+def test_sentinel_prefix_is_what_fib_h_builds():
+    words = re.search(r"ipv6_dst\[0\] = bpf_htonl\((0x[0-9a-f]+)\);\s*"
+                      r"p\.ipv6_dst\[1\] = bpf_htonl\((0x[0-9a-f]+)\);", c_source())
+    assert words, "underlay_alive() no longer builds the sentinel address as expected"
+    packed = int(words.group(1), 16).to_bytes(4, "big") + int(words.group(2), 16).to_bytes(4, "big")
+    assert ipaddress.IPv6Address(abi.SENTINEL_PREFIX).packed[:8] == packed
+
+
+def test_a_mismatch_is_caught(monkeypatch):
+    """Not vacuous: a drifted copy fails the same comparison."""
+    monkeypatch.setattr(abi, "VNI_PASSTHROUGH", 0xFFFFFFFE)
+    with pytest.raises(AssertionError):
+        test_defines("VNI_PASSTHROUGH")
