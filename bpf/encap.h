@@ -44,9 +44,9 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 	__u32 d = dpc->ifindex;
 	/* the destination port's inbound firewall, as if it came off the wire */
 	int v = firewall(d, DIR_IN, p, vni, skb->len, cfg);
-	if (v == FW_PENDING)
+	if (v == VERDICT_PENDING)
 		return fw_call_eval(skb);
-	if (v == FW_DENY) {
+	if (v == VERDICT_DENY) {
 		port_count(d, P_drop_firewall, 1);
 		return TC_ACT_SHOT;
 	}

@@ -13,7 +13,7 @@
  * The rule walk runs in a program of its own, reached by tail call: inlined
  * into the pipeline, the verifier would walk 1,024 rules once per path that
  * leads there, far past its limits. So on a flow-table miss the pipeline
- * leaves the question in the per-CPU job and returns FW_PENDING; its caller
+ * leaves the question in the per-CPU job and returns VERDICT_PENDING; its caller
  * tail-calls the eval program, which answers and tail-calls the pipeline
  * again from the start; this time firewall() finds the answer. */
 #ifndef XDE_FW_H
@@ -23,9 +23,8 @@
 #include "counters.h"
 
 #define NS 1000000000ULL
-#define FW_DENY 0
-#define FW_PASS 1
-#define FW_PENDING 2
+/* What the firewall says of a packet (apart from a rule's enum fw_action). */
+enum fw_verdict { VERDICT_DENY = 0, VERDICT_PASS = 1, VERDICT_PENDING = 2 };
 #define VNI_NONE 0xffffffff       /* frames from outside the VPC (External option) */
 
 
@@ -165,7 +164,7 @@ static __always_inline int same_pkt(struct pkt4 *a, struct pkt4 *b)
 }
 
 /* The rules' verdict on p going dir through port: 1 with *allow set when the
- * eval program has answered, 0 after posting the question (FW_PENDING). */
+ * eval program has answered, 0 after posting the question (VERDICT_PENDING). */
 static __always_inline int fw_rules_verdict(__u32 port, __u32 dir, struct pkt4 *p, __u32 vni,
 					    __u32 *rule_id, int *allow)
 {
@@ -294,7 +293,7 @@ static __always_inline int fw_call_eval(struct __sk_buff *skb)
 	return TC_ACT_SHOT;  /* only if the tail call failed */
 }
 
-/* FW_PASS, FW_DENY, or FW_PENDING: tail-call PROG_FW_EVAL. */
+/* VERDICT_PASS, VERDICT_DENY, or VERDICT_PENDING: tail-call PROG_FW_EVAL. */
 static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32 vni,
 				    __u32 len, struct xde_cfg *cfg)
 {
@@ -324,7 +323,7 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 			}
 			/* judged as it was first: with the VNI it came in (or none) */
 			if (!fw_rules_verdict(port, f->origin, &o, f->vni, &rule, &ok))
-				return FW_PENDING;
+				return VERDICT_PENDING;
 			f->epoch = epoch;
 		}
 		if (ok) {
@@ -336,7 +335,7 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 			if (changed || reeval || now - f->last_ns > NS)
 				flow_sync(&k, f, now);
 			f->last_ns = now;
-			return FW_PASS;
+			return VERDICT_PASS;
 		}
 		struct flow_key rk;
 		flow_key_reverse(&rk, &k);
@@ -345,15 +344,15 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 	}
 	int allow;
 	if (!fw_rules_verdict(port, dir, p, vni, &rule, &allow))
-		return FW_PENDING;
+		return VERDICT_PENDING;
 	port_count(port, P_flow_misses, 1);
 	if (!allow) {
 		port_count(port, P_fw_denied, 1);
-		return FW_DENY;
+		return VERDICT_DENY;
 	}
 	port_count(port, P_fw_allowed, 1);
 	flow_create(&k, epoch, rule, p, vni, len, now);
-	return FW_PASS;
+	return VERDICT_PASS;
 }
 
 #endif

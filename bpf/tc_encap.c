@@ -61,9 +61,9 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	if (rc >= 0)
 		return rc;
 	int fw = firewall(port, DIR_OUT, &pkt, pc->vni, skb->len, cfg);
-	if (fw == FW_PENDING)
+	if (fw == VERDICT_PENDING)
 		return fw_call_eval(skb);
-	if (fw == FW_DENY) {
+	if (fw == VERDICT_DENY) {
 		port_count(port, P_drop_firewall, 1);
 		return TC_ACT_SHOT;
 	}

@@ -55,11 +55,11 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 		return drop(G_malformed_inner);
 	int v = firewall(p, DIR_IN, &pkt, rx->external ? VNI_NONE : rx->vni,
 			 data_end - (void *)inner, cfg);
-	if (v == FW_PENDING) {
+	if (v == VERDICT_PENDING) {
 		xdp_progs.call(ctx, PROG_FW_EVAL);
 		return XDP_DROP;  /* only if the tail call failed */
 	}
-	if (v == FW_DENY) {
+	if (v == VERDICT_DENY) {
 		port_count(p, P_drop_firewall, 1);
 		return XDP_DROP;
 	}
