@@ -1,7 +1,7 @@
 """The underlay pair of an instance: what xdectl attaches to both NICs with
 the first port and removes with the last, and what it sets on them so that
 the datapath works on any underlay and rides out link flaps (ARCHITECTURE.md,
-"Underlay").
+"The underlay").
 
 - XDP (Geneve in) and the broadcast hook on TC ingress.
 - Sysctls, back to the namespace's defaults when the last port goes:
@@ -47,11 +47,12 @@ def attach(dp, nd, u1, u2, undo):
         _check_free(dp, nd, u1, u2)
         bits = 0
         for i, u in enumerate((u1, u2)):
+            undo.add(detach, nd, u)   # undoes whatever of the next steps was done
             nd.attach_xdp(u, xdp_fd, replace=True)
-            undo.add(nd.detach_xdp, u)
             nd.attach_tc_ingress(u, tc_fd, tc_name("tc_underlay_in", dp.root))
-            undo.add(nd.detach_tc_ingress, u)
-            _configure(nd, u, undo)
+            for key, value in SYSCTLS.items():
+                sysctl(f"net/ipv6/conf/{nd.name(u)}/{key}", value)
+            nd.add_addr6(u, sentinel(u), 128)
             bits |= _software_checksums(nd, u, undo) << i
         return bits
     finally:
@@ -66,19 +67,6 @@ def _check_free(dp, nd, u1, u2):
         if other and other not in ours:
             raise XdeError(f"underlay {nd.name(u)} already has an XDP program (id {other}) "
                            f"that is not this root's")
-
-
-def _configure(nd, u, undo):
-    name = nd.name(u)
-    for key, value in SYSCTLS.items():
-        sysctl(f"net/ipv6/conf/{name}/{key}", value)
-        undo.add(_restore_sysctl, name, key)
-    nd.add_addr6(u, sentinel(u), 128)
-    undo.add(nd.del_addr6, u, sentinel(u), 128)
-
-
-def _restore_sysctl(name, key):
-    sysctl(f"net/ipv6/conf/{name}/{key}", read_sysctl(f"net/ipv6/conf/default/{key}"))
 
 
 def _software_checksums(nd, u, undo):
@@ -100,9 +88,11 @@ def detach_pair(nd, u1, u2, sw_csum=0):
 
 
 def detach(nd, u):
+    """Everything attach does to one underlay but its checksum offload
+    (detach_pair restores that: only it knows whether it was on)."""
     name = nd.name(u)
     for key in SYSCTLS:
-        _restore_sysctl(name, key)
+        sysctl(f"net/ipv6/conf/{name}/{key}", read_sysctl(f"net/ipv6/conf/default/{key}"))
     nd.detach_xdp(u)
     nd.detach_tc_ingress(u)
     nd.del_addr6(u, sentinel(u), 128)

@@ -95,7 +95,8 @@ class Lab:
     def _addr6(self, host, ifname, addr, plen):
         with self.inside(host), IPRoute() as ipr:
             # a link that flaps keeps its address, as a configured NIC would
-            if ifname != "lo":
+            # (xdectl sets it on the sleds' underlays itself)
+            if ifname != "lo" and host not in SLEDS:
                 sysctl(f"net/ipv6/conf/{ifname}/keep_addr_on_down", 1)
             i = ipr.link_lookup(ifname=ifname)[0]
             ipr.addr("add", index=i, address=addr, prefixlen=plen, family=socket.AF_INET6,
