@@ -117,7 +117,7 @@ class Bench:
         """A short TCP transfer on xde: does it flow, and without the two
         known product failures? Returns (Gbit/s or 0, what went wrong)."""
         before = (self.nstat("g2", "TcpInCsumErrors"),
-                  self.xde_counters("sled1").get("drop_underlay_unreachable", 0))
+                  self.xde_counters("sled1").get("drop_out_underlay_unreachable", 0))
         # (run from a snapshot if others edit bpf/ meanwhile: xdectl refuses
         # a pinned datapath whose layout differs from the source on disk)
         try:
@@ -125,12 +125,12 @@ class Bench:
         except RuntimeError:
             gbps = 0.0
         csum = self.nstat("g2", "TcpInCsumErrors") - before[0]
-        unreach = self.xde_counters("sled1").get("drop_underlay_unreachable", 0) - before[1]
+        unreach = self.xde_counters("sled1").get("drop_out_underlay_unreachable", 0) - before[1]
         problems = []
         if csum:
             problems.append(f"{csum} TCP checksum errors in g2")
         if unreach:
-            problems.append(f"{unreach} drop_underlay_unreachable on sled1 xde0")
+            problems.append(f"{unreach} drop_out_underlay_unreachable on sled1 xde0")
         return gbps, problems
 
     def check_xde_tcp(self):

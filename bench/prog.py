@@ -79,7 +79,8 @@ from scapy.packet import Raw
 from xdectl import fw, libbpf, overlay
 from xdectl.datapath import Datapath
 from xdelab.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
-from xdectl.maps import find_port, sum_percpu
+from xdectl import counters
+from xdectl.maps import find_port
 
 G1, G2 = SLEDS["sled1"], SLEDS["sled2"]
 RULE_COUNTS = (0, 16, 256, 1024)
@@ -152,8 +153,7 @@ class Bench:
             try:
                 maps = dp.maps()
                 index, _ = find_port(maps, "xde0")
-                m = maps["port_stats"]
-                return sum_percpu(m.get(m.Key(index)))
+                return counters.port_counts(maps, index).flat()
             finally:
                 dp.close()
 

@@ -72,7 +72,8 @@ from scapy.packet import Raw
 from xdectl import fw, libbpf, overlay
 from xdectl.datapath import Datapath
 from xdelab.lab import GW_MAC, SLEDS, VNI, Lab
-from xdectl.maps import find_port, ip4_be, mac_bytes, set_bytes, sum_percpu
+from xdectl import counters
+from xdectl.maps import find_port, ip4_be, mac_bytes, set_bytes
 
 G1, G2 = SLEDS["sled1"], SLEDS["sled2"]
 SKB_CTX_SIZE, SKB_IFINDEX_OFF = 192, 40
@@ -142,8 +143,7 @@ class Scale:
     # --- running -------------------------------------------------------------------
 
     def stats(self):
-        m = self.maps["port_stats"]
-        return sum_percpu(m.get(m.Key(self.port)))
+        return counters.port_counts(self.maps, self.port).flat()
 
     def runs(self, prog, frames):
         """(set of return codes, median ns) over one repeat=1 run per frame."""

@@ -1,22 +1,124 @@
-/* Counter updates. Per-CPU maps: no atomics; xdectl sums the CPUs. */
+/* Counters: what happened to frames, per port and for the instance, in
+ * per-CPU maps (no atomics; xdectl sums the CPUs).
+ *
+ * Two lists. The events below count what went through; the drop reasons
+ * say why a frame died, each counted per direction. A program drops a
+ * frame only by returning tc_drop() or xdp_drop() with a reason: nothing
+ * else in bpf/ may return TC_ACT_SHOT or XDP_DROP (a unit test checks),
+ * so there is no drop without a reason. docs/design.md lists the reasons
+ * for operators (a unit test keeps that table equal to this list). */
 #ifndef XDE_COUNTERS_H
 #define XDE_COUNTERS_H
 
-#include "maps.h"
+#include "pin.h"
 
-static __always_inline void port_count(__u32 port, enum port_counter c, __u64 n)
+/* Direction, from the port's point of view: out of the guest, or into it. */
+enum xde_dir { DIR_OUT = 0, DIR_IN = 1 };
+
+#define XDE_PORT_EVENTS(X) \
+	X(rx_packets) X(rx_bytes) X(tx_packets) X(tx_bytes) \
+	X(passthrough_out) X(passthrough_in) \
+	X(encap) X(decap) X(arp_replies) X(icmp_replies) X(mtu_icmp_sent) \
+	X(underlay_detours) \
+	X(flow_hits) X(flow_misses) X(flow_reevaluated) X(fw_allowed) X(fw_denied)
+
+#define XDE_GLOBAL_EVENTS(X) \
+	X(passed_to_host)
+
+#define XDE_DROP_REASONS(X) \
+	X(malformed_truncated)       /* Geneve datagram shorter than its headers or lengths */ \
+	X(malformed_version)         /* Geneve version is not 0 */ \
+	X(malformed_options)         /* Geneve options overrun their area or the datagram */ \
+	X(malformed_critical_option) /* a critical Geneve option xde does not know */ \
+	X(malformed_protocol)        /* Geneve payload is not Ethernet */ \
+	X(malformed_inner)           /* frame too short for its Ethernet header */ \
+	X(malformed_ipv4)            /* IPv4 header inconsistent with itself or the frame */ \
+	X(unsupported)               /* EtherType the overlay does not carry */ \
+	X(arp_in_geneve)             /* ARP inside Geneve: ARP never crosses the overlay */ \
+	X(no_port)                   /* Geneve for a (VNI, MAC) with no port here */ \
+	X(unknown_port)              /* a veth the datapath has no port for */ \
+	X(no_underlay)               /* no underlay NIC attached yet */ \
+	X(spoof)                     /* source MAC or IPv4 is not the port's */ \
+	X(arp)                       /* ARP the gateway does not answer */ \
+	X(firewall)                  /* denied by the firewall */ \
+	X(mtu)                       /* bigger than the port MTU (ICMP sent back if DF) */ \
+	X(no_route)                  /* no route for the destination */ \
+	X(router)                    /* the route's target is drop */ \
+	X(no_v2p)                    /* no V2P entry for the next hop */ \
+	X(no_port_local)             /* V2P names this host, no port has that MAC */ \
+	X(underlay_unreachable)      /* the kernel's FIB has no underlay route */ \
+	X(tail_call)                 /* a tail call failed (program missing from its table) */ \
+	X(load_failed)               /* bpf_skb_load_bytes failed */ \
+	X(store_failed)              /* bpf_skb_store_bytes failed */ \
+	X(resize_failed)             /* growing or shrinking the frame failed */ \
+	X(csum_failed)               /* a checksum helper failed */ \
+	X(no_scratch)                /* the per-CPU scratch map had no entry */
+
+#define XDE_FIELD(n) __u64 n;
+struct drops { XDE_DROP_REASONS(XDE_FIELD) };
+struct port_stats {
+	XDE_PORT_EVENTS(XDE_FIELD)
+	struct drops drop[2];     /* indexed by enum xde_dir */
+};
+struct global_stats {
+	XDE_GLOBAL_EVENTS(XDE_FIELD)
+	struct drops drop[2];     /* drops before a port is known */
+};
+#undef XDE_FIELD
+
+#define XDE_INDEX(n) P_##n,
+enum port_event { XDE_PORT_EVENTS(XDE_INDEX) P_MAX };
+#undef XDE_INDEX
+#define XDE_INDEX(n) G_##n,
+enum global_event { XDE_GLOBAL_EVENTS(XDE_INDEX) G_MAX };
+#undef XDE_INDEX
+#define XDE_INDEX(n) DROP_##n,
+enum drop_reason { XDE_DROP_REASONS(XDE_INDEX) DROP_MAX };
+#undef XDE_INDEX
+
+XDE_MAP("percpu_hash", u32, struct port_stats, port_stats, 1024);
+XDE_MAP("percpu_array", u32, struct global_stats, global_stats, 1);
+
+static __always_inline void port_count(__u32 port, enum port_event c, __u64 n)
 {
 	struct port_stats *st = port_stats.lookup(&port);
 	if (st)
 		((__u64 *)st)[c] += n;
 }
 
-static __always_inline void global_count(enum global_counter c)
+static __always_inline void global_count(enum global_event c)
 {
 	__u32 k = 0;
 	struct global_stats *g = global_stats.lookup(&k);
 	if (g)
 		((__u64 *)g)[c] += 1;
+}
+
+/* The one place a drop is counted: on the port (its ifindex) when there
+ * is one, else (port 0, or a port being deleted) on the instance. */
+static __always_inline void count_drop(__u32 port, enum xde_dir dir, enum drop_reason why)
+{
+	struct port_stats *st = port ? port_stats.lookup(&port) : 0;
+	if (st) {
+		((__u64 *)&st->drop[dir & 1])[why] += 1;
+		return;
+	}
+	__u32 k = 0;
+	struct global_stats *g = global_stats.lookup(&k);
+	if (g)
+		((__u64 *)&g->drop[dir & 1])[why] += 1;
+}
+
+static __always_inline int tc_drop(__u32 port, enum xde_dir dir, enum drop_reason why)
+{
+	count_drop(port, dir, why);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline int xdp_drop(__u32 port, enum xde_dir dir, enum drop_reason why)
+{
+	count_drop(port, dir, why);
+	return XDP_DROP;
 }
 
 #endif

@@ -3,8 +3,9 @@
 #ifndef XDE_ENCAP_H
 #define XDE_ENCAP_H
 
-#include "maps.h"
+#include "config.h"
 #include "counters.h"
+#include "scratch.h"
 #include "fib.h"
 #include "fw.h"
 
@@ -37,24 +38,20 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 	__builtin_memcpy(pk.mac, dmac, ETH_ALEN);
 	__u32 *dst = port_index.lookup(&pk);
 	struct port_cfg *dpc = dst ? ports.lookup(dst) : 0;
-	if (!dpc) {
-		port_count(port, P_drop_no_port_local, 1);
-		return TC_ACT_SHOT;
-	}
+	if (!dpc)
+		return tc_drop(port, DIR_OUT, DROP_no_port_local);
 	__u32 d = dpc->ifindex;
 	/* the destination port's inbound firewall, as if it came off the wire */
 	int v = firewall(d, DIR_IN, p, vni, skb->len, cfg);
 	if (v == VERDICT_PENDING)
-		return fw_call_eval(skb);
-	if (v == VERDICT_DENY) {
-		port_count(d, P_drop_firewall, 1);
-		return TC_ACT_SHOT;
-	}
+		return tc_fw_call(skb, d, DIR_IN);
+	if (v == VERDICT_DENY)
+		return tc_drop(d, DIR_IN, DROP_firewall);
 	__u8 macs[12];
 	__builtin_memcpy(macs, dmac, ETH_ALEN);
 	__builtin_memcpy(macs + 6, dpc->gw_mac, ETH_ALEN);
 	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
-		return TC_ACT_SHOT;
+		return tc_drop(d, DIR_IN, DROP_store_failed);
 	port_count(d, P_rx_packets, 1);
 	port_count(d, P_rx_bytes, skb->len);
 	return bpf_redirect(d, 0);
@@ -73,7 +70,7 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 
 	struct encap_hdrs h = {};
 	if (bpf_skb_load_bytes(skb, 0, &h.inner, sizeof(h.inner)) < 0)
-		return TC_ACT_SHOT;
+		return tc_drop(port, DIR_OUT, DROP_load_failed);
 	__builtin_memcpy(h.inner.h_dest, dmac, ETH_ALEN);
 
 	/* Entropy for ECMP: the kernel's flow hash of the inner 5-tuple. The
@@ -91,10 +88,8 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	__u32 inner_len = skb->len;
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
-				BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN) | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) < 0) {
-		port_count(port, P_drop_mtu, 1);
-		return TC_ACT_SHOT;
-	}
+				BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN) | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) < 0)
+		return tc_drop(port, DIR_OUT, DROP_resize_failed);
 
 	/* For a GSO packet these lengths are the whole super-packet's (possibly
 	 * past 16 bits); segmentation rewrites them per segment. */
@@ -116,10 +111,9 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	h.gnv.vni[2] = vni;
 	h.eth.h_proto = bpf_htons(ETH_P_IPV6);
 
-	__u32 zero = 0;
-	struct scratch *sc = scratch.lookup(&zero);
+	struct scratch *sc = scratch_get();
 	if (!sc)
-		return TC_ACT_SHOT;
+		return tc_drop(port, DIR_OUT, DROP_no_scratch);
 	struct bpf_fib_lookup *fib = &sc->fib;
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET6;
@@ -142,15 +136,14 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		detour = nexthop_detour(underlay, cfg, fib, now, &kick);
 	} else {
-		port_count(port, P_drop_underlay_unreachable, 1);
-		return TC_ACT_SHOT;
+		return tc_drop(port, DIR_OUT, DROP_underlay_unreachable);
 	}
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS || detour) {
 		__builtin_memcpy(h.eth.h_dest, fib->dmac, ETH_ALEN);
 		__builtin_memcpy(h.eth.h_source, fib->smac, ETH_ALEN);
 	}
 	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
-		return TC_ACT_SHOT;
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
 	port_count(port, P_encap, 1);
 	if (detour) {
 		port_count(port, P_underlay_detours, 1);

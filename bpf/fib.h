@@ -2,7 +2,7 @@
 #ifndef XDE_FIB_H
 #define XDE_FIB_H
 
-#include "maps.h"
+#include "config.h"
 
 /* Flags newer than the UAPI headers bcc compiles against (kernel >= 6.8). */
 #ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
@@ -37,6 +37,19 @@ static __always_inline int underlay_alive(struct __sk_buff *skb, __u32 ifindex)
  * Instead the frame takes the other underlay's next hop toward the same
  * destination, as last seen resolved; once per NH_KICK_NS a copy of it also
  * goes to the unresolved one, so that the kernel keeps resolving it. */
+/* Next hops seen resolved, per (underlay destination, egress NIC). */
+struct nh_key {
+	__u8 dst[16];
+	__u32 ifindex;
+};
+struct nh_val {
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u64 seen_ns;            /* last time the FIB gave this next hop resolved */
+	__u64 kick_ns;            /* last time a frame went to it unresolved */
+};
+XDE_MAP("lru_hash", struct nh_key, struct nh_val, nexthops, 4096);
+
 #define NH_REFRESH_NS (50ULL * 1000000)   /* how often a resolved next hop is noted */
 #define NH_TRUST_NS (1000ULL * 1000000)   /* how long a noted one may stand in */
 #define NH_KICK_NS (100ULL * 1000000)

@@ -3,7 +3,7 @@
 #ifndef XDE_GATEWAY_H
 #define XDE_GATEWAY_H
 
-#include "maps.h"
+#include "config.h"
 #include "counters.h"
 
 static __always_inline int in_subnet(struct port_cfg *pc, __be32 addr)
@@ -24,17 +24,16 @@ static __always_inline int hairpin(struct __sk_buff *skb)
 static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port)
 {
 	struct arp_ipv4 a;
+	/* too short for an ARP body: not a request the gateway answers */
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &a, sizeof(a)) < 0)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_arp);
 	if (a.htype != bpf_htons(ARPHRD_ETHER) || a.ptype != bpf_htons(ETH_P_IP) ||
 	    a.hlen != ETH_ALEN || a.plen != 4 || a.op != bpf_htons(ARPOP_REQUEST))
-		goto drop;
-	if (!mac_eq(a.sha, pc->mac) || a.spa != pc->ip) {
-		port_count(port, P_drop_spoof, 1);
-		return TC_ACT_SHOT;
-	}
+		return tc_drop(port, DIR_OUT, DROP_arp);
+	if (!mac_eq(a.sha, pc->mac) || a.spa != pc->ip)
+		return tc_drop(port, DIR_OUT, DROP_spoof);
 	if (a.tpa != pc->gw_ip && !(in_subnet(pc, a.tpa) && a.tpa != pc->ip))
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_arp);
 
 	struct ethhdr eth = { .h_proto = bpf_htons(ETH_P_ARP) };
 	__builtin_memcpy(eth.h_dest, pc->mac, ETH_ALEN);
@@ -47,12 +46,9 @@ static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *p
 	a.spa = asked;
 	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0) < 0)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
 	port_count(port, P_arp_replies, 1);
 	return hairpin(skb);
-drop:
-	port_count(port, P_drop_arp, 1);
-	return TC_ACT_SHOT;
 }
 
 /* ICMP echo request to the gateway IP: turned into the reply in place.
@@ -75,11 +71,13 @@ static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *
 	__builtin_memcpy(macs + 6, pc->gw_mac, ETH_ALEN);
 	__u8 reply = ICMP_ECHOREPLY;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), addrs, 8, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0 ||
-	    bpf_l4_csum_replace(skb, l4off + offsetof(struct icmphdr, checksum),
-				bpf_htons(ICMP_ECHO << 8), bpf_htons(ICMP_ECHOREPLY << 8), 2) < 0 ||
-	    bpf_skb_store_bytes(skb, l4off, &reply, 1, 0) < 0)
-		return TC_ACT_SHOT;
+	    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
+	if (bpf_l4_csum_replace(skb, l4off + offsetof(struct icmphdr, checksum),
+				bpf_htons(ICMP_ECHO << 8), bpf_htons(ICMP_ECHOREPLY << 8), 2) < 0)
+		return tc_drop(port, DIR_OUT, DROP_csum_failed);
+	if (bpf_skb_store_bytes(skb, l4off, &reply, 1, 0) < 0)
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
 	port_count(port, P_icmp_replies, 1);
 	return hairpin(skb);
 }

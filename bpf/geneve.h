@@ -3,9 +3,12 @@
 #ifndef XDE_GENEVE_H
 #define XDE_GENEVE_H
 
-#include "maps.h"
+#include "config.h"
+#include "counters.h"
 
-#define NOT_FOR_US (-1)
+/* geneve_parse() returns a drop reason (< DROP_MAX) or one of these */
+#define GENEVE_OK DROP_MAX
+#define NOT_FOR_US (DROP_MAX + 1)
 
 struct geneve_rx {
 	__u32 vni;
@@ -15,9 +18,9 @@ struct geneve_rx {
 };
 
 /* Frames that are not IPv6/UDP to port 6081 at our underlay address return
- * NOT_FOR_US: the host stack gets them untouched. Geneve for us returns 0
- * with rx filled in, or the G_malformed_* counter that says why not. */
-static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
+ * NOT_FOR_US: the host stack gets them untouched. Geneve for us returns
+ * GENEVE_OK with rx filled in, or the DROP_malformed_* reason why not. */
+static __always_inline __u32 geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
 					struct geneve_rx *rx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -35,13 +38,13 @@ static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
 	__u32 ulen = bpf_ntohs(udp->len);
 	if ((void *)(g + 1) > data_end || bpf_ntohs(ip6->payload_len) > avail ||
 	    ulen > bpf_ntohs(ip6->payload_len) || ulen < sizeof(*udp) + sizeof(*g))
-		return G_malformed_truncated;
+		return DROP_malformed_truncated;
 	/* everything below is judged against the end of the UDP datagram */
 	__u32 glen = ulen - sizeof(*udp);
 	if (g->ver_optlen >> 6)
-		return G_malformed_version;
+		return DROP_malformed_version;
 	if (g->proto != bpf_htons(GENEVE_PROTO_ETH))
-		return G_malformed_protocol;
+		return DROP_malformed_protocol;
 
 	__u32 optlen = (g->ver_optlen & 0x3f) * 4;
 	__u32 off = 0;
@@ -51,33 +54,33 @@ static __always_inline int geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
 			break;
 		struct geneve_opt *o = (void *)(g + 1) + off;
 		if ((void *)(o + 1) > data_end || sizeof(*g) + off + sizeof(*o) > glen)
-			return G_malformed_options;
+			return DROP_malformed_options;
 		__u32 body = (o->len & 0x1f) * 4;
 		/* past the options area, or past the packet */
 		if (off + sizeof(*o) + body > optlen ||
 		    sizeof(*g) + off + sizeof(*o) + body > glen)
-			return G_malformed_options;
+			return DROP_malformed_options;
 		if (o->cls == bpf_htons(GENEVE_OPT_CLASS_OXIDE)) {
 			__u8 t = o->type & 0x7f;
 			if (t == GENEVE_OPT_EXTERNAL)
 				rx->external = 1;
 			else if (t != GENEVE_OPT_MULTICAST && t != GENEVE_OPT_MSS &&
 				 (o->type & GENEVE_OPT_CRITICAL))
-				return G_malformed_critical_option;
+				return DROP_malformed_critical_option;
 		} else if (o->type & GENEVE_OPT_CRITICAL) {
-			return G_malformed_critical_option;
+			return DROP_malformed_critical_option;
 		}
 		off += sizeof(*o) + body;
 	}
 	if (off != optlen)
-		return G_malformed_options;
+		return DROP_malformed_options;
 
 	rx->outer_len = sizeof(*eth) + sizeof(*ip6) + sizeof(*udp) + sizeof(*g) + optlen;
 	if (sizeof(*g) + optlen + sizeof(struct ethhdr) > glen)
-		return G_malformed_inner;
+		return DROP_malformed_inner;
 	rx->trim = avail - ulen;
 	rx->vni = (g->vni[0] << 16) | (g->vni[1] << 8) | g->vni[2];
-	return 0;
+	return GENEVE_OK;
 }
 
 #endif

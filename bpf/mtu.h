@@ -4,8 +4,9 @@
 #ifndef XDE_MTU_H
 #define XDE_MTU_H
 
-#include "maps.h"
+#include "config.h"
 #include "counters.h"
+#include "scratch.h"
 #include "gateway.h"
 
 #define IP_DF 0x4000
@@ -34,27 +35,23 @@ static __always_inline int mtu_check(struct __sk_buff *skb, struct port_cfg *pc,
 	__u16 tot = ip->tot_len;
 	if (tot <= pc->mtu || skb->gso_size)  /* GSO frames are segmented to fit */
 		return -1;
-	if (!(ip->frag_off & bpf_htons(IP_DF))) {
-		port_count(port, P_drop_mtu, 1);
-		return TC_ACT_SHOT;
-	}
 	__u32 quote = ip->ihl * 4 + 8;
-	if (quote > ICMP_QUOTE_MAX || quote > tot)
-		goto drop;
-	__u32 zero = 0;
-	struct scratch *sc = scratch.lookup(&zero);
+	/* without DF, or too short to quote: dropped without an ICMP error */
+	if (!(ip->frag_off & bpf_htons(IP_DF)) || quote > ICMP_QUOTE_MAX || quote > tot)
+		return tc_drop(port, DIR_OUT, DROP_mtu);
+	struct scratch *sc = scratch_get();
 	if (!sc)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_no_scratch);
 	__u8 *buf = sc->quote;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, buf, quote) < 0)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_load_failed);
 	__be32 guest = ip->saddr;
 
 	/* frame := Ethernet, new IPv4 + ICMP headers, quoted packet start */
 	if (bpf_skb_change_tail(skb, ETH_HLEN + quote, 0) < 0 ||
 	    bpf_skb_adjust_room(skb, sizeof(struct iphdr) + sizeof(struct icmphdr),
 				BPF_ADJ_ROOM_MAC, 0) < 0)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_resize_failed);
 
 	struct {
 		struct ethhdr eth;
@@ -77,20 +74,18 @@ static __always_inline int mtu_check(struct __sk_buff *skb, struct port_cfg *pc,
 	h.icmp.code = ICMP_FRAG_NEEDED;
 	h.icmp.un.frag.mtu = bpf_htons(pc->mtu);
 	__s64 s = bpf_csum_diff(0, 0, (__be32 *)&h.icmp, sizeof(h.icmp), 0);
+	if (s >= 0)
+		s = bpf_csum_diff(0, 0, (__be32 *)buf, quote & 0x7c, s);
 	if (s < 0)
-		goto drop;
-	s = bpf_csum_diff(0, 0, (__be32 *)buf, quote & 0x7c, s);
-	if (s < 0)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_csum_failed);
 	h.icmp.checksum = fold_csum(s);
 	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
-		goto drop;
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
+	/* the guest's packet is gone (counted as an mtu drop); its frame
+	 * now carries the ICMP error back */
+	count_drop(port, DIR_OUT, DROP_mtu);
 	port_count(port, P_mtu_icmp_sent, 1);
-	port_count(port, P_drop_mtu, 1);
 	return hairpin(skb);
-drop:
-	port_count(port, P_drop_mtu, 1);
-	return TC_ACT_SHOT;
 }
 
 #endif

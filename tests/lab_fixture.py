@@ -34,7 +34,8 @@ from scapy.packet import Raw
 
 from xdectl.datapath import Datapath
 from xdelab.lab import BSVC_ADDR, GW_IP, GW_MAC, OUTSIDE, SLEDS, SUBNET, VNI, Lab
-from xdectl.maps import find_port, sum_percpu
+from xdectl import counters
+from xdectl.maps import find_port
 
 REPO = Path(__file__).resolve().parents[1]
 XDECTL = str(REPO / ".venv" / "bin" / "xdectl")
@@ -122,8 +123,7 @@ class LabT:
         with self.maps(sled) as maps:
             index, _ = find_port(maps, port)
             assert index is not None, f"no port {port} on {sled}"
-            m = maps["port_stats"]
-            return sum_percpu(m.get(m.Key(index)))
+            return counters.port_counts(maps, index).flat()
 
     def cli_stats(self, sled, port="xde0"):
         """The port's counters through `xdectl stats PORT --json`."""
@@ -132,8 +132,7 @@ class LabT:
     def global_stats(self, sled):
         """The instance's global counters (global_stats, a per-CPU array)."""
         with self.maps(sled) as maps:
-            m = maps["global_stats"]
-            return sum_percpu(m.get(m.Key(0)))
+            return counters.global_counts(maps).flat()
 
     def link(self, host, dev):
         return json.loads(self.ip(host, "-s", "-j", "link", "show", "dev", dev).stdout)[0]
@@ -288,28 +287,28 @@ def malformed_cases(marker):
         return inner_icmp(marker + tag.encode())
     return [
         # UDP payload shorter than the 8-byte Geneve header
-        ("truncated", geneve()[:4], "malformed_truncated"),
-        ("version", geneve(ver=1) + inner("version"), "malformed_version"),
+        ("truncated", geneve()[:4], "drop_in_malformed_truncated"),
+        ("version", geneve(ver=1) + inner("version"), "drop_in_malformed_version"),
         # the header claims 63 words of options; the packet ends after one
         ("options_past_packet", geneve(optlen=63, opts=geneve_opt(OXIDE, 0x00)),
-         "malformed_options"),
+         "drop_in_malformed_options"),
         # an option whose body runs past the options area the header declares
         ("option_body_past_optlen",
          geneve(optlen=1, opts=geneve_opt(0x0102, 0x01, b"\0" * 8)) + inner("option_body_past_optlen"),
-         "malformed_options"),
+         "drop_in_malformed_options"),
         ("unknown_critical_option",
          geneve(opts=geneve_opt(0xFFFF, 0x80)) + inner("unknown_critical_option"),
-         "malformed_critical_option"),
+         "drop_in_malformed_critical_option"),
         ("unknown_oxide_critical_option",
          geneve(opts=geneve_opt(OXIDE, 0x83)) + inner("unknown_oxide_critical_option"),
-         "malformed_critical_option"),
-        ("protocol_ipv4", geneve(proto=0x0800) + inner("protocol_ipv4"), "malformed_protocol"),
-        ("no_inner_frame", geneve(), "malformed_inner"),
-        ("arp_inside", geneve() + inner_arp() + marker + b"arp_inside", "drop_arp_in_geneve"),
-        ("unknown_vni", geneve(vni=11) + inner("unknown_vni"), "drop_no_port"),
+         "drop_in_malformed_critical_option"),
+        ("protocol_ipv4", geneve(proto=0x0800) + inner("protocol_ipv4"), "drop_in_malformed_protocol"),
+        ("no_inner_frame", geneve(), "drop_in_malformed_inner"),
+        ("arp_inside", geneve() + inner_arp() + marker + b"arp_inside", "drop_in_arp_in_geneve"),
+        ("unknown_vni", geneve(vni=11) + inner("unknown_vni"), "drop_in_no_port"),
         ("unknown_mac",
          geneve() + inner_icmp(marker + b"unknown_mac", dst_mac="a8:40:25:ff:00:99"),
-         "drop_no_port"),
+         "drop_in_no_port"),
     ]
 
 

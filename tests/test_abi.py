@@ -71,7 +71,7 @@ def test_encapsulation_length():
 def test_enums():
     assert (abi.RT_DROP, abi.RT_IG, abi.RT_IP4, abi.RT_SUB4) == \
         tuple(enum("route_target")[k] for k in ("RT_DROP", "RT_IG", "RT_IP4", "RT_SUB4"))
-    assert (abi.DIR_OUT, abi.DIR_IN) == (enum("fw_dir")["DIR_OUT"], enum("fw_dir")["DIR_IN"])
+    assert (abi.DIR_OUT, abi.DIR_IN) == (enum("xde_dir")["DIR_OUT"], enum("xde_dir")["DIR_IN"])
     assert (abi.FW_ALLOW, abi.FW_DENY) == \
         (enum("fw_action")["FW_ALLOW"], enum("fw_action")["FW_DENY"])
     states = enum("tcp_state")
@@ -97,6 +97,16 @@ def test_sentinel_prefix_is_what_fib_h_builds():
     assert words, "underlay_alive() no longer builds the sentinel address as expected"
     packed = int(words.group(1), 16).to_bytes(4, "big") + int(words.group(2), 16).to_bytes(4, "big")
     assert ipaddress.IPv6Address(abi.SENTINEL_PREFIX).packed[:8] == packed
+
+
+def test_each_constant_is_defined_once():
+    """One definition per name across bpf/, and distinct names for the
+    special VNIs of distinct meanings."""
+    names = re.findall(r"^#define ([A-Z][A-Z0-9_]*)\b", c_source(), re.M)
+    guards = {n for n in names if n.startswith("XDE_") and n.endswith("_H")}
+    twice = {n for n in names if names.count(n) > 1} - guards - {"XDE_FIELD", "XDE_INDEX"}
+    assert not twice, f"defined more than once: {twice}"
+    assert D["VNI_PASSTHROUGH"] != D["VNI_EXTERNAL"]
 
 
 def test_a_mismatch_is_caught(monkeypatch):

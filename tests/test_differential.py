@@ -132,7 +132,7 @@ def test_model_can_fail(dlab):
     res = xde.outbound(inst, port, frame)
     rc, out, delta = runner.run("out", frame, port, ports=[port])
     assert compare(res, frame, rc, out, delta, hops) == []
-    res.counters = {(port, "drop_no_v2p"): 1}
+    res.counters = {(port, "drop_out_no_v2p"): 1}
     assert compare(res, frame, rc, out, delta, hops)
 
 

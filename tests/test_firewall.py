@@ -63,7 +63,8 @@ from xdectl import fw as xfw
 from xdectl import libbpf
 from xdectl.datapath import Datapath
 from xdelab.lab import Lab
-from xdectl.maps import find_port, sum_percpu
+from xdectl import counters
+from xdectl.maps import find_port
 
 DEFAULT_LINES = ["dir=in action=allow priority=65535 hosts=vni=10",
                  "dir=in action=allow priority=65535 protocol=icmp"]
@@ -224,8 +225,7 @@ class FwLab(LabT):
             try:
                 maps = dp.maps()
                 index, _ = find_port(maps, "xde0")
-                m = maps["port_stats"]
-                return sum_percpu(m.get(m.Key(index)))
+                return counters.port_counts(maps, index).flat()
             finally:
                 dp.close()
 
@@ -398,7 +398,7 @@ def test_external_guest_denied_by_default_vpc_guest_allowed(t, tmp_path):
     """A TCP SYN from 198.51.100.7 to g2:5201 in VNI 10, marked with the
     Oxide External option (class 0x0129, type 0: from outside the VPC), is
     dropped by sled2's default rules (it belongs to no VNI, so `vni=10`
-    does not match, and it is not ICMP): drop_firewall and fw_denied count
+    does not match, and it is not ICMP): drop_in_firewall and fw_denied count
     it and nothing reaches g2. The same frame without the option is from
     VNI 10 and the default `vni=10` rule lets it in."""
     pcap = tmp_path / "g2.pcap"
@@ -406,19 +406,19 @@ def test_external_guest_denied_by_default_vpc_guest_allowed(t, tmp_path):
     with t.capture("g2", "xde0", pcap, f"tcp and host {EXTERNAL_IP}"):
         before = t.stats("sled2")
         _send_geneve_from_sw1(t, _external_syn(41001, external=True))
-        assert wait_for(lambda: t.stats("sled2")["drop_firewall"] > before["drop_firewall"]), \
+        assert wait_for(lambda: t.stats("sled2")["drop_in_firewall"] > before["drop_in_firewall"]), \
             delta(t.stats("sled2"), before)
         time.sleep(0.3)
         mid = t.stats("sled2")
         d = delta(mid, before)
-        assert d.get("drop_firewall") == 1 and d.get("fw_denied") == 1, d
+        assert d.get("drop_in_firewall") == 1 and d.get("fw_denied") == 1, d
         assert not d.get("rx_packets") and not d.get("decap"), d
         assert not t.flow("sled2", "tcp", EXTERNAL_IP, 41001, G2_IP, 5201), "a denied flow was cached"
 
         _send_geneve_from_sw1(t, _external_syn(41002, external=False))
         assert wait_for(lambda: t.stats("sled2")["decap"] > mid["decap"]), delta(t.stats("sled2"), mid)
         d2 = delta(t.stats("sled2"), mid)
-        assert d2.get("fw_allowed") == 1 and not d2.get("drop_firewall"), d2
+        assert d2.get("fw_allowed") == 1 and not d2.get("drop_in_firewall"), d2
     seen = [p for p in rdpcap(str(pcap)) if TCP in p and p[IP].dst == G2_IP]
     assert [p[TCP].sport for p in seen] == [41002], \
         f"g2 must see only the VPC frame's SYN: {[p.summary() for p in seen]}"
@@ -460,7 +460,7 @@ def test_replies_to_flows_the_guest_opened_are_allowed(t):
         graceful_close(s)
     before = t.stats("sled1")
     assert t.refused("g2", G1_IP, 5201)
-    assert t.stats("sled1")["drop_firewall"] > before["drop_firewall"]
+    assert t.stats("sled1")["drop_in_firewall"] > before["drop_in_firewall"]
     ok, _ = t.ping("g2", G1_IP, count=1)
     assert not ok, "sled1 has no inbound rule: g2's ping must not get in"
 
@@ -506,7 +506,7 @@ def test_inbound_port_allowed_by_rule_and_other_port_not(t):
     before = t.stats("sled2")
     assert t.refused("g1", G2_IP, 5202), "5202 is not allowed inbound on sled2"
     d = delta(t.stats("sled2"), before)
-    assert d.get("drop_firewall", 0) >= 1 and d.get("fw_denied", 0) >= 1, d
+    assert d.get("drop_in_firewall", 0) >= 1 and d.get("fw_denied", 0) >= 1, d
     assert t.hits("sled2")[rid] == 1
     t.must_ping("g1", G2_IP, count=2)
 
@@ -581,7 +581,7 @@ def test_removing_rule_cuts_established_flow(t):
     """A long-lived g1 -> g2:5201 connection, allowed inbound on sled2 only
     by the 5201 rule. Once the rule is removed (epoch bump), g1's next
     data is judged again by the rules, denied, and never reaches g2's
-    server; drop_firewall and flow_reevaluated count it."""
+    server; drop_in_firewall and flow_reevaluated count it."""
     t.set_rules("sled2", [PORT_5201, ICMP_ONLY])
     rid = t.rule_id("sled2", ports="5201")
     s = t.connect("g1", G2_IP, 5201)
@@ -599,7 +599,7 @@ def test_removing_rule_cuts_established_flow(t):
         assert t.servers["g2"].received(sport, 5201) == 1000, \
             "data sent after the rule was removed reached the server"
         d = delta(t.stats("sled2"), before)
-        assert d.get("drop_firewall", 0) >= 1, d
+        assert d.get("drop_in_firewall", 0) >= 1, d
         assert d.get("flow_reevaluated", 0) >= 1, d
         assert not d.get("rx_packets"), d
         assert not t.flow("sled2", "tcp", G1_IP, sport, G2_IP, 5201), "the cut flow is still cached"
@@ -843,7 +843,7 @@ def test_prog_run_outbound_deny_rule(t):
     before = t.stats("sled1")
     assert p.tc(syn80) == TC_ACT_SHOT
     d = delta(t.stats("sled1"), before)
-    assert d.get("drop_firewall") == 1 and d.get("fw_denied") == 1 and d.get("flow_misses") == 1, d
+    assert d.get("drop_out_firewall") == 1 and d.get("fw_denied") == 1 and d.get("flow_misses") == 1, d
     assert t.hits("sled1")[rid] == 1
     assert p.tc(syn80) == TC_ACT_SHOT
     assert t.hits("sled1")[rid] == 2, "a deny must not be cached"

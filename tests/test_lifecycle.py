@@ -329,29 +329,50 @@ def test_unload_refuses_with_ports_and_force_removes_everything(host):
     assert snapshot(hv, None, ("u1", "u2")) == before
 
 
-def test_unload_force_removes_instance_of_other_layout(host):
-    """After an upgrade changes the map layout, xdectl refuses the old pins
-    and tells the user to run `unload --force`: that command must work."""
+def _edit_meta(root, **fields):
+    """Make the pinned instance look built by another xdectl."""
     from xdectl import libbpf
-    hv, root = host
-    before = snapshot(hv, None, ("u1", "u2"))
-    xdectl(hv, root, *create_args("p0", passthrough=True))
-
-    # Make the pinned instance look like one of an older layout.
     fd = libbpf.obj_get(root.path / "maps" / "meta")
     try:
         buf = ct.create_string_buffer(libbpf.map_value_size(fd))
         key = ct.c_uint32(0)
         libbpf.lookup(fd, key, buf)
         meta = json.loads(buf.value.decode())
-        meta["layout"] = "0" * len(meta["layout"])
+        meta.update(fields)
         text = json.dumps(meta).encode()
-        ct.memmove(buf, text, len(text))
+        ct.memmove(buf, text + b"\0", len(text) + 1)
         libbpf.update(fd, key, buf)
     finally:
         os.close(fd)
+
+
+def test_other_sources_same_layout_reload_takes_over(host):
+    """Sources that differ only in what does not define the maps (comments,
+    helpers, programs): commands point at reload, and reload loads them."""
+    hv, root = host
+    xdectl(hv, root, *create_args("p0", passthrough=True))
+    _edit_meta(root, sources="0" * 16)
     line = one_error_line(xdectl(hv, root, "list", check=False))
-    assert "layout" in line and "unload --force" in line, line
+    assert "other bpf/ sources" in line and "reload" in line, line
+    p = xdectl(hv, root, "reload", check=False)
+    assert p.returncode == 0, p.stderr
+    assert [r["name"] for r in json.loads(xdectl(hv, root, "list", "--json").stdout)] == ["p0"]
+    xdectl(hv, root, "delete", "p0")
+
+
+def test_unload_force_removes_instance_of_other_layout(host):
+    """After an upgrade changes the map layout, xdectl refuses the old pins,
+    reload refuses too and says why, and both tell the user to run
+    `unload --force`: that command must work."""
+    hv, root = host
+    before = snapshot(hv, None, ("u1", "u2"))
+    xdectl(hv, root, *create_args("p0", passthrough=True))
+    _edit_meta(root, sources="0" * 16, layout="0" * 16)
+    line = one_error_line(xdectl(hv, root, "list", check=False))
+    assert "unload --force" in line, line
+    line = one_error_line(xdectl(hv, root, "reload", check=False))
+    assert "map layout 0000000000000000" in line and "unload --force" in line, line
+    assert not list((root.path / "progs").glob("new_*")), "reload left new programs pinned"
 
     p = xdectl(hv, root, "unload", "--force", check=False)
     assert p.returncode == 0, f"unload --force refused: {p.stderr}"

@@ -195,8 +195,8 @@ def test_tcp_transfer_8mb(xlab, src, dst, dst_ip):
     got = out.split()
     csum = xlab.nstat(dst, "TcpInCsumErrors")["TcpInCsumErrors"] - csum0
     st1 = xlab.port_stats(src_sled)
-    diag = (f"{dst} TcpInCsumErrors +{csum}; {src_sled} xde0 drop_underlay_unreachable "
-            f"+{st1['drop_underlay_unreachable'] - st0['drop_underlay_unreachable']}, "
+    diag = (f"{dst} TcpInCsumErrors +{csum}; {src_sled} xde0 drop_out_underlay_unreachable "
+            f"+{st1['drop_out_underlay_unreachable'] - st0['drop_out_underlay_unreachable']}, "
             f"encap +{st1['encap'] - st0['encap']}; client: {client.stderr.strip()[-300:]!r}; "
             f"server: {err.strip()[-300:]!r}" if sent or err else "")
     assert sent and got == sent, f"sent {sent}, server got {got}: {diag}"
@@ -353,7 +353,7 @@ def test_two_vpcs_with_overlapping_addresses_stay_isolated(xlab):
         ok, out = xlab.ping("v1", G2_IP, count=3)
         assert not ok, out
         h1_1 = xlab.port_stats("sled1", "xde1")
-        assert h1_1["drop_no_v2p"] - h1_0["drop_no_v2p"] == 3
+        assert h1_1["drop_out_no_v2p"] - h1_0["drop_out_no_v2p"] == 3
         assert h1_1["encap"] == h1_0["encap"]
         assert xlab.port_stats("sled2", "xde0")["rx_packets"] == g2_0["rx_packets"]
         assert xlab.port_stats("sled2", "xde1")["rx_packets"] == h2_0["rx_packets"]
@@ -366,7 +366,7 @@ def test_two_vpcs_with_overlapping_addresses_stay_isolated(xlab):
                                xlab.mac("sw1", "sled2"), src=U1_ADDR, dst=U2_ADDR)
         xlab.send_frames("sw1", "sled2", [frame] * 3)
         time.sleep(0.3)
-        assert xlab.global_stats("sled2")["drop_no_port"] - g0["drop_no_port"] == 3
+        assert xlab.global_stats("sled2")["drop_in_no_port"] - g0["drop_in_no_port"] == 3
         assert xlab.port_stats("sled2", "xde1")["rx_packets"] == h2_0["rx_packets"]
     finally:
         for sled in made:
@@ -538,7 +538,7 @@ def _spoofed(kind, n):
 
 @pytest.mark.parametrize("kind", ["source_mac", "source_ip", "arp_sender_ip"])
 def test_spoofed_source_dropped_and_counted(xlab, kind):
-    """Frames from g1 with another source MAC or IP are dropped; drop_spoof
+    """Frames from g1 with another source MAC or IP are dropped; drop_out_spoof
     (as `xdectl stats xde0 --json` shows it) rises by exactly the number
     sent, and nothing is encapsulated."""
     n = 5
@@ -547,7 +547,7 @@ def test_spoofed_source_dropped_and_counted(xlab, kind):
     xlab.send_frames("g1", "xde0", _spoofed(kind, n), gap=0.01)
     time.sleep(0.3)
     after = xlab.cli_stats("sled1")
-    assert after["drop_spoof"] - before["drop_spoof"] == n
+    assert after["drop_out_spoof"] - before["drop_out_spoof"] == n
     assert after["encap"] == before["encap"]
     assert after["arp_replies"] == before["arp_replies"]
     assert xlab.port_stats("sled2")["rx_packets"] == g2_before["rx_packets"]
@@ -556,9 +556,9 @@ def test_spoofed_source_dropped_and_counted(xlab, kind):
 # --- malformed Geneve on the underlay ----------------------------------------------
 
 MARK = b"XDE-MARK-"
-GLOBAL_DROPS = ("drop_no_port", "drop_arp_in_geneve", "malformed_truncated",
-                "malformed_version", "malformed_options", "malformed_critical_option",
-                "malformed_protocol", "malformed_inner", "drop_unknown_port")
+GLOBAL_DROPS = ("drop_in_no_port", "drop_in_arp_in_geneve", "drop_in_malformed_truncated",
+                "drop_in_malformed_version", "drop_in_malformed_options", "drop_in_malformed_critical_option",
+                "drop_in_malformed_protocol", "drop_in_malformed_inner", "drop_out_unknown_port")
 
 
 def _inject(t, payloads, tmp_path, name):

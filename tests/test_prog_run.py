@@ -313,15 +313,15 @@ def test_oversize_without_df_dropped_and_counted(xlab, runner):
     before = xlab.port_stats("sled1")
     rc, _ = runner.tc(big)
     assert rc == TC_ACT_SHOT
-    assert xlab.port_stats("sled1")["drop_mtu"] - before["drop_mtu"] == 1
+    assert xlab.port_stats("sled1")["drop_out_mtu"] - before["drop_out_mtu"] == 1
 
 
 @pytest.mark.parametrize("kind,frame,counter", [
-    ("spoofed_mac", g1_frame(ICMP(), src_mac="a8:40:25:ff:00:66"), "drop_spoof"),
-    ("spoofed_ip", g1_frame(ICMP(), src="10.0.0.66"), "drop_spoof"),
-    ("no_v2p", g1_frame(ICMP(), dst="10.0.0.77"), "drop_no_v2p"),
+    ("spoofed_mac", g1_frame(ICMP(), src_mac="a8:40:25:ff:00:66"), "drop_out_spoof"),
+    ("spoofed_ip", g1_frame(ICMP(), src="10.0.0.66"), "drop_out_spoof"),
+    ("no_v2p", g1_frame(ICMP(), dst="10.0.0.77"), "drop_out_no_v2p"),
     ("ipv6", bytes(Ether(src=G1_MAC, dst=GW_MAC) / IPv6(src="fe80::1", dst="ff02::2") /
-                   ICMPv6EchoRequest()), "drop_unsupported"),
+                   ICMPv6EchoRequest()), "drop_out_unsupported"),
 ], ids=["spoofed_mac", "spoofed_ip", "no_v2p", "ipv6"])
 def test_tc_drops_counted(xlab, runner, kind, frame, counter):
     before = xlab.port_stats("sled1")
@@ -337,7 +337,7 @@ def test_tc_unknown_port_dropped(xlab, runner):
     before = xlab.global_stats("sled1")
     rc, _ = runner.tc(g1_frame(ICMP()), ifindex=xlab.ifindex("sled1", "u1"))
     assert rc == TC_ACT_SHOT
-    assert xlab.global_stats("sled1")["drop_unknown_port"] - before["drop_unknown_port"] == 1
+    assert xlab.global_stats("sled1")["drop_out_unknown_port"] - before["drop_out_unknown_port"] == 1
 
 
 # --- xdp_underlay: decapsulation ------------------------------------------------

@@ -137,10 +137,10 @@ def test_spoofed_source_is_shot_like_the_live_datapath(tl):
     before = tl.stats()
     out = tl.trace("out", SPOOF)
     assert "TC_ACT_SHOT" in out, out
-    assert "drop_spoof +1" in out, out
+    assert "drop_out_spoof +1" in out, out
     assert "encap" not in out.split("output")[0], out
     after_trace = tl.stats()
-    assert after_trace["drop_spoof"] - before["drop_spoof"] == 1
+    assert after_trace["drop_out_spoof"] - before["drop_out_spoof"] == 1
     assert after_trace["encap"] == before["encap"]
 
     # the same frame, sent by the guest for real
@@ -148,7 +148,7 @@ def test_spoofed_source_is_shot_like_the_live_datapath(tl):
                   UDP(sport=4000, dport=4001) / Raw(b"spoofed"))
     with tl.packet_socket("g1", "xde0") as s:
         s.send(frame)
-    assert wait_delta(tl.stats, after_trace, "drop_spoof", 1) == 1
+    assert wait_delta(tl.stats, after_trace, "drop_out_spoof", 1) == 1
     live = tl.stats()
     assert live["encap"] == after_trace["encap"]
 
@@ -157,7 +157,7 @@ def test_json_reports_verdict_counters_and_unchanged_output(tl):
     r = tl.trace_json("out", SPOOF)
     assert r["verdict"] == "TC_ACT_SHOT" and r["retval"] == 2
     assert r["program"] == "tc_port_out"
-    assert r["counters"]["xde0"]["drop_spoof"] == 1
+    assert r["counters"]["xde0"]["drop_out_spoof"] == 1
     assert r["counters"]["xde0"]["tx_packets"] == 1
     assert not r["output_changed"] and r["output"] == r["input"]
 
@@ -201,7 +201,7 @@ def test_no_v2p_is_shot_and_counted(tl):
     r = tl.trace_json("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IP(src='{G1_IP}',"
                              f"dst='10.0.0.77')/ICMP()")
     assert r["verdict"] == "TC_ACT_SHOT"
-    assert r["counters"]["xde0"].get("drop_no_v2p") == 1
+    assert r["counters"]["xde0"].get("drop_out_no_v2p") == 1
     assert "encap" not in r["counters"]["xde0"]
 
 
@@ -227,7 +227,7 @@ def test_firewall_deny_names_the_rule(tl):
     try:
         text = tl.trace("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IP(src='{G1_IP}',"
                                f"dst='{G2_IP}')/UDP(sport=7000,dport=7777)")
-        assert "TC_ACT_SHOT" in text and "drop_firewall +1" in text, text
+        assert "TC_ACT_SHOT" in text and "drop_out_firewall +1" in text, text
         assert f"firewall rule {rid} (dir=out action=deny" in text and "hits +1" in text, text
     finally:
         tl.xdectl("rm-fw-rule", "xde0", rid, "--dir", "out")
@@ -263,7 +263,7 @@ def test_external_option_meets_the_inbound_firewall(tl):
     r = tl.trace_json("in", inner.hex(), "--external")
     assert any("option External" in n for n in r["notes"]), r["notes"]
     assert r["verdict"] == "XDP_DROP"
-    assert r["counters"]["xde0"].get("drop_firewall") == 1
+    assert r["counters"]["xde0"].get("drop_in_firewall") == 1
     text = tl.trace("in", inner.hex(), "--hexdump")
     assert "XDP_REDIRECT" in text and "decap +1" in text, text
     assert re.search(r"^0000  ", text, re.M), text
@@ -299,7 +299,7 @@ def test_malformed_geneve_dropped_with_its_global_reason(tl):
     u1_mac = tl.link("sled1", "u1")["address"]
     r = tl.trace_json("in", underlay(inbound_inner(b"v1"), u1_mac, ver=1).hex())
     assert r["verdict"] == "XDP_DROP"
-    assert r["counters"]["global"] == {"malformed_version": 1}
+    assert r["counters"]["global"] == {"drop_in_malformed_version": 1}
     assert "xde0" not in r["counters"]
 
 
@@ -326,7 +326,7 @@ def test_as_is_runs_any_frame_unencapsulated(tl):
     wrapped = tl.trace_json("in", frame.hex())
     assert len(bytes.fromhex(wrapped["input"])) == len(frame) + 70
     assert wrapped["verdict"] == "XDP_DROP"
-    assert wrapped["counters"]["global"] == {"drop_no_port": 1}
+    assert wrapped["counters"]["global"] == {"drop_in_no_port": 1}
 
 
 def test_errors_are_one_line(tl):

@@ -19,22 +19,39 @@ from .maps import open_maps
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_ROOT = "/sys/fs/bpf/xde"
-# The files whose content decides map layouts; their hash names the layout.
-LAYOUT_FILES = ("xde.h", "maps.h")
-# Program name -> bcc program type (BPF.XDP = 6, BPF.SCHED_CLS = 3).
-SOURCES = ("xde_xdp.c", "tc_encap.c")
-PROGRAMS = {"xdp_underlay": 6, "xdp_fw_eval": 6, "tc_underlay_in": 3, "tc_port_out": 3,
-            "tc_fw_eval": 3}
+# The entry files, one per attach point; they are compiled as one unit.
+SOURCES = ("xdp_underlay.c", "tc_underlay.c", "tc_port.c")
+# A program's context type says its hook: bcc's BPF.XDP and BPF.SCHED_CLS.
+PROG_TYPES = {"xdp_md": 6, "__sk_buff": 3}
 # Tail-call tables: map -> programs in slot order (PROG_MAIN, PROG_FW_EVAL).
 TAIL_CALLS = {"xdp_progs": ("xdp_underlay", "xdp_fw_eval"),
               "tc_progs": ("tc_port_out", "tc_fw_eval")}
 
 
-def layout_hash():
+def programs():
+    """{program: bcc program type}: every non-static function of an entry
+    file is a program, of the hook its context argument names."""
+    out = {}
+    for f in SOURCES:
+        for name, ctx in re.findall(r"^int (\w+)\(struct (\w+) \*", (BPF_DIR / f).read_text(), re.M):
+            out[name] = PROG_TYPES[ctx]
+    return out
+
+
+def sources_digest():
+    """What the programs are built from: every file of bpf/."""
     h = hashlib.sha256()
-    for f in LAYOUT_FILES:
-        h.update((BPF_DIR / f).read_bytes())
+    for f in sorted(BPF_DIR.glob("*.[ch]")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def layout_id(maps):
+    """The map layout: bcc's type descriptions of every key and value, with
+    each map's type, sizes and flags as the kernel holds them. Comments,
+    helpers and programs do not change it."""
+    text = json.dumps(maps, sort_keys=True).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def tc_name(prog, root):
@@ -123,8 +140,38 @@ class Datapath:
         b = BPF(text=program_text().encode(),
                 cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
                         "-Wno-unused-function"])
-        fds = {name: b.load_func(name, kind).fd for name, kind in PROGRAMS.items()}
+        fds = {name: b.load_func(name, kind).fd for name, kind in programs().items()}
         return b, fds
+
+    @staticmethod
+    def _describe(b):
+        """{map: its description} for every map of a compiled module."""
+        from bcc.libbcc import lib
+        lib.bpf_num_tables.argtypes = [ct.c_void_p]
+        lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_ulonglong]
+        lib.bpf_table_name.restype = ct.c_char_p
+        lib.bpf_table_fd.argtypes = [ct.c_void_p, ct.c_char_p]
+        maps = {}
+        for i in range(lib.bpf_num_tables(b.module)):
+            name = lib.bpf_table_name(b.module, i)
+            info = libbpf.map_info(lib.bpf_table_fd(b.module, name))
+            maps[name.decode()] = {
+                "key": json.loads(lib.bpf_table_key_desc(b.module, name)),
+                "leaf": json.loads(lib.bpf_table_leaf_desc(b.module, name)),
+                "type": lib.bpf_table_type(b.module, name),
+                "sizes": [info.key_size, info.value_size, info.max_entries, info.map_flags],
+            }
+        return maps
+
+    def _write_meta(self, b, maps):
+        meta = json.dumps({"layout": layout_id(maps), "sources": sources_digest(),
+                           "maps": maps}).encode()
+        table = b[b"meta"]
+        leaf = table.Leaf()
+        if len(meta) >= ct.sizeof(leaf):
+            raise XdeError("internal: map type descriptions exceed the meta map")
+        ct.memmove(ct.addressof(leaf), meta, len(meta))
+        table[table.Key(0)] = leaf
 
     @staticmethod
     def _point_tail_calls(b, fds):
@@ -134,11 +181,6 @@ class Datapath:
 
     def load(self):
         """Compile bpf/ and pin programs and maps under the root (cold start)."""
-        from bcc.libbcc import lib
-
-        lib.bpf_num_tables.argtypes = [ct.c_void_p]
-        lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_ulonglong]
-        lib.bpf_table_name.restype = ct.c_char_p
         try:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
             self.progs_dir.mkdir(exist_ok=True)
@@ -146,21 +188,7 @@ class Datapath:
             self._point_tail_calls(b, fds)
             for name, fd in fds.items():
                 libbpf.obj_pin(fd, self.progs_dir / name)
-            maps = {}
-            for i in range(lib.bpf_num_tables(b.module)):
-                name = lib.bpf_table_name(b.module, i)
-                maps[name.decode()] = {
-                    "key": json.loads(lib.bpf_table_key_desc(b.module, name)),
-                    "leaf": json.loads(lib.bpf_table_leaf_desc(b.module, name)),
-                    "type": lib.bpf_table_type(b.module, name),
-                }
-            meta = json.dumps({"layout": layout_hash(), "maps": maps}).encode()
-            table = b[b"meta"]
-            leaf = table.Leaf()
-            if len(meta) >= ct.sizeof(leaf):
-                raise XdeError("internal: map type descriptions exceed the meta map")
-            ct.memmove(ct.addressof(leaf), meta, len(meta))
-            table[table.Key(0)] = leaf
+            self._write_meta(b, self._describe(b))
         except Exception as e:
             self._remove_pins()
             if isinstance(e, XdeError):
@@ -169,23 +197,30 @@ class Datapath:
 
     def reload(self):
         """Compile the current sources against the pinned maps, which stay
-        as they are, and re-pin the programs. The tail-call tables switch
-        at once; the caller swaps the attachments. Returns what _compile
-        does: keep the module until the swaps are done."""
-        self._read_meta()  # same map layout, or XdeError
+        as they are, and re-pin the programs: refused unless the sources
+        define the same map layout. The tail-call tables switch at once;
+        the caller swaps the attachments. Returns what _compile does: keep
+        the module until the swaps are done."""
+        pinned = json.loads(self._meta_text())
         fds = {}
         try:
             b, fds = self._compile()
+            maps = self._describe(b)
+            if layout_id(maps) != pinned.get("layout"):
+                raise XdeError(self._layout_error(pinned.get("layout"), layout_id(maps)))
             # pinned beside the old ones first ('.' is not allowed in bpffs)
             for name, fd in fds.items():
                 libbpf.obj_pin(fd, self.progs_dir / f"new_{name}")
         except Exception as e:
             for name in fds:
                 (self.progs_dir / f"new_{name}").unlink(missing_ok=True)
+            if isinstance(e, XdeError):
+                raise
             raise XdeError(f"cannot load new programs for {self.root}: {e}") from e
         self._point_tail_calls(b, fds)
         for name in fds:
             os.replace(self.progs_dir / f"new_{name}", self.progs_dir / name)
+        self._write_meta(b, maps)
         return b, fds
 
     # --- open ----------------------------------------------------------
@@ -196,10 +231,6 @@ class Datapath:
             meta = self._read_meta()
             self._maps = open_maps(meta, self.maps_dir)
         return self._maps
-
-    @staticmethod
-    def layout(meta_text):
-        return json.loads(meta_text).get("layout") if meta_text else None
 
     def interrupted(self):
         """Pinned, but its first load was killed before it wrote meta."""
@@ -232,13 +263,19 @@ class Datapath:
             os.close(fd)
         return buf.value.decode()
 
+    def _layout_error(self, found, expected):
+        return (f"the datapath pinned under {self.root} has map layout {found}, "
+                f"this xdectl's is {expected}; remove it with "
+                f"'xdectl --root {self.root} unload --force' and create the ports again")
+
     def _read_meta(self):
+        """The instance's meta, if it was built from this xdectl's sources."""
         text = self._meta_text()
-        found = self.layout(text)
-        if found != layout_hash():
-            raise XdeError(f"the datapath pinned under {self.root} has map layout {found}, "
-                           f"this xdectl expects {layout_hash()}; remove it with "
-                           f"'xdectl --root {self.root} unload --force' and create the ports again")
+        if json.loads(text).get("sources") != sources_digest():
+            raise XdeError(f"the datapath pinned under {self.root} runs programs built from "
+                           f"other bpf/ sources than this xdectl's: 'xdectl --root {self.root} "
+                           f"reload' loads these if their map layout is the same, else "
+                           f"'unload --force' removes it and the ports are created again")
         return text
 
     def close(self):

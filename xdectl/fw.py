@@ -10,7 +10,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, field
 
-from . import abi, validate
+from . import abi, counters, validate
 from .datapath import Datapath, session
 from .errors import XdeError
 from .maps import find_port, ip4_be, ip4_str
@@ -280,13 +280,12 @@ def dump_rules(root, port):
     dp = Datapath(root)
     index = _port(dp, port)
     maps = dp.maps()
-    hits = maps["fw_hits"]
     out = []
     for r in read_rules(maps, index):
         out.append({"id": r.id, "dir": r.direction, "priority": r.priority, "action": r.action,
                     "hosts": r.hosts, "protocol": r.protocol,
                     "ports": ",".join(map(str, r.ports)) or "any",
-                    "hits": sum(hits.get(hits.Key(r.id)) or [])})
+                    "hits": counters.rule_hits(maps, r.id)})
     return out
 
 

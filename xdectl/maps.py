@@ -1,7 +1,7 @@
 """Typed access to the pinned maps of one datapath instance.
 
 The key and value types are the ctypes classes bcc derives from the C
-declarations in bpf/xde.h. They are recorded (as bcc's own JSON type
+declarations in bpf/. They are recorded (as bcc's own JSON type
 descriptions) in the instance's `meta` map when it is loaded, so a command
 that only reads or edits maps compiles nothing (it loads bcc only for its
 type decoder).
@@ -90,12 +90,6 @@ class Map:
         keys = (self.Key * n)(*[k for k, _ in pairs])
         vals = (self.Leaf * n)(*[v for _, v in pairs])
         return libbpf.update_batch(self.fd, keys, vals, n)
-
-
-def sum_percpu(values):
-    """Field-wise sum of a list of per-CPU counter structs, as a dict."""
-    fields = [f for f, _ in values[0]._fields_ if not f.startswith("__pad")]
-    return {f: sum(getattr(v, f) for v in values) for f in fields}
 
 
 def open_maps(meta_text, maps_dir):

@@ -15,14 +15,16 @@ import sys
 import threading
 import time
 
+from . import counters
 from .abi import PORT_F_PASSTHROUGH
 from .errors import XdeError
 
 
-# Port counters (bpf/xde.h XDE_PORT_COUNTERS) -> (metric, HELP, labels).
-# drop_* counters become xde_port_drops_total{reason}; a counter missing
-# from this table (added to xde.h later) is still exported, under its own
-# name, so nothing the datapath counts is ever invisible.
+# Port events (bpf/counters.h XDE_PORT_EVENTS) -> (metric, HELP, labels).
+# An event missing from this table (added to the datapath later) is still
+# exported, under its own name, so nothing the datapath counts is ever
+# invisible. Drops are one family, labelled by direction and by reason
+# from the datapath's list.
 PORT_METRICS = {
     "rx_packets": ("xde_port_rx_packets",
                    "Frames the port delivered to its guest (the receive side of the guest's NIC).", {}),
@@ -59,14 +61,14 @@ PORT_METRICS = {
     "fw_denied": ("xde_port_fw_verdicts", "Firewall rule evaluations, by verdict.",
                   {"verdict": "denied"}),
 }
-PORT_DROPS = ("xde_port_drops", "Frames the port dropped, by reason.")
+PORT_DROPS = ("xde_port_drops", "Frames of the port dropped, by direction and reason.")
 
 GLOBAL_METRICS = {
     "passed_to_host": ("xde_passed_to_host",
                        "Underlay packets not for xde, passed on to the host stack.", {}),
 }
-GLOBAL_MALFORMED = ("xde_malformed", "Malformed Geneve packets dropped on the underlay, by kind.")
-GLOBAL_DROPS = ("xde_drops", "Underlay packets dropped before reaching a port, by reason.")
+GLOBAL_DROPS = ("xde_drops", "Frames dropped before a port was known "
+                             "(malformed Geneve, no such port), by direction and reason.")
 
 
 def parse_listen(text):
@@ -127,43 +129,6 @@ class Reader:
         return sorted(((k.value, pc) for k, pc in maps["ports"].items()),
                       key=lambda kv: kv[1].name)
 
-    @staticmethod
-    def port_counters(maps, index):
-        from .maps import sum_percpu
-        m = maps["port_stats"]
-        vals = m.get(m.Key(index))
-        return sum_percpu(vals) if vals else None
-
-    @staticmethod
-    def global_counters(maps):
-        from .maps import sum_percpu
-        m = maps["global_stats"]
-        vals = m.get(m.Key(0))
-        return sum_percpu(vals) if vals else {}
-
-    @staticmethod
-    def flows_per_port(maps):
-        counts = {}
-        for k in maps["flows"].keys():
-            counts[k.port] = counts.get(k.port, 0) + 1
-        return counts
-
-    @staticmethod
-    def rule_hits(maps, index):
-        """[(dir, rule id, hits)] of the port's rules, in evaluation order."""
-        rules, hits = maps["fw_rules"], maps["fw_hits"]
-        out = []
-        for name, d in (("out", 0), ("in", 1)):
-            k = rules.Key()
-            k.port, k.dir = index, d
-            v = rules.get(k)
-            if v is None:
-                continue
-            for i in range(v.count):
-                rid = v.r[i].id
-                out.append((name, rid, sum(hits.get(hits.Key(rid)) or [])))
-        return out
-
 
 def _port_info(pc):
     from .maps import ip4_str, mac_str
@@ -193,7 +158,7 @@ class XdeCollector:
             # Families that always appear (with HELP), even with no ports.
             for counter, (name, help_text, extra) in PORT_METRICS.items():
                 family("counter", name, help_text, ["port", *extra])
-            family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "reason"])
+            family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "dir", "reason"])
             info = family("gauge", "xde_port_info",
                           "A port of the root: its guest MAC, IPv4 address, VNI and mode (always 1).",
                           ["port", "mac", "ip", "vni", "mode"])
@@ -204,8 +169,7 @@ class XdeCollector:
                           ["port", "dir", "rule"])
             for counter, (name, help_text, extra) in GLOBAL_METRICS.items():
                 family("counter", name, help_text, list(extra))
-            family("counter", GLOBAL_MALFORMED[0], GLOBAL_MALFORMED[1], ["kind"])
-            family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["reason"])
+            family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["dir", "reason"])
             up = family("gauge", "xde_up",
                         "1 when the datapath instance under the root could be read, else 0.", [])
             nports = family("gauge", "xde_ports", "Ports of the root.", [])
@@ -228,42 +192,31 @@ class XdeCollector:
     def _collect(maps, family, info, flows, hits, nports):
         ports = Reader.ports(maps)
         nports.add_metric([], len(ports))
-        flow_counts = Reader.flows_per_port(maps)
+        flow_counts = counters.flows_per_port(maps)
+        port_drops = family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "dir", "reason"])
         for index, pc in ports:
             port = pc.name.decode()
             i = _port_info(pc)
             info.add_metric([port, i["mac"], i["ip"], i["vni"], i["mode"]], 1)
             flows.add_metric([port], flow_counts.get(index, 0))
-            counters = Reader.port_counters(maps, index) or {}
-            for counter, value in counters.items():
-                if counter in PORT_METRICS:
-                    name, help_text, extra = PORT_METRICS[counter]
-                    family("counter", name, help_text, ["port", *extra]).add_metric(
-                        [port, *extra.values()], value)
-                elif counter.startswith("drop_"):
-                    family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "reason"]).add_metric(
-                        [port, counter[len("drop_"):]], value)
-                else:
-                    family("counter", f"xde_port_{counter}",
-                           f"Port counter {counter} of the datapath (bpf/xde.h).",
-                           ["port"]).add_metric([port], value)
-            for direction, rid, n in Reader.rule_hits(maps, index):
+            c = counters.port_counts(maps, index) or counters.Counts()
+            for event, value in c.events.items():
+                name, help_text, extra = PORT_METRICS.get(
+                    event, (f"xde_port_{event}", f"Port event {event} of the datapath.", {}))
+                family("counter", name, help_text, ["port", *extra]).add_metric(
+                    [port, *extra.values()], value)
+            for (direction, reason), value in c.drops.items():
+                port_drops.add_metric([port, direction, reason], value)
+            for direction, rid, n in counters.port_rule_hits(maps, index):
                 hits.add_metric([port, direction, str(rid)], n)
-        for counter, value in Reader.global_counters(maps).items():
-            if counter in GLOBAL_METRICS:
-                name, help_text, extra = GLOBAL_METRICS[counter]
-                family("counter", name, help_text, list(extra)).add_metric(
-                    list(extra.values()), value)
-            elif counter.startswith("malformed_"):
-                family("counter", GLOBAL_MALFORMED[0], GLOBAL_MALFORMED[1], ["kind"]).add_metric(
-                    [counter[len("malformed_"):]], value)
-            elif counter.startswith("drop_"):
-                family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["reason"]).add_metric(
-                    [counter[len("drop_"):]], value)
-            else:
-                family("counter", f"xde_{counter}",
-                       f"Instance counter {counter} of the datapath (bpf/xde.h).", []).add_metric(
-                    [], value)
+        g = counters.global_counts(maps)
+        for event, value in g.events.items():
+            name, help_text, extra = GLOBAL_METRICS.get(
+                event, (f"xde_{event}", f"Instance event {event} of the datapath.", {}))
+            family("counter", name, help_text, list(extra)).add_metric(list(extra.values()), value)
+        global_drops = family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["dir", "reason"])
+        for (direction, reason), value in g.drops.items():
+            global_drops.add_metric([direction, reason], value)
 
 
 def exposition(root):
@@ -346,18 +299,19 @@ class Watcher:
                  "  (Ctrl-C to quit)", ""]
         for index, pc in ports:
             name = pc.name.decode()
-            counters = Reader.port_counters(maps, index) or {}
+            c = counters.port_counts(maps, index)
+            values = c.flat() if c else {}
             prev = self.prev.get(name)
             lines.append(f"{name}:")
             lines.append(f"  {'COUNTER':26} {'TOTAL':>14} {'PER SECOND':>12}")
-            for c, v in counters.items():
+            for k, v in values.items():
                 rate = None
                 if prev is not None and now > prev[0]:
-                    rate = max(0, v - prev[1].get(c, 0)) / (now - prev[0])
-                if c in WATCH_ALWAYS or v or rate:
+                    rate = max(0, v - prev[1].get(k, 0)) / (now - prev[0])
+                if k in WATCH_ALWAYS or v or rate:
                     shown = "-" if rate is None else _rate(rate)
-                    lines.append(f"  {c:26} {v:>14} {shown:>12}")
-            self.prev[name] = (now, counters)
+                    lines.append(f"  {k:26} {v:>14} {shown:>12}")
+            self.prev[name] = (now, values)
             lines.append("")
         if not ports:
             lines.append("(no ports)")

@@ -9,11 +9,11 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from . import fw, overlay, underlay, validate
+from . import counters, fw, overlay, underlay, validate
 from .abi import ENCAP_LEN as ENCAP_OVERHEAD, PORT_F_PASSTHROUGH, VNI_PASSTHROUGH
 from .datapath import Datapath, session, tc_name
 from .errors import Teardown, XdeError
-from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes, sum_percpu
+from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes
 from .netdev import Netdev, sysctl
 
 DEFAULT_SUBNET_LEN = 24
@@ -383,16 +383,14 @@ def port_stats(root, name=None):
     if not dp.exists():
         return {}
     maps = dp.maps()
-    flows = {}  # flow-table occupancy: entries (one per direction of a flow)
-    for k in maps["flows"].keys():
-        flows[k.port] = flows.get(k.port, 0) + 1
+    flows = counters.flows_per_port(maps)
     out = {}
     for k, pc in maps["ports"].items():
         pname = pc.name.decode()
         if name and pname != name:
             continue
-        vals = maps["port_stats"].get(k)
-        out[pname] = sum_percpu(vals) if vals else {}
+        c = counters.port_counts(maps, k.value)
+        out[pname] = c.flat() if c else {}
         out[pname]["flow_entries"] = flows.get(k.value, 0)
     if name and name not in out:
         raise XdeError(f"no port {name} on {root}")
@@ -403,8 +401,7 @@ def global_stats(root):
     dp = Datapath(root)
     if not dp.exists():
         return {}
-    m = dp.maps()["global_stats"]
-    return sum_percpu(m.get(m.Key(0)))
+    return counters.global_counts(dp.maps()).flat()
 
 
 def _sweep(dp, nd):

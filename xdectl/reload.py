@@ -1,6 +1,6 @@
 """`xdectl reload`: replace the programs of a running instance without
-dropping traffic. The maps stay (same layout required); the new programs
-are swapped in atomically, attachment by attachment: the tail-call tables,
+dropping traffic. The maps stay (the new sources must define the same map
+layout; they may differ in anything else); the new programs are swapped in atomically, attachment by attachment: the tail-call tables,
 then XDP on the underlays (one netlink replace each), then the tc filters
 (tc filter replace)."""
 from .datapath import session, tc_name
@@ -11,9 +11,9 @@ def reload(root):
     with session(root) as (dp, nd):
         if not dp.exists():
             raise XdeError(f"nothing is loaded under {root}")
+        bpf, fds = dp.reload()  # bpf keeps the new programs open until swapped
         maps = dp.maps()
         cfg = maps["config"].get(maps["config"].Key(0))
-        bpf, fds = dp.reload()  # bpf keeps the new programs open until swapped
         swapped = 0
         if cfg.u1:
             for u in (cfg.u1, cfg.u2):

@@ -163,21 +163,17 @@ def snapshot(maps, port_index):
     """Everything a run can count: every port's counters (an inbound frame
     may be delivered to another port than the one named), the global
     counters, the traced port's rule hits, and its number of flows."""
+    from . import counters
     from .fw import read_rules
-    from .maps import sum_percpu
     snap = {}
     for k, pc in maps["ports"].items():
-        vals = maps["port_stats"].get(k)
-        if vals:
-            snap[pc.name.decode()] = sum_percpu(vals)
-    g = maps["global_stats"]
-    snap["global"] = sum_percpu(g.get(g.Key(0)))
-    hits = maps["fw_hits"]
-    rules = {}
-    for r in read_rules(maps, port_index):
-        rules[r.id] = (r.text(), sum(hits.get(hits.Key(r.id)) or []))
-    snap["_rules"] = rules
-    snap["_flows"] = sum(1 for k in maps["flows"].keys() if k.port == port_index)
+        c = counters.port_counts(maps, k.value)
+        if c:
+            snap[pc.name.decode()] = c.flat()
+    snap["global"] = counters.global_counts(maps).flat()
+    snap["_rules"] = {r.id: (r.text(), counters.rule_hits(maps, r.id))
+                      for r in read_rules(maps, port_index)}
+    snap["_flows"] = counters.flows_per_port(maps).get(port_index, 0)
     return snap
 
 

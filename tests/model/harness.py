@@ -10,7 +10,7 @@ import ipaddress
 import os
 import struct
 
-from xdectl import libbpf
+from xdectl import counters, libbpf
 from xdectl.datapath import Datapath
 
 from .xde import FwRule, Instance, Port, Route
@@ -34,10 +34,6 @@ class SledRunner:
             self.dp = Datapath(self.root)
             self.maps = self.dp.maps()
             self.fds = {p: self.dp.prog_fd(p) for p in ("tc_port_out", "xdp_underlay")}
-        self._pcpu_port = self.maps["port_stats"]
-        self._pcpu_glob = self.maps["global_stats"]
-        self.port_fields = [f for f, _ in self._pcpu_port.Leaf._fields_ if not f.startswith("__pad")]
-        self.glob_fields = [f for f, _ in self._pcpu_glob.Leaf._fields_ if not f.startswith("__pad")]
 
     def close(self):
         for fd in self.fds.values():
@@ -84,17 +80,13 @@ class SledRunner:
             f.delete(k)
 
     def counters(self, ports):
-        """{('g', name): n, (ifindex, name): n} summed over CPUs."""
-        out = {}
-        g = self._pcpu_glob.get(self._pcpu_glob.Key(0))
-        for f in self.glob_fields:
-            out[("g", f)] = sum(getattr(v, f) for v in g)
+        """{('g', name): n, (ifindex, name): n}: the flat counter names of
+        xdectl stats."""
+        out = {("g", k): v for k, v in counters.global_counts(self.maps).flat().items()}
         for ifi in ports:
-            vals = self._pcpu_port.get(self._pcpu_port.Key(ifi))
-            if vals is None:
-                continue
-            for f in self.port_fields:
-                out[(ifi, f)] = sum(getattr(v, f) for v in vals)
+            c = counters.port_counts(self.maps, ifi)
+            if c:
+                out.update({(ifi, k): v for k, v in c.flat().items()})
         return out
 
     # --- running --------------------------------------------------------------

@@ -300,7 +300,7 @@ def outbound(inst, ifindex, frame):
     port = inst.ports.get(ifindex)
     if port is None:
         res = Result("drop", TC_ACT_SHOT, reason="not a port")
-        res.count("g", "drop_unknown_port")
+        res.count("g", "drop_out_unknown_port")
         return res
     P = port.ifindex
     # SPEC-SILENT: tx_* count what the guest transmits into the port, every
@@ -314,7 +314,7 @@ def outbound(inst, ifindex, frame):
         return res
     if len(frame) < 14:
         res.reason = "runt"
-        res.count(P, "drop_unsupported")
+        res.count(P, "drop_out_malformed_inner")
         return res
     etype = struct.unpack_from("!H", frame, 12)[0]
     # 3. anti-spoofing of the source MAC applies to every frame the guest
@@ -322,7 +322,7 @@ def outbound(inst, ifindex, frame):
     # never to be answered or forwarded)
     if frame[6:12] != port.mac:
         res.reason = "spoof mac"
-        res.count(P, "drop_spoof")
+        res.count(P, "drop_out_spoof")
         return res
 
     # 4. gateway: ARP
@@ -333,7 +333,7 @@ def outbound(inst, ifindex, frame):
         # the sender fields are the guest's own, as OPTE's gateway requires
         if ok and (a[8:14] != port.mac or a[14:18] != port.ip):
             res.reason = "spoof arp"
-            res.count(P, "drop_spoof")
+            res.count(P, "drop_out_spoof")
             return res
         if ok:
             tpa = a[24:28]
@@ -345,17 +345,17 @@ def outbound(inst, ifindex, frame):
                 res.count(P, "arp_replies")
                 return res
         res.reason = "arp"
-        res.count(P, "drop_arp")
+        res.count(P, "drop_out_arp")
         return res
     if etype != ETH_P_IP:
         # IPv4 only (the IPv6 overlay comes later); VLAN tags are not ours
         res.reason = f"ethertype {etype:#x}"
-        res.count(P, "drop_unsupported")
+        res.count(P, "drop_out_unsupported")
         return res
     ip = parse_ip4(frame[14:])
     if ip is None:
         res.reason = "bad ipv4"
-        res.count(P, "drop_unsupported")
+        res.count(P, "drop_out_malformed_ipv4")
         return res
     # 6. gateway: echo to the gateway IP (only a whole datagram carries an
     # ICMP header the gateway can answer: a fragment is not an echo request)
@@ -364,7 +364,7 @@ def outbound(inst, ifindex, frame):
         # 5. anti-spoofing applies to what the gateway answers, too
         if ip.src != port.ip:
             res.reason = "spoof"
-            res.count(P, "drop_spoof")
+            res.count(P, "drop_out_spoof")
             return res
         res.verdict, res.retval = "hairpin", TC_ACT_REDIRECT
         res.out = _echo_reply(frame, ip, port)
@@ -373,19 +373,19 @@ def outbound(inst, ifindex, frame):
     # 5. anti-spoofing
     if ip.src != port.ip:
         res.reason = "spoof"
-        res.count(P, "drop_spoof")
+        res.count(P, "drop_out_spoof")
         return res
     # 7. firewall
     if not firewall(inst, res, port, "out", ip, port.vni):
         res.reason = "firewall"
-        res.count(P, "drop_firewall")
+        res.count(P, "drop_out_firewall")
         return res
     # 8. MTU (checked before routing, so the guest learns it whatever the
     # destination): larger than the port MTU is dropped (counted), and with
     # DF the guest gets "fragmentation needed" back, never a silent drop
     if ip.total > port.mtu:
         res.reason = "mtu"
-        res.count(P, "drop_mtu")
+        res.count(P, "drop_out_mtu")
         if ip.df:
             eth, hdr, icmp = _frag_needed(frame, ip, port)
             res.verdict, res.retval = "hairpin", TC_ACT_REDIRECT
@@ -396,11 +396,11 @@ def outbound(inst, ifindex, frame):
     r = route_lookup(inst, port, ip.dst)
     if r is None:
         res.reason = "no route"
-        res.count(P, "drop_no_route")
+        res.count(P, "drop_out_no_route")
         return res
     if r.target == "drop":
         res.reason = "router drop"
-        res.count(P, "drop_router")
+        res.count(P, "drop_out_router")
         return res
     if r.target == "ig":
         vni, inner_mac, dst6 = port.bsvc_vni, BSVC_MAC, port.bsvc_addr
@@ -409,7 +409,7 @@ def outbound(inst, ifindex, frame):
         m = inst.v2p.get((port.vni, look))
         if m is None:
             res.reason = "no v2p"
-            res.count(P, "drop_no_v2p")
+            res.count(P, "drop_out_no_v2p")
             return res
         vni, (inner_mac, dst6) = port.vni, m
     inner = inner_mac + frame[6:]
@@ -419,7 +419,7 @@ def outbound(inst, ifindex, frame):
         target = inst.port_by(vni, inner_mac)
         if target is None:
             res.reason = "no local port"
-            res.count(P, "drop_no_port_local")
+            res.count(P, "drop_out_no_port_local")
             return res
         # nothing is encapsulated: no encap/decap counted
         return _deliver(inst, res, target, inner, ip, vni, tc=True)
@@ -439,7 +439,7 @@ def _deliver(inst, res, port, inner, ip, vni, tc=False):
     if ip is not None and not firewall(inst, res, port, "in", ip, vni):
         res.verdict, res.retval = "drop", TC_ACT_SHOT if tc else XDP_DROP
         res.reason = "firewall"
-        res.count(P, "drop_firewall")
+        res.count(P, "drop_in_firewall")
         return res
     out = inner[:6] + port.gw_mac + inner[12:]
     res.verdict, res.port, res.out = "port", P, out
@@ -477,20 +477,20 @@ def inbound(inst, frame):
     # 2. Geneve for us from here: malformed is a drop, counted by kind
     plen = struct.unpack_from("!H", ip6, 4)[0]
     if 54 + plen > len(frame):
-        return _malformed(res, "malformed_truncated")
+        return _malformed(res, "drop_in_malformed_truncated")
     ulen = struct.unpack_from("!H", frame, 58)[0]
     if ulen < 8 or ulen > plen:
-        return _malformed(res, "malformed_truncated")
+        return _malformed(res, "drop_in_malformed_truncated")
     end = 54 + ulen
     g = frame[62:end]
     if len(g) < 8:
-        return _malformed(res, "malformed_truncated")
+        return _malformed(res, "drop_in_malformed_truncated")
     if g[0] >> 6 != 0:
-        return _malformed(res, "malformed_version")
+        return _malformed(res, "drop_in_malformed_version")
     # SPEC-SILENT: a frame wrong in several ways is counted by the first
     # check it fails, in this order: version, protocol, options
     if struct.unpack_from("!H", g, 2)[0] != ETH_P_TEB:
-        return _malformed(res, "malformed_protocol")
+        return _malformed(res, "drop_in_malformed_protocol")
     optlen = (g[0] & 0x3F) * 4
     # the options, in order: each must lie inside both the options area the
     # header declares and the packet ("option length past the packet")
@@ -498,40 +498,38 @@ def inbound(inst, frame):
     off, external = 8, False
     while off < 8 + optlen:
         if off + 4 > area:
-            return _malformed(res, "malformed_options")
+            return _malformed(res, "drop_in_malformed_options")
         cls, typ, ln = struct.unpack_from("!HBB", g, off)
         body = (ln & 0x1F) * 4
         if off + 4 + body > area:
-            return _malformed(res, "malformed_options")
+            return _malformed(res, "drop_in_malformed_options")
         known = cls == OXIDE_CLASS and (typ & 0x7F) in OXIDE_TYPES
         if not known and typ & 0x80:
-            return _malformed(res, "malformed_critical_option")
+            return _malformed(res, "drop_in_malformed_critical_option")
         if known and (typ & 0x7F) == 0x00:
             external = True
         off += 4 + body
     vni = int.from_bytes(g[4:7], "big")
     inner = g[8 + optlen:]
     if len(inner) < 14:
-        return _malformed(res, "malformed_inner")
+        return _malformed(res, "drop_in_malformed_inner")
     ietype = struct.unpack_from("!H", inner, 12)[0]
     # 3. ARP never crosses the overlay; 4. port by (VNI, inner destination MAC)
     if ietype == ETH_P_ARP:
         res.verdict, res.retval = "drop", XDP_DROP
-        res.count("g", "drop_arp_in_geneve")
+        res.count("g", "drop_in_arp_in_geneve")
         return res
     port = inst.port_by(vni, inner[:6])
     if port is None:
         res.verdict, res.retval = "drop", XDP_DROP
-        res.count("g", "drop_no_port")
+        res.count("g", "drop_in_no_port")
         return res
     P = port.ifindex
     # 5. the inner frame must be IPv4
     ip = parse_ip4(inner[14:]) if ietype == ETH_P_IP else None
     if ip is None:
         res.verdict, res.retval, res.reason = "drop", XDP_DROP, "inner not IPv4"
-        if ietype == ETH_P_IP:
-            return _malformed(res, "malformed_inner")
-        res.count(P, "drop_unsupported")
+        res.count(P, "drop_in_malformed_ipv4" if ietype == ETH_P_IP else "drop_in_unsupported")
         return res
     # 6. firewall (External: from outside the VPC, matches no vni= filter),
     # then 7. delivery

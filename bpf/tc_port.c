@@ -1,12 +1,18 @@
-/* Port datapath, TC ingress on the datapath end of each port's veth: every
- * frame the guest sends enters here (docs/design.md, "Outbound pipeline"):
- * passthrough, or gateway -> anti-spoofing -> router -> overlay encap. */
-#include "xde.h"
-#include "maps.h"
+/* TC ingress (clsact) on the datapath end of each port's veth: every frame
+ * the guest sends enters here (docs/design.md, "Outbound pipeline").
+ *
+ * tc_port_out: passthrough, or gateway -> anti-spoofing -> firewall ->
+ * MTU -> router -> overlay encap, out of the underlay NIC the kernel's FIB
+ * chooses (or straight into a port on this host). tc_fw_eval: the
+ * firewall's rule walk, reached by tail call. */
+#include "wire.h"
+#include "config.h"
 #include "counters.h"
+#include "pkt.h"
 #include "fib.h"
 #include "gateway.h"
 #include "router.h"
+#include "v2p.h"
 #include "encap.h"
 #include "mtu.h"
 #include "fw.h"
@@ -28,26 +34,18 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_SHOT;
-	if (!mac_eq(eth->h_source, pc->mac)) {  /* every frame, ARP included */
-		port_count(port, P_drop_spoof, 1);
-		return TC_ACT_SHOT;
-	}
+		return tc_drop(port, DIR_OUT, DROP_malformed_inner);
+	if (!mac_eq(eth->h_source, pc->mac))  /* every frame, ARP included */
+		return tc_drop(port, DIR_OUT, DROP_spoof);
 	if (eth->h_proto == bpf_htons(ETH_P_ARP))
 		return gateway_arp(skb, pc, port);
-	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
-		port_count(port, P_drop_unsupported, 1);
-		return TC_ACT_SHOT;
-	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return tc_drop(port, DIR_OUT, DROP_unsupported);
 	struct iphdr *ip = (void *)(eth + 1);
-	if (!ip4_valid(ip, data_end, skb->len - ETH_HLEN)) {
-		port_count(port, P_drop_unsupported, 1);
-		return TC_ACT_SHOT;
-	}
-	if (ip->saddr != pc->ip) {
-		port_count(port, P_drop_spoof, 1);
-		return TC_ACT_SHOT;
-	}
+	if (!ip4_valid(ip, data_end, skb->len - ETH_HLEN))
+		return tc_drop(port, DIR_OUT, DROP_malformed_ipv4);
+	if (ip->saddr != pc->ip)
+		return tc_drop(port, DIR_OUT, DROP_spoof);
 	struct pkt4 pkt;
 	pkt4_parse(ip, data_end, &pkt);
 	/* the helpers below may move the packet: keep what we need of it */
@@ -62,34 +60,26 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 		return rc;
 	int fw = firewall(port, DIR_OUT, &pkt, pc->vni, skb->len, cfg);
 	if (fw == VERDICT_PENDING)
-		return fw_call_eval(skb);
-	if (fw == VERDICT_DENY) {
-		port_count(port, P_drop_firewall, 1);
-		return TC_ACT_SHOT;
-	}
+		return tc_fw_call(skb, port, DIR_OUT);
+	if (fw == VERDICT_DENY)
+		return tc_drop(port, DIR_OUT, DROP_firewall);
 	rc = mtu_check(skb, pc, port, &sum);
 	if (rc >= 0)
 		return rc;
 
 	struct route_val *rt = route_lookup(port, daddr);
-	if (!rt) {
-		port_count(port, P_drop_no_route, 1);
-		return TC_ACT_SHOT;
-	}
+	if (!rt)
+		return tc_drop(port, DIR_OUT, DROP_no_route);
 	if (rt->target == RT_IG) {
 		__u8 bmac[ETH_ALEN] = BSVC_MAC;
 		return encap_and_send(skb, cfg, pc, port, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt);
 	}
-	if (rt->target != RT_SUB4 && rt->target != RT_IP4) {
-		port_count(port, P_drop_router, 1);
-		return TC_ACT_SHOT;
-	}
+	if (rt->target != RT_SUB4 && rt->target != RT_IP4)
+		return tc_drop(port, DIR_OUT, DROP_router);
 	struct v2p_key vk = { .vni = pc->vni, .ip = rt->target == RT_IP4 ? rt->addr : daddr };
 	struct v2p_val *v = v2p.lookup(&vk);
-	if (!v) {
-		port_count(port, P_drop_no_v2p, 1);
-		return TC_ACT_SHOT;
-	}
+	if (!v)
+		return tc_drop(port, DIR_OUT, DROP_no_v2p);
 	return encap_and_send(skb, cfg, pc, port, v->underlay, pc->vni, v->mac, tos, &pkt);
 }
 
@@ -97,29 +87,25 @@ int tc_port_out(struct __sk_buff *skb)
 {
 	__u32 port = skb->ifindex;
 	struct port_cfg *pc = ports.lookup(&port);
-	if (!pc) {
-		global_count(G_drop_unknown_port);
-		return TC_ACT_SHOT;
-	}
+	if (!pc)
+		return tc_drop(0, DIR_OUT, DROP_unknown_port);
 	if (!fw_resumed()) {  /* counted on the first run, not after a rule evaluation */
 		port_count(port, P_tx_packets, 1);
 		port_count(port, P_tx_bytes, skb->len);
 	}
-	__u32 k = CFG_KEY;
-	struct xde_cfg *cfg = config.lookup(&k);
-	if (!cfg || !cfg->u1) {
-		port_count(port, P_drop_no_underlay, 1);
-		return TC_ACT_SHOT;
-	}
+	struct xde_cfg *cfg = xde_config();
+	if (!cfg || !cfg->u1)
+		return tc_drop(port, DIR_OUT, DROP_no_underlay);
 	if (pc->flags & PORT_F_PASSTHROUGH)
 		return passthrough_out(skb, cfg, port);
 	return overlay_out(skb, cfg, pc, port);
 }
 
-/* The firewall's rule walk (see fw.h): answer, then run the pipeline again. */
+/* The firewall's rule walk (fw_job.h): answer, then run the pipeline again. */
 int tc_fw_eval(struct __sk_buff *skb)
 {
-	fw_answer();
+	__u32 dir;
+	__u32 port = fw_answer(&dir);
 	tc_progs.call(skb, PROG_MAIN);
-	return TC_ACT_SHOT;
+	return tc_drop(port, dir, DROP_tail_call);
 }

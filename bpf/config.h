@@ -1,0 +1,71 @@
+/* What xdectl configures: the instance (its underlay pair and address,
+ * flow-table timeouts) and its ports, with the indexes the programs find a
+ * port by. */
+#ifndef XDE_CONFIG_H
+#define XDE_CONFIG_H
+
+#include "pin.h"
+
+#define CFG_KEY 0                 /* key of the one-entry config array */
+#define XDE_MAX_PASSTHROUGH 16    /* passthrough ports per root (clone loop bound) */
+#define PORT_F_PASSTHROUGH 1      /* port_cfg.flags */
+/* port_index key VNI of passthrough ports: outside the 24 bits of a VNI */
+#define VNI_PASSTHROUGH 0xffffffff
+/* The VNI a frame from outside the VPC (Oxide's External option) is judged
+ * in by the firewall: matches no vni= filter. */
+#define VNI_EXTERNAL 0xfffffffe
+
+/* Instance-wide settings: one root's ports share one underlay pair and one
+ * underlay source address (docs/design.md, "Ports and roots"). */
+struct xde_cfg {
+	__u32 u1;                 /* ifindex of underlay 1, 0 while no port */
+	__u32 u2;
+	__u8 underlay_addr[16];   /* this host's underlay IPv6 address */
+	__u32 nports;
+	/* flow-table timeouts in seconds (OPTE's defaults; settable) */
+	__u32 ttl_idle;           /* non-TCP flows: idle expiry */
+	__u32 ttl_tcp_handshake;
+	__u32 ttl_tcp_established;
+	__u32 ttl_tcp_closed;     /* after FIN from both sides or RST (TIME_WAIT) */
+	char pending[16];         /* port being created: what a killed create leaves */
+	__u32 sw_csum;            /* bit i: xdectl turned tx checksum offload off on underlay i+1 */
+};
+
+/* One port, keyed by the ifindex of the veth end the datapath owns. */
+struct port_cfg {
+	__u32 ifindex;            /* datapath end (TC ingress is attached here) */
+	__u32 flags;              /* PORT_F_* */
+	__u32 vni;
+	__u32 bsvc_vni;
+	__u8 mac[6];              /* guest MAC */
+	__u8 gw_mac[6];           /* virtual gateway MAC */
+	__be32 ip;                /* guest IPv4 */
+	__be32 gw_ip;             /* virtual gateway IPv4 */
+	__be32 subnet;            /* VPC subnet, network byte order */
+	__u32 subnet_len;
+	__u8 bsvc_addr[16];       /* boundary services underlay address */
+	__u32 mtu;                /* guest-facing MTU */
+	char name[16];            /* guest-facing interface name */
+	char peer[16];            /* datapath end interface name */
+};
+
+/* Inbound port lookup: (VNI, destination MAC) -> datapath end ifindex. */
+struct port_key {
+	__u32 vni;                /* VNI_PASSTHROUGH for passthrough ports */
+	__u8 mac[6];
+	__u8 pad[2];
+};
+
+XDE_MAP("array", u32, struct xde_cfg, config, 1);
+XDE_MAP("hash", u32, struct port_cfg, ports, 1024);
+XDE_MAP("hash", struct port_key, u32, port_index, 1024);
+/* the passthrough ports' ifindexes, 0-terminated */
+XDE_MAP("array", u32, u32, passthru, XDE_MAX_PASSTHROUGH);
+
+static __always_inline struct xde_cfg *xde_config(void)
+{
+	__u32 k = CFG_KEY;
+	return config.lookup(&k);
+}
+
+#endif

@@ -1,0 +1,22 @@
+/* Per-CPU scratch space for what does not fit the 512-byte BPF stack once
+ * every layer is inlined: the FIB lookup's parameters and the start of a
+ * packet quoted in an ICMP error. */
+#ifndef XDE_SCRATCH_H
+#define XDE_SCRATCH_H
+
+#include "pin.h"
+
+#define ICMP_QUOTE_MAX 68         /* largest IPv4 header (60) + 8 bytes */
+struct scratch {
+	struct bpf_fib_lookup fib;
+	__u8 quote[ICMP_QUOTE_MAX];
+};
+XDE_MAP("percpu_array", u32, struct scratch, scratch, 1);
+
+static __always_inline struct scratch *scratch_get(void)
+{
+	__u32 zero = 0;
+	return scratch.lookup(&zero);
+}
+
+#endif
