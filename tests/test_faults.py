@@ -46,7 +46,7 @@ from pyroute2 import netns as pnetns
 
 from netns import XDECTL, Root, create_args, remove_pins, snapshot, underlay_host, xdectl
 from xdectl import fw, overlay, ports
-from xdectl.datapath import PROGRAMS, Datapath
+from xdectl.datapath import Datapath, programs
 from xdectl.errors import XdeError
 from xdectl.maps import find_port
 from xdectl.ports import datapath_end
@@ -135,7 +135,7 @@ def problems(ns, root):
                 return [f"root unreadable: {e}"]
             cfg = maps["config"].get(maps["config"].Key(0))
             pins = root.pins()
-            missing = [f"progs/{p}" for p in PROGRAMS if f"progs/{p}" not in pins]
+            missing = [f"progs/{p}" for p in programs() if f"progs/{p}" not in pins]
             if missing:
                 out.append(f"loaded root lacks pins {missing}")
         names = {p["name"] for p in listed}
