@@ -26,12 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-try:                    # the venv's editable install, or a tree on PYTHONPATH
-    import xdectl       # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-
+from common import REPO as ROOT
 from pyroute2 import netns  # noqa: E402
 
 NS = "xbc-ctl"

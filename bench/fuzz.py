@@ -10,23 +10,15 @@ datapath bugs (tests/model/gen.py known_bug, listed apart).
 """
 import argparse
 import collections
-import contextlib
-import io
 import json
-import os
 import re
-import secrets
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
+import common  # first: puts the checkout and tests/ on the import path
 from model import gen, setup
 from model.harness import SledRunner, next_hops, run_case
-
-from xdelab.lab import Lab
 
 
 def kind_of(mismatch):
@@ -42,18 +34,10 @@ def main():
     ap.add_argument("--prefix", help="lab prefix (default xd<3 hex>-)")
     ap.add_argument("--examples", type=int, default=3, help="examples kept per mismatch kind")
     a = ap.parse_args()
-    assert os.geteuid() == 0, "run as root"
-    lab = Lab(a.prefix or f"xd{secrets.token_hex(2)[:3]}-")
-    assert not lab.is_up(), f"a lab {lab.prefix} is already up"
     t0 = time.monotonic()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.up()
+    # next hops resolved, so encapsulated frames carry real outer MACs
+    with common.lab("d", a.prefix) as lab:
         setup.install(lab)
-        # resolve next hops, so encapsulated frames carry real outer MACs
-        for i in (1, 2):
-            lab.run("sled1", "ping", "-6", "-c", "1", "-W", "1", f"fd10:1:{i}::2",
-                    capture_output=True)
         runner = SledRunner(lab)
         inst = runner.instance()
         port = next(i for i, p in inst.ports.items() if p.name == "xde0")
@@ -88,9 +72,6 @@ def main():
                       f"{sum(known.values())} known-bug mismatches, "
                       f"{time.monotonic() - t0:.0f} s", flush=True)
         runner.close()
-    finally:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.down(quiet=True)
     elapsed = time.monotonic() - t0
     summary = {"cases": a.cases, "frames": frames, "seconds": round(elapsed, 1),
                "mismatches": sum(kinds.values()), "by_kind": dict(kinds.most_common()),

@@ -29,12 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-try:                    # the venv's editable install, or a tree on PYTHONPATH
-    import xdectl       # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-
+from common import REPO as ROOT
 from pyroute2 import netns  # noqa: E402
 
 from xdelab.lab import Lab  # noqa: E402

@@ -52,69 +52,33 @@ Goals (docs/design.md, "How it is proved"): the hit path flat in N; every
 path within 3x the empty program.
 """
 import argparse
-import contextlib
-import io
-import json
-import os
-import platform
-import secrets
 import statistics
-import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import xdectl  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-
-from scapy.layers.inet import ICMP, IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP, Ether
+import common  # noqa: F401  (first: the checkout's xdectl, the tests' frames)
+from cases import BY_NAME, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_REDIRECT
+from common import REPO, Programs, write_result
+from frames import G2_IP, g1_frame, geneve, inner_udp, underlay_frame
+from scapy.layers.inet import UDP
 from scapy.packet import Raw
 
-from xdectl import fw, libbpf, overlay
-from xdectl.datapath import Datapath
-from xdelab.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
-from xdectl import counters
-from xdectl.maps import find_port
+from xdectl import fw, overlay
+from xdelab.lab import VNI
 
-G1, G2 = SLEDS["sled1"], SLEDS["sled2"]
 RULE_COUNTS = (0, 16, 256, 1024)
-SKB_CTX_SIZE, SKB_IFINDEX_OFF = 192, 40
-XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 DROP_NET = "203.0.113.0/24"
 PAYLOAD = b"b" * 64
-
-EMPTY = """
-int xdp_empty(struct xdp_md *ctx) { return 2; /* XDP_PASS */ }
-int tc_empty(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }
-"""
 
 
 # --- frames ------------------------------------------------------------------------
 
-def geneve(vni=VNI):
-    return bytes([0, 0]) + b"\x65\x58" + vni.to_bytes(3, "big") + b"\0"
-
-
-def underlay(inner):
-    """Geneve over IPv6 to sled1's underlay address, as sw1 would deliver it."""
-    return bytes(Ether(dst="02:00:00:00:01:01", src="02:00:00:00:01:02") /
-                 IPv6(src=G2["addr"], dst=G1["addr"], hlim=128) /
-                 UDP(sport=50000, dport=6081, chksum=0) / Raw(geneve() + inner))
-
-
-def from_g2(l4):
-    return bytes(Ether(dst=G1["mac"], src=G2["mac"]) / IP(src=G2["guest_ip"], dst=G1["guest_ip"]) / l4)
+def from_g2(sport, dport):
+    """g2's UDP to g1 in Geneve, as sw1 delivers it to sled1."""
+    return underlay_frame(geneve() + inner_udp(PAYLOAD, sport=sport, dport=dport), chksum=0)
 
 
 def from_g1(l4, dst):
-    return bytes(Ether(src=G1["mac"], dst=GW_MAC) / IP(src=G1["guest_ip"], dst=dst) / l4)
+    return g1_frame(l4 / Raw(PAYLOAD), dst=dst)
 
 
 # --- the bench ---------------------------------------------------------------------
@@ -123,23 +87,11 @@ class Bench:
     def __init__(self, lab, repeat, samples, rounds):
         self.lab, self.repeat, self.samples, self.rounds = lab, repeat, samples, rounds
         self.root = lab.root("sled1")
-        with lab.inside("sled1"):
-            out = subprocess.run(["ip", "-j", "link", "show", "xde0_dp"], capture_output=True,
-                                 text=True, check=True).stdout
-        self.ctx = bytearray(SKB_CTX_SIZE)
-        struct.pack_into("<I", self.ctx, SKB_IFINDEX_OFF, json.loads(out)[0]["ifindex"])
-        self.ctx = bytes(self.ctx)
-        self.fds = {p: libbpf.obj_get(f"{self.root}/progs/{p}") for p in ("xdp_underlay", "tc_port_out")}
-        from bcc import BPF
-        self.bpf = BPF(text=EMPTY)
-        self.fds["xdp_empty"] = self.bpf.load_func("xdp_empty", BPF.XDP).fd
-        self.fds["tc_empty"] = self.bpf.load_func("tc_empty", BPF.SCHED_CLS).fd
+        self.progs = Programs(lab)
         self.rows = []
 
     def close(self):
-        for name in ("xdp_underlay", "tc_port_out"):
-            os.close(self.fds[name])
-        self.bpf.cleanup()
+        self.progs.close()
 
     # map access, in-process, inside sled1
     def rules(self, lines):
@@ -148,19 +100,10 @@ class Bench:
             fw.clear_flows(self.root, "xde0")
 
     def stats(self):
-        with self.lab.inside("sled1"):
-            dp = Datapath(self.root)
-            try:
-                maps = dp.maps()
-                index, _ = find_port(maps, "xde0")
-                return counters.port_counts(maps, index).flat()
-            finally:
-                dp.close()
+        return self.progs.stats()
 
     def run(self, prog, frame, repeat=1):
-        ctx = self.ctx if prog.startswith("tc_") else None
-        with self.lab.inside("sled1"):
-            return libbpf.test_run(self.fds[prog], frame, repeat=repeat, ctx=ctx)
+        return self.progs.run_in(prog, frame, repeat)
 
     def time_repeat(self, prog, frame):
         rc, _, ns = self.run(prog, frame, self.repeat)
@@ -172,17 +115,15 @@ class Bench:
         frames = frame if isinstance(frame, list) else [frame] * self.samples
         rcs, durs = set(), []
         with self.lab.inside("sled1"):
-            ctx = self.ctx if prog.startswith("tc_") else None
-            fd = self.fds[prog]
             for f in frames:
-                rc, _, ns = libbpf.test_run(fd, f, 1, ctx)
+                rc, _, ns = self.progs.run(prog, f)
                 rcs.add(rc)
                 durs.append(ns)
         return rcs, statistics.median(durs)
 
     def measure(self, path, prog, frame, rules, method, expect_rc, check=None, prime=None, note=""):
         """Alternate the program and the empty one `rounds` times; medians."""
-        empty = "xdp_empty" if prog.startswith("xdp") else "tc_empty"
+        empty = Programs.empty_of(prog)
         ours, base = [], []
         checks = []
         for _ in range(self.rounds):
@@ -237,7 +178,7 @@ def hits(d, n):
 
 def bench_all(b):
     # first packet: the inbound default deny after N rules, every run
-    inbound_udp = underlay(from_g2(UDP(sport=40000, dport=40001) / Raw(PAYLOAD)))
+    inbound_udp = from_g2(40000, 40001)
     for n in RULE_COUNTS:
         b.rules(nonmatching("in", n))
         for method in ("repeat", "single"):
@@ -251,7 +192,7 @@ def bench_all(b):
     # first packet allowed, outbound: a new flow every run (one frame per run,
     # distinct source ports), N rules walked, the default allow creates both
     # entries, then the drop route
-    new_flows = [from_g1(UDP(sport=1024 + i, dport=40003) / Raw(PAYLOAD), "203.0.113.9")
+    new_flows = [from_g1(UDP(sport=1024 + i, dport=40003), "203.0.113.9")
                  for i in range(b.samples)]
 
     def allowed_walks(d, n):
@@ -264,7 +205,7 @@ def bench_all(b):
                   check=allowed_walks,
                   prime=lambda n=n: b.rules(nonmatching("out", n) + DEFAULT_IN),
                   note="new flow every run: N rules, default allow, 2 entries created, route drop")
-    out_drop = from_g1(UDP(sport=40002, dport=40003) / Raw(PAYLOAD), "203.0.113.9")
+    out_drop = from_g1(UDP(sport=40002, dport=40003), "203.0.113.9")
     for n in RULE_COUNTS:
         b.rules(nonmatching("out", n) + DEFAULT_IN)
         rc, _, _ = b.run("tc_port_out", out_drop)          # first packet: creates the flow
@@ -274,7 +215,7 @@ def bench_all(b):
                       note="cached outbound flow, then route drop (frame unchanged)")
 
     # flow hit, inbound: g2's reply to a flow g1 opened, decapsulated (single only)
-    g1_open = from_g1(UDP(sport=40001, dport=40000) / Raw(PAYLOAD), G2["guest_ip"])
+    g1_open = from_g1(UDP(sport=40001, dport=40000), G2_IP)
     for n in RULE_COUNTS:
         b.rules(nonmatching("in", n))
 
@@ -288,18 +229,15 @@ def bench_all(b):
     # the default rules from here on
     b.rules(DEFAULT_IN)
     b.run("tc_port_out", g1_open)
-    encap = from_g1(UDP(sport=40001, dport=40000) / Raw(PAYLOAD), G2["guest_ip"])
+    encap = from_g1(UDP(sport=40001, dport=40000), G2_IP)
     b.measure("encap", "tc_port_out", encap, 2, "single", TC_ACT_REDIRECT, check=hits,
               note="cached flow g1 -> g2, Geneve encap, fib lookup, redirect")
     b.measure("decap", "xdp_underlay", inbound_udp, 2, "single", XDP_REDIRECT, check=hits,
               note="cached flow g2 -> g1, decap, redirect")
-    arp = bytes(Ether(src=G1["mac"], dst="ff:ff:ff:ff:ff:ff") /
-                ARP(op=1, hwsrc=G1["mac"], psrc=G1["guest_ip"], pdst=GW_IP))
-    b.measure("gw_arp", "tc_port_out", arp, 2, "single", TC_ACT_REDIRECT,
-              note="ARP reply from the gateway, hairpinned")
-    echo = from_g1(ICMP(type=8, id=0x4242, seq=1) / Raw(PAYLOAD), GW_IP)
-    b.measure("gw_echo", "tc_port_out", echo, 2, "single", TC_ACT_REDIRECT,
-              note="echo reply from the gateway, hairpinned")
+    # the gateway's replies: frames and verdicts from the fixture table
+    for path, case in (("gw_arp", BY_NAME["gw_arp_gateway"]), ("gw_echo", BY_NAME["gw_echo"])):
+        b.measure(path, case.prog, case.frame, 2, "single", case.verdict,
+                  note=f"tests/cases.py {case.name}: the gateway's reply, hairpinned")
 
 
 DEFAULT_IN = [r.text() for r in fw.default_rules(VNI)]
@@ -363,18 +301,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=200000, help="repeat for the repeat timing")
     ap.add_argument("--samples", type=int, default=3000, help="repeat=1 runs per single timing")
     ap.add_argument("--rounds", type=int, default=5, help="alternations with the empty program")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/prog.json"))
+    ap.add_argument("--out", default=str(REPO / "bench/results/prog.json"))
     args = ap.parse_args()
-    assert os.geteuid() == 0, "run as root"
 
-    lab = Lab(f"xp{secrets.token_hex(2)[:3]}-")
     t0 = time.monotonic()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.up()
-        for i in (1, 2):   # next hops resolved: encap measures the common case
-            lab.run("sled1", "ping", "-6", "-c", "1", "-W", "1", f"fd10:1:{i}::2",
-                    capture_output=True)
+    with common.lab("p") as lab:
         print(f"lab {lab.prefix} up; repeat={args.repeat} samples={args.samples} "
               f"rounds={args.rounds}", flush=True)
         b = Bench(lab, args.repeat, args.samples, args.rounds)
@@ -382,12 +313,7 @@ def main():
             bench_all(b)
         finally:
             b.close()
-    finally:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.down(quiet=True)
     rows = b.rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     hit = {r["rules"]: r["ns"] for r in rows if r["path"] == "hit_out" and r["method"] == "repeat"}
     first = {r["rules"]: r["ns"] for r in rows if r["path"] == "first_in" and r["method"] == "repeat"}
     summary = {
@@ -396,11 +322,9 @@ def main():
         "first_in_ns_per_rule": (first[1024] - first[0]) / 1024,
         "within_3x_empty": {f"{r['path']}/{r['rules']}/{r['method']}": r["ratio"] <= 3 for r in rows},
     }
-    doc = {"kernel": platform.release(), "cpus": os.cpu_count(), "repeat": args.repeat,
-           "samples": args.samples, "rounds": args.rounds, "seconds": time.monotonic() - t0,
-           "command": " ".join([".venv/bin/python", "bench/prog.py"] + sys.argv[1:]),
-           "rows": rows, "summary": summary}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_result(args.out, {"repeat": args.repeat, "samples": args.samples,
+                                  "rounds": args.rounds, "seconds": time.monotonic() - t0,
+                                  "rows": rows, "summary": summary})
     print()
     print(table(rows))
     print()

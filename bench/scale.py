@@ -44,72 +44,41 @@ Dimensions:
          (hit rate) -- the rest are first packets again.
 """
 import argparse
-import contextlib
-import io
 import ipaddress
-import json
-import os
-import platform
 import random
-import secrets
 import statistics
-import struct
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import xdectl  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Ether
+import common  # noqa: F401  (first: the checkout's xdectl, the tests' frames)
+from common import REPO, Programs, write_result
+from frames import G1_IP, G2_IP, U2_ADDR, g1_frame, geneve, inner_udp, underlay_frame
+from scapy.layers.inet import UDP
 from scapy.packet import Raw
 
-from xdectl import fw, libbpf, overlay
+from xdectl import counters, fw, overlay
 from xdectl.datapath import Datapath
-from xdelab.lab import GW_MAC, SLEDS, VNI, Lab
-from xdectl import counters
-from xdectl.maps import find_port, ip4_be, mac_bytes, set_bytes
+from xdectl.maps import ip4_be, mac_bytes, set_bytes
+from xdelab.lab import VNI
 
-G1, G2 = SLEDS["sled1"], SLEDS["sled2"]
-SKB_CTX_SIZE, SKB_IFINDEX_OFF = 192, 40
 XDP_REDIRECT, TC_ACT_REDIRECT = 4, 7
 PAYLOAD = b"s" * 64
 V2P_SIZES = (1, 1000, 100_000, 1_000_000)
 FLOW_SIZES = (1000, 10_000, 100_000, 262_144, 1_000_000)
 FILL_NET = ipaddress.IPv4Network("100.64.0.0/10")
 BATCH = 4096
-EMPTY = """
-int xdp_empty(struct xdp_md *ctx) { return 2; /* XDP_PASS */ }
-int tc_empty(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }
-"""
 
 
 def be16(v):
     return int.from_bytes(v.to_bytes(2, "big"), "little")
 
 
-def geneve(vni=VNI):
-    return bytes([0, 0]) + b"\x65\x58" + vni.to_bytes(3, "big") + b"\0"
-
-
-def encap_frame(sport, dport, dst=G2["guest_ip"]):
-    return bytes(Ether(src=G1["mac"], dst=GW_MAC) / IP(src=G1["guest_ip"], dst=dst) /
-                 UDP(sport=sport, dport=dport) / Raw(PAYLOAD))
+def encap_frame(sport, dport, dst=G2_IP):
+    return g1_frame(UDP(sport=sport, dport=dport) / Raw(PAYLOAD), dst=dst)
 
 
 def decap_frame(sport, dport):
     """g2's UDP reply (sport -> dport) in Geneve from sled2, for g1."""
-    inner = bytes(Ether(dst=G1["mac"], src=G2["mac"]) /
-                  IP(src=G2["guest_ip"], dst=G1["guest_ip"]) / UDP(sport=sport, dport=dport) /
-                  Raw(PAYLOAD))
-    return bytes(Ether(dst="02:00:00:00:01:01", src="02:00:00:00:01:02") /
-                 IPv6(src=G2["addr"], dst=G1["addr"], hlim=128) /
-                 UDP(sport=50000, dport=6081, chksum=0) / Raw(geneve() + inner))
+    return underlay_frame(geneve() + inner_udp(PAYLOAD, sport=sport, dport=dport), chksum=0)
 
 
 class Scale:
@@ -117,27 +86,18 @@ class Scale:
         self.lab, self.samples, self.rounds = lab, samples, rounds
         self.rng = random.Random(seed)
         self.root = lab.root("sled1")
+        self.progs = Programs(lab)
+        self.port = self.progs.port
         with lab.inside("sled1"):
             self.dp = Datapath(self.root)
             self.maps = self.dp.maps()
-            self.port, _ = find_port(self.maps, "xde0")
-        self.ctx = bytearray(SKB_CTX_SIZE)
-        struct.pack_into("<I", self.ctx, SKB_IFINDEX_OFF, self.port)
-        self.ctx = bytes(self.ctx)
-        self.fds = {p: libbpf.obj_get(f"{self.root}/progs/{p}") for p in ("xdp_underlay", "tc_port_out")}
-        from bcc import BPF
-        self.bpf = BPF(text=EMPTY)
-        self.fds["xdp_empty"] = self.bpf.load_func("xdp_empty", BPF.XDP).fd
-        self.fds["tc_empty"] = self.bpf.load_func("tc_empty", BPF.SCHED_CLS).fd
         self.rows = []
         self.first = {}
         self.flow_fill = 0
         self.v2p_fill = 0
 
     def close(self):
-        for name in ("xdp_underlay", "tc_port_out"):
-            os.close(self.fds[name])
-        self.bpf.cleanup()
+        self.progs.close()
         self.dp.close()
 
     # --- running -------------------------------------------------------------------
@@ -147,12 +107,10 @@ class Scale:
 
     def runs(self, prog, frames):
         """(set of return codes, median ns) over one repeat=1 run per frame."""
-        ctx = self.ctx if prog.startswith("tc_") else None
-        fd = self.fds[prog]
         rcs, durs = set(), []
         with self.lab.inside("sled1"):
             for f in frames:
-                rc, _, ns = libbpf.test_run(fd, f, 1, ctx)
+                rc, _, ns = self.progs.run(prog, f)
                 rcs.add(rc)
                 durs.append(ns)
         return rcs, statistics.median(durs)
@@ -161,12 +119,12 @@ class Scale:
         """Open the flows g1 -> g2 (sport, dport) through the program."""
         with self.lab.inside("sled1"):
             for sp, dp in flows:
-                rc, _, _ = libbpf.test_run(self.fds["tc_port_out"], encap_frame(sp, dp), 1, self.ctx)
+                rc, _, _ = self.progs.run("tc_port_out", encap_frame(sp, dp))
                 assert rc == TC_ACT_REDIRECT, rc
 
     def measure(self, dim, size, path, shape, frames, expect_rc, occupancy, hits_required=True):
         prog = "tc_port_out" if path == "encap" else "xdp_underlay"
-        empty = "tc_empty" if path == "encap" else "xdp_empty"
+        empty = Programs.empty_of(prog)
         ours, base, hit_rates = [], [], []
         for _ in range(self.rounds):
             before = self.stats()
@@ -204,7 +162,7 @@ class Scale:
         m = self.maps["v2p"]
         have = self.v2p_count()
         base = int(FILL_NET.network_address)
-        under = ipaddress.IPv6Address(G2["addr"]).packed
+        under = ipaddress.IPv6Address(U2_ADDR).packed
         while have < total:
             n = min(BATCH, total - have)
             pairs = []
@@ -223,7 +181,7 @@ class Scale:
     def bench_v2p(self):
         # V2P at 1: only g2's mapping (the port's own is put back afterwards)
         own = self.maps["v2p"].Key()
-        own.vni, own.ip = VNI, ip4_be(G1["guest_ip"])
+        own.vni, own.ip = VNI, ip4_be(G1_IP)
         own_val = self.maps["v2p"].get(own)
         self.maps["v2p"].delete(own)
         with self.lab.inside("sled1"):
@@ -240,14 +198,14 @@ class Scale:
                              XDP_REDIRECT, occ)
                 # spread: flows to filler destinations (g2's mapping at size 1)
                 n = self.v2p_fill
-                dsts = ([G2["guest_ip"]] if n == 0 else
+                dsts = ([G2_IP] if n == 0 else
                         [str(ipaddress.IPv4Address(int(FILL_NET.network_address) + self.rng.randrange(n)))
                          for _ in range(self.samples)])
                 flows = [(20000 + j % 40000, 30000 + j // 40000) for j in range(self.samples)]
                 frames = [encap_frame(sp, dp, dst=dsts[j % len(dsts)]) for j, (sp, dp) in enumerate(flows)]
                 with self.lab.inside("sled1"):
                     for f in frames:       # open the flows
-                        rc, _, _ = libbpf.test_run(self.fds["tc_port_out"], f, 1, self.ctx)
+                        rc, _, _ = self.progs.run("tc_port_out", f)
                         assert rc == TC_ACT_REDIRECT, rc
                 self.measure("v2p", size, "encap", "spread", frames, TC_ACT_REDIRECT, occ)
                 self._clear_flows(keep=[hot])
@@ -277,7 +235,7 @@ class Scale:
     def flow_pairs(self, first, n, epoch, now):
         """Entries of established UDP flows g1:sport -> g2:dport, both directions."""
         m = self.maps["flows"]
-        g1, g2 = ip4_be(G1["guest_ip"]), ip4_be(G2["guest_ip"])
+        g1, g2 = ip4_be(G1_IP), ip4_be(G2_IP)
         pairs = []
         for j in range(first, first + n):
             flow, d = divmod(j, 2)
@@ -387,18 +345,10 @@ def main():
     ap.add_argument("--samples", type=int, default=2000, help="repeat=1 runs per figure")
     ap.add_argument("--rounds", type=int, default=5, help="alternations with the empty program")
     ap.add_argument("--seed", type=int, default=6)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/scale.json"))
+    ap.add_argument("--out", default=str(REPO / "bench/results/scale.json"))
     args = ap.parse_args()
-    assert os.geteuid() == 0, "run as root"
-    lab = Lab(f"xs{secrets.token_hex(2)[:3]}-")
     t0 = time.monotonic()
-    s = None
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.up()
-        for i in (1, 2):   # next hops resolved: encap measures the common case
-            lab.run("sled1", "ping", "-6", "-c", "1", "-W", "1", f"fd10:1:{i}::2",
-                    capture_output=True)
+    with common.lab("s") as lab:
         print(f"lab {lab.prefix} up; samples={args.samples} rounds={args.rounds}", flush=True)
         s = Scale(lab, args.samples, args.rounds, args.seed)
         try:
@@ -406,19 +356,12 @@ def main():
             s.bench_flows()
         finally:
             s.close()
-    finally:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.down(quiet=True)
     rows = s.rows
     flat = {f"{r['dim']}/{r['path']}/{r['shape']}/{r['size']}": r["vs_first"] <= 1.2 for r in rows}
-    doc = {"kernel": platform.release(), "cpus": os.cpu_count(), "samples": args.samples,
-           "rounds": args.rounds, "timing": "median of repeat=1 runs", "seconds": time.monotonic() - t0,
-           "command": " ".join([".venv/bin/python", "bench/scale.py"] + sys.argv[1:]),
-           "flows_max_entries": 262144, "rows": rows,
-           "summary": {"flat_within_1.2x": flat, "all_flat": all(flat.values())}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_result(args.out, {
+        "samples": args.samples, "rounds": args.rounds, "timing": "median of repeat=1 runs",
+        "seconds": time.monotonic() - t0, "flows_max_entries": 262144, "rows": rows,
+        "summary": {"flat_within_1.2x": flat, "all_flat": all(flat.values())}})
     print()
     print(table(rows))
     print()

@@ -10,6 +10,9 @@ import pytest
 
 from netns import BPFFS, Netns, Root
 
+# the session's overlay lab (xlab) and its helpers
+pytest_plugins = ["lab_fixture"]
+
 
 def pytest_collection_modifyitems(items):
     for item in items:

@@ -3,9 +3,12 @@ BPF_PROG_TEST_RUN tests share.
 
 One lab (docs/design.md, "The lab") is built per test session under its own
 prefix (`xt<4 hex>-`), so it never touches an operator's lab (`xl-`), and is
-always torn down, even when a test or the build fails. Test modules load
-this file with `pytest_plugins = ["lab_fixture"]`, which registers the
-fixture once for the session: the three modules share one lab.
+always torn down, even when a test or the build fails. tests/conftest.py
+loads this file as a plugin, which registers the fixture once for the
+session: every module that needs the lab shares it.
+A module that changes the sleds' state (rules, routes, V2P, timeouts,
+flows) calls `xlab.reset()` before and after it, which puts back the
+state the lab was built with, without rebuilding anything.
 
 Commands run in the lab's namespaces through `nsenter --net` (Lab.run), never
 `ip netns exec` (which remounts /sys and hides bpffs). In-process work
@@ -20,33 +23,30 @@ import secrets
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import ICMP, IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from frames import G1_IP, G1_MAC, G2_IP, GW_MAC
+from xdectl import counters, fw, overlay
 from xdectl.datapath import Datapath
-from xdelab.lab import BSVC_ADDR, GW_IP, GW_MAC, OUTSIDE, SLEDS, SUBNET, VNI, Lab
-from xdectl import counters
 from xdectl.maps import find_port
+from xdelab.lab import SLEDS, Lab
 
 REPO = Path(__file__).resolve().parents[1]
 XDECTL = str(REPO / ".venv" / "bin" / "xdectl")
 PY = sys.executable
-
-S1, S2 = SLEDS["sled1"], SLEDS["sled2"]
-G1_IP, G2_IP = S1["guest_ip"], S2["guest_ip"]
-G1_MAC, G2_MAC = S1["mac"], S2["mac"]
-U1_ADDR, U2_ADDR = S1["addr"], S2["addr"]       # sled underlay addresses
-BSVC_VNI = 99
-GENEVE_PORT = 6081
+HELPERS = REPO / "tests" / "helpers"        # small servers and senders run in the guests
+# what create gives a port: its firewall rules and the root's flow timeouts
+DEFAULT_LINES = ["dir=in action=allow priority=65535 hosts=vni=10",
+                 "dir=in action=allow priority=65535 protocol=icmp"]
+DEFAULT_TIMEOUTS = {"idle": 60, "tcp_handshake": 5, "tcp_established": 8000, "tcp_closed": 120}
 
 
 class LabT:
@@ -55,6 +55,51 @@ class LabT:
     def __init__(self, lab):
         self.lab = lab
         self.prefix = lab.prefix
+        self.baseline = {}      # sled -> (V2P rows, custom routes) as built
+
+    @classmethod
+    def of(cls, other):
+        """The same lab, seen through a subclass's helpers."""
+        t = cls(other.lab)
+        t.baseline = other.baseline
+        return t
+
+    # --- state ---------------------------------------------------------------
+
+    def _state(self, sled):
+        root = self.lab.root(sled)
+        with self.lab.inside(sled):
+            v2p = overlay.dump_v2p(root)
+            routes = [r for r in overlay.dump_router(root, "xde0") if r["kind"] == "custom"]
+        return v2p, routes
+
+    def record_baseline(self):
+        self.baseline = {sled: self._state(sled) for sled in SLEDS}
+
+    def reset(self):
+        """Back to the state the lab was built with: the default firewall
+        rules and flow timeouts, no flows, the V2P entries and routes it
+        had, next hops resolved. In-process, through xdectl's modules."""
+        for sled, (v2p, routes) in self.baseline.items():
+            root = self.lab.root(sled)
+            now_v2p, now_routes = self._state(sled)
+            with self.lab.inside(sled):
+                fw.set_rules(root, "xde0", DEFAULT_LINES)
+                fw.set_timeouts(root, **DEFAULT_TIMEOUTS)
+                fw.clear_flows(root, "xde0")
+                for r in now_routes:
+                    if r not in routes:
+                        overlay.del_router_entry(root, "xde0", r["dest"])
+                for r in routes:
+                    if r not in now_routes:
+                        overlay.add_router_entry(root, "xde0", r["dest"], r["target"])
+                for r in now_v2p:
+                    if r not in v2p:
+                        overlay.clear_v2p(root, r["ip"], r["mac"], r["underlay"], r["vni"])
+                for r in v2p:
+                    if r not in now_v2p:
+                        overlay.set_v2p(root, r["ip"], r["mac"], r["underlay"], r["vni"])
+        self.resolve_underlay_neighbours()
 
     # --- running things ----------------------------------------------------
 
@@ -86,6 +131,17 @@ class LabT:
 
     def python(self, host, code, *args, check=True, timeout=60, input=None):
         return self.run(host, PY, "-c", code, *args, check=check, timeout=timeout, input=input)
+
+    def helper(self, host, name, *args, **kw):
+        """Run tests/helpers/NAME in host's namespace, to the end."""
+        return self.run(host, PY, HELPERS / name, *args, **kw)
+
+    def start_helper(self, host, name, *args):
+        """Start tests/helpers/NAME in host's namespace (a server: it prints
+        "ready" once listening)."""
+        p = self.popen(host, PY, HELPERS / name, *args)
+        wait_ready(p, what=f"{name} in {host}")
+        return p
 
     def xdectl(self, sled, *args, check=True):
         return self.run(sled, XDECTL, "--root", self.lab.root(sled), *args, check=check)
@@ -202,6 +258,12 @@ class LabT:
         out = self.run(host, "nstat", "-az", "--json", *names).stdout
         return json.loads(out)["kernel"]
 
+    def wait_guests_reach_each_other(self, timeout=15):
+        for host, addr in (("g1", G2_IP), ("g2", G1_IP)):
+            deadline = time.monotonic() + timeout
+            while not self.ping(host, addr, count=1)[0]:
+                assert time.monotonic() < deadline, f"lab: {host} cannot reach {addr}"
+
     def resolve_underlay_neighbours(self, sleds=("sled1", "sled2")):
         """Resolve each sled's next hops (both switches) from the host stack.
         The datapath needs them resolved to use bpf_redirect; tests that are
@@ -234,101 +296,6 @@ def wait_ready(proc, timeout=10, what="server"):
     _wait_line(proc.stdout, "ready", timeout, what)
 
 
-# --- frames --------------------------------------------------------------------
-
-OXIDE = 0x0129
-
-
-def geneve_opt(cls, typ, body=b""):
-    """One Geneve option: class, type (high bit: critical), body (whole words)."""
-    assert len(body) % 4 == 0
-    return struct.pack("!HBB", cls, typ, len(body) // 4) + body
-
-
-def geneve(vni=VNI, proto=0x6558, ver=0, opts=b"", optlen=None, flags=0):
-    """A Geneve header; optlen (in 4-byte words) defaults to the options given."""
-    ol = len(opts) // 4 if optlen is None else optlen
-    return (bytes([(ver << 6) | ol, flags]) + proto.to_bytes(2, "big") +
-            vni.to_bytes(3, "big") + b"\0" + opts)
-
-
-def inner_udp(payload, dst_mac=G1_MAC, src_mac=G2_MAC, src=G2_IP, dst=G1_IP,
-              sport=40000, dport=40001):
-    """An inner frame as sled2 would carry it to g1 (VNI 10)."""
-    return bytes(Ether(dst=dst_mac, src=src_mac) / IP(src=src, dst=dst) /
-                 UDP(sport=sport, dport=dport) / Raw(payload))
-
-
-def inner_icmp(payload, dst_mac=G1_MAC, src_mac=G2_MAC, src=G2_IP, dst=G1_IP, ident=0x5844):
-    """An inner echo request as sled2 would carry it to g1 (VNI 10). ICMP:
-    the default inbound firewall rules let it in whatever its options say."""
-    return bytes(Ether(dst=dst_mac, src=src_mac) / IP(src=src, dst=dst) /
-                 ICMP(type=8, id=ident, seq=1) / Raw(payload))
-
-
-def inner_arp(dst_mac=G1_MAC, src_mac=G2_MAC):
-    return bytes(Ether(dst=dst_mac, src=src_mac) /
-                 ARP(op=1, hwsrc=src_mac, psrc=G2_IP, pdst=G1_IP))
-
-
-def underlay_frame(payload, dst_mac, src_mac, src=U2_ADDR, dst=U1_ADDR, sport=50000,
-                   dport=GENEVE_PORT, tc=0, fl=0):
-    """Outer Ethernet/IPv6/UDP around a (Geneve) payload."""
-    return bytes(Ether(dst=dst_mac, src=src_mac) /
-                 IPv6(src=src, dst=dst, hlim=128, tc=tc, fl=fl) /
-                 UDP(sport=sport, dport=dport) / Raw(payload))
-
-
-def malformed_cases(marker):
-    """(id, Geneve UDP payload, global counter that must count it). Every
-    payload that has an inner frame carries `marker` + id in it, so a capture
-    in the guest shows whether it got through."""
-    def inner(tag):
-        return inner_icmp(marker + tag.encode())
-    return [
-        # UDP payload shorter than the 8-byte Geneve header
-        ("truncated", geneve()[:4], "drop_in_malformed_truncated"),
-        ("version", geneve(ver=1) + inner("version"), "drop_in_malformed_version"),
-        # the header claims 63 words of options; the packet ends after one
-        ("options_past_packet", geneve(optlen=63, opts=geneve_opt(OXIDE, 0x00)),
-         "drop_in_malformed_options"),
-        # an option whose body runs past the options area the header declares
-        ("option_body_past_optlen",
-         geneve(optlen=1, opts=geneve_opt(0x0102, 0x01, b"\0" * 8)) + inner("option_body_past_optlen"),
-         "drop_in_malformed_options"),
-        ("unknown_critical_option",
-         geneve(opts=geneve_opt(0xFFFF, 0x80)) + inner("unknown_critical_option"),
-         "drop_in_malformed_critical_option"),
-        ("unknown_oxide_critical_option",
-         geneve(opts=geneve_opt(OXIDE, 0x83)) + inner("unknown_oxide_critical_option"),
-         "drop_in_malformed_critical_option"),
-        ("protocol_ipv4", geneve(proto=0x0800) + inner("protocol_ipv4"), "drop_in_malformed_protocol"),
-        ("no_inner_frame", geneve(), "drop_in_malformed_inner"),
-        ("arp_inside", geneve() + inner_arp() + marker + b"arp_inside", "drop_in_arp_in_geneve"),
-        ("unknown_vni", geneve(vni=11) + inner("unknown_vni"), "drop_in_no_port"),
-        ("unknown_mac",
-         geneve() + inner_icmp(marker + b"unknown_mac", dst_mac="a8:40:25:ff:00:99"),
-         "drop_in_no_port"),
-    ]
-
-
-def valid_cases(marker):
-    """(id, Geneve UDP payload) that must be delivered to g1."""
-    def inner(tag):
-        return inner_icmp(marker + tag.encode())
-    return [
-        ("plain", geneve() + inner("plain")),
-        ("oxide_external", geneve(opts=geneve_opt(OXIDE, 0x00)) + inner("oxide_external")),
-        ("oxide_multicast", geneve(opts=geneve_opt(OXIDE, 0x01, b"\0\0\0\0")) + inner("oxide_multicast")),
-        ("oxide_mss", geneve(opts=geneve_opt(OXIDE, 0x02, struct.pack("!I", 1400))) + inner("oxide_mss")),
-        ("unknown_noncritical_option",
-         geneve(opts=geneve_opt(0xFFFF, 0x01, b"\1\2\3\4")) + inner("unknown_noncritical_option")),
-        ("external_and_mss",
-         geneve(opts=geneve_opt(OXIDE, 0x00) + geneve_opt(OXIDE, 0x02, struct.pack("!I", 1400)))
-         + inner("external_and_mss")),
-    ]
-
-
 @pytest.fixture(scope="session")
 def xlab(privileged):
     """One overlay lab for the session, under a prefix of its own; always
@@ -339,13 +306,11 @@ def xlab(privileged):
         with contextlib.redirect_stdout(io.StringIO()):
             lab.up()
         t = LabT(lab)
+        t.record_baseline()
         # the lab answers before any test starts (next hops resolved first:
         # see test_new_flows_delivered_while_next_hops_unresolved for why)
         t.resolve_underlay_neighbours()
-        for host, addr in (("g1", G2_IP), ("g2", G1_IP)):
-            deadline = time.monotonic() + 10
-            while not t.ping(host, addr, count=1)[0]:
-                assert time.monotonic() < deadline, f"lab: {host} cannot reach {addr}"
+        t.wait_guests_reach_each_other()
         yield t
     finally:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -353,7 +318,5 @@ def xlab(privileged):
         assert not any(os.path.exists(f"/run/netns/{n}") for n in lab.namespaces)
 
 
-__all__ = ["xlab", "geneve", "geneve_opt", "inner_udp", "inner_icmp", "inner_arp", "underlay_frame",
-           "malformed_cases", "valid_cases", "OXIDE", "LabT", "wait_ready", "XDECTL", "PY", "G1_IP", "G2_IP", "G1_MAC",
-           "G2_MAC", "U1_ADDR", "U2_ADDR", "GW_IP", "GW_MAC", "OUTSIDE", "BSVC_ADDR",
-           "BSVC_VNI", "VNI", "SUBNET", "GENEVE_PORT"]
+__all__ = ["xlab", "LabT", "wait_ready", "XDECTL", "PY", "HELPERS", "DEFAULT_LINES",
+           "DEFAULT_TIMEOUTS"]

@@ -114,3 +114,14 @@ def test_a_mismatch_is_caught(monkeypatch):
     monkeypatch.setattr(abi, "VNI_PASSTHROUGH", 0xFFFFFFFE)
     with pytest.raises(AssertionError):
         test_defines("VNI_PASSTHROUGH")
+
+
+def test_boundary_mac_is_the_one_the_tests_expect():
+    """The inner destination MAC of boundary-services frames, as bpf/wire.h
+    spells it, is the one the tests' frames and the model use."""
+    from frames import BSVC_MAC
+    from model import gen
+    m = re.search(r"#define BSVC_MAC \{([^}]*)\}", c_source())
+    assert m, "BSVC_MAC not found in bpf/"
+    c_mac = ":".join(f"{int(x, 16):02x}" for x in m.group(1).split(","))
+    assert c_mac == BSVC_MAC == gen.BSVC_MAC_S

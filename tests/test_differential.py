@@ -1,7 +1,8 @@
 """Differential tests (docs/design.md, "How it is proved"): the reference
 model in tests/model (written from docs/design.md, not from bpf/) must agree
-with the real loaded programs, run with BPF_PROG_TEST_RUN on sled1 of a lab of
-this module's own (prefix xd<3 hex>-, always torn down), on frames generated
+with the real loaded programs, run with BPF_PROG_TEST_RUN on sled1 of the
+session's lab (with the extra state of tests/model/setup.py, taken away
+again at the end), on frames generated
 with hypothesis: verdict (return code), counter deltas (per-CPU counters
 summed, read before and after each frame) and output bytes.
 
@@ -14,10 +15,6 @@ below as regression tests, and tests/model/gen.py known_bug() is where an
 input of a new, known bug would be set aside. bench/fuzz.py runs the same
 comparison on 100,000+ cases.
 """
-import contextlib
-import io
-import os
-import secrets
 import struct
 
 import pytest
@@ -29,21 +26,14 @@ from model.harness import SledRunner, next_hops, run_case
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from xdelab.lab import Lab
-
 
 @pytest.fixture(scope="module")
-def dlab(privileged):
-    lab = Lab(f"xd{secrets.token_hex(2)[:3]}-")
-    assert not lab.is_up()
+def dlab(xlab):
+    lab = xlab.lab
+    xlab.reset()            # the lab as built, next hops resolved
     runner = None
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.up()
         setup.install(lab)
-        for i in (1, 2):
-            lab.run("sled1", "ping", "-6", "-c", "1", "-W", "1", f"fd10:1:{i}::2",
-                    capture_output=True)
         runner = SledRunner(lab)
         inst = runner.instance()
         port = next(i for i, p in inst.ports.items() if p.name == "xde0")
@@ -51,9 +41,8 @@ def dlab(privileged):
     finally:
         if runner is not None:
             runner.close()
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.down(quiet=True)
-        assert not any(os.path.exists(f"/run/netns/{n}") for n in lab.namespaces)
+        setup.uninstall(lab)
+        xlab.reset()
 
 
 def check(dlab, steps, allow_known=False):

@@ -1,12 +1,11 @@
 """The stateful firewall and the flow table (docs/design.md,
-"Firewall and flow table"), end to end in a lab of this module's own, and the
-rule matcher through BPF_PROG_TEST_RUN on the loaded programs.
+"Firewall and flow table"), end to end in the session's lab, and the rule
+matcher through BPF_PROG_TEST_RUN on the loaded programs.
 
-One lab (`xdelab.lab.Lab`, prefix `xf<3 hex>-`) is built for the module
-and always torn down. After every test both sleds go back to the default
-rules (`in allow vni=10`, `in allow icmp`, both priority 65535), OPTE's
-flow timeouts (60/5/8000/120 s) and an empty flow table, so tests do not
-depend on each other's order.
+After every test both sleds go back to the lab as built (xlab.reset): the
+default rules (`in allow vni=10`, `in allow icmp`, both priority 65535),
+OPTE's flow timeouts (60/5/8000/120 s) and an empty flow table, so tests
+do not depend on each other's order.
 
 TCP and UDP endpoints live in this process: a socket created while the
 thread is inside a guest's namespace (Lab.inside) belongs to that
@@ -24,9 +23,7 @@ xdp_fw_eval), which tail-calls the pipeline back: that works in test runs,
 and the counters below show the rule walk happened.
 """
 import contextlib
-import io
 import json
-import os
 import secrets
 import select
 import socket
@@ -40,49 +37,28 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import rdpcap
 
-pytest.register_assert_rewrite("lab_fixture")
-from lab_fixture import (
-    G1_IP,
-    G1_MAC,
-    G2_IP,
-    G2_MAC,
-    GW_MAC,
-    OUTSIDE,
-    OXIDE,
-    U1_ADDR,
-    U2_ADDR,
-    VNI,
-    XDECTL,
-    LabT,
-    geneve,
-    geneve_opt,
-    underlay_frame,
-)
+from frames import (G1_IP, G1_MAC, G2_IP, G2_MAC, GW_MAC, OUTSIDE, OXIDE, U1_ADDR, U2_ADDR, VNI,
+                    geneve, geneve_opt, underlay_frame)
+from lab_fixture import DEFAULT_LINES, DEFAULT_TIMEOUTS, XDECTL, LabT
 
-from xdectl import fw as xfw
-from xdectl import libbpf
-from xdectl.datapath import Datapath
-from xdelab.lab import Lab
+from progrun import ProgRun
 from xdectl import counters
+from xdectl import fw as xfw
+from xdectl.datapath import Datapath
 from xdectl.maps import find_port
 
-DEFAULT_LINES = ["dir=in action=allow priority=65535 hosts=vni=10",
-                 "dir=in action=allow priority=65535 protocol=icmp"]
 DEFAULT_RULES = [
     {"dir": "in", "priority": 65535, "action": "allow", "hosts": "vni=10", "protocol": "any",
      "ports": "any"},
     {"dir": "in", "priority": 65535, "action": "allow", "hosts": "any", "protocol": "icmp",
      "ports": "any"},
 ]
-DEFAULT_TIMEOUTS = {"idle": 60, "tcp_handshake": 5, "tcp_established": 8000, "tcp_closed": 120}
 EXTERNAL_IP = "198.51.100.7"      # a host outside the VPC (TEST-NET-2)
 SERVER_PORTS = (5201, 5202, 5203, 10000, 10500, 11021, 11022)
 CONNECT_TIMEOUT = 1.5
 
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 XDP_DROP, XDP_REDIRECT = 1, 4
-SKB_CTX_SIZE, SKB_IFINDEX_OFF = 192, 40
-
 
 
 # --- endpoints in the guests ---------------------------------------------------
@@ -229,15 +205,6 @@ class FwLab(LabT):
             finally:
                 dp.close()
 
-    def restore(self):
-        """Default rules and timeouts, no flows: through xdectl's own module,
-        in-process (after every test; the CLI's start-up would add up)."""
-        for sled in ("sled1", "sled2"):
-            root = self.lab.root(sled)
-            with self.lab.inside(sled):
-                xfw.set_rules(root, "xde0", DEFAULT_LINES)
-                xfw.set_timeouts(root, **DEFAULT_TIMEOUTS)
-                xfw.clear_flows(root, "xde0")
 
     # --- sockets in the guests ---
 
@@ -327,38 +294,26 @@ def wait_for(pred, timeout=3.0, step=0.05):
 # --- the lab ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def t(privileged):
-    lab = Lab(f"xf{secrets.token_hex(2)[:3]}-")
-    assert not lab.is_up()
-    fl = None
+def t(xlab):
+    """The session's lab, with a TCP server in each guest."""
+    xlab.reset()
+    fl = FwLab.of(xlab)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.up()
-        fl = FwLab(lab)
-        fl.resolve_underlay_neighbours()
-        for host, addr in (("g1", G2_IP), ("g2", G1_IP)):
-            deadline = time.monotonic() + 10
-            while not fl.ping(host, addr, count=1)[0]:
-                assert time.monotonic() < deadline, f"lab: {host} cannot reach {addr}"
-        fl.servers = {g: Server(lab, g, SERVER_PORTS) for g in ("g1", "g2")}
+        fl.servers = {g: Server(fl.lab, g, SERVER_PORTS) for g in ("g1", "g2")}
         yield fl
     finally:
-        if fl is not None:
-            for s in fl.servers.values():
-                s.close()
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.down(quiet=True)
-        assert not any(os.path.exists(f"/run/netns/{n}") for n in lab.namespaces)
+        for s in fl.servers.values():
+            s.close()
+        xlab.reset()
 
 
 @pytest.fixture(autouse=True)
 def restored(t):
-    """Every test ends with the defaults back on both sleds."""
+    """Every test ends with the lab as built: default rules and timeouts,
+    no flows, underlay next hops resolved (an unresolved one is tested
+    elsewhere, not in this module)."""
     yield
-    t.restore()
-    # the underlay next hops stay resolved (an unresolved one is tested
-    # elsewhere, not in this module)
-    t.resolve_underlay_neighbours()
+    t.reset()
 
 
 def strip(rules):
@@ -794,20 +749,8 @@ class Prog:
         self.root = t.lab.root(sled)
         self.dp_ifindex = t.ifindex(sled, "xde0_dp")
 
-    def ctx(self):
-        c = bytearray(SKB_CTX_SIZE)
-        struct.pack_into("<I", c, SKB_IFINDEX_OFF, self.dp_ifindex)
-        return bytes(c)
-
     def run(self, prog, frame):
-        with self.t.lab.inside(self.sled):
-            fd = libbpf.obj_get(f"{self.root}/progs/{prog}")
-            try:
-                rc, _out, _ = libbpf.test_run(fd, bytes(frame),
-                                             ctx=self.ctx() if prog.startswith("tc_") else None)
-            finally:
-                os.close(fd)
-        return rc
+        return ProgRun(self.t.lab, self.sled).run(prog, frame, self.dp_ifindex)[0]
 
     def tc(self, frame):
         return self.run("tc_port_out", frame)

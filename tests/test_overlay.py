@@ -20,58 +20,16 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 from scapy.utils import rdpcap
 
-pytest.register_assert_rewrite("lab_fixture")
-from lab_fixture import (  # noqa: E402
-    BSVC_ADDR, G1_IP, G1_MAC, G2_IP, G2_MAC, GW_IP, GW_MAC, OUTSIDE, PY, U1_ADDR, U2_ADDR,
-    geneve, inner_icmp, inner_udp, malformed_cases, underlay_frame, valid_cases, wait_ready)
+from cases import malformed_cases, valid_cases
+from frames import (BSVC_ADDR, G1_IP, G1_MAC, G2_IP, G2_MAC, GW_IP, GW_MAC, OUTSIDE, U1_ADDR,
+                    U2_ADDR, geneve, inner_icmp, inner_udp, underlay_frame)
 
-pytest_plugins = ["lab_fixture"]
 
-# A UDP sink: prints "ready", then one JSON list of [source port, length,
-# sha256] per datagram once it has read "END" (or gone quiet for 5 s).
-UDP_SINK = r"""
-import hashlib, json, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.settimeout(5)
-print("ready", flush=True)
-got = []
-while True:
-    try:
-        d, a = s.recvfrom(65535)
-    except socket.timeout:
-        break
-    if d == b"END":
-        break
-    got.append([a[1], len(d), hashlib.sha256(d).hexdigest()])
-print(json.dumps(got), flush=True)
-"""
 
-# Many UDP flows: one unconnected socket per source port, round-robin.
-UDP_FLOWS = r"""
-import socket, sys, time
-dst, port, base, nflows, npk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-src = sys.argv[6]
-socks = []
-for i in range(nflows):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((src, base + i))
-    socks.append(s)
-for k in range(npk):
-    for s in socks:
-        s.sendto(b"flow %05d packet %05d" % (s.getsockname()[1], k), (dst, port))
-    time.sleep(0.003)
-time.sleep(0.2)
-for _ in range(3):
-    socks[0].sendto(b"END", (dst, port))
-"""
 
 
 def start_udp_sink(t, host, addr, port):
-    p = t.popen(host, PY, "-c", UDP_SINK, addr, port)
-    wait_ready(p, what=f"udp sink in {host}")
-    return p
+    return t.start_helper(host, "udp_sink.py", addr, port)
 
 
 def sink_result(p, timeout=30):
@@ -135,37 +93,7 @@ def test_full_size_frames_cross_with_df(xlab):
 
 # --- TCP and UDP ------------------------------------------------------------------
 
-TCP_SERVER = r"""
-import hashlib, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(1)
-s.settimeout(12)
-print("ready", flush=True)
-c, _ = s.accept()
-c.settimeout(30)
-h, n = hashlib.sha256(), 0
-while True:
-    b = c.recv(1 << 16)
-    if not b:
-        break
-    h.update(b)
-    n += len(b)
-c.close()
-print(h.hexdigest(), n, flush=True)
-"""
 
-TCP_CLIENT = r"""
-import hashlib, os, socket, sys
-data = os.urandom(int(sys.argv[3]))
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-s.settimeout(30)
-s.sendall(data)
-s.shutdown(socket.SHUT_WR)
-s.recv(1)
-print(hashlib.sha256(data).hexdigest(), len(data), flush=True)
-"""
 
 
 @pytest.mark.parametrize("src,dst,dst_ip", [("g1", "g2", G2_IP), ("g2", "g1", G1_IP)])
@@ -177,12 +105,11 @@ def test_tcp_transfer_8mb(xlab, src, dst, dst_ip):
     src_sled = "sled1" if src == "g1" else "sled2"
     csum0 = xlab.nstat(dst, "TcpInCsumErrors")["TcpInCsumErrors"]
     st0 = xlab.port_stats(src_sled)
-    server = xlab.popen(dst, PY, "-c", TCP_SERVER, dst_ip, 5001)
+    server = xlab.start_helper(dst, "tcp_sink.py", dst_ip, 5001)
     sent, out, err = [], "", ""
     try:
-        wait_ready(server, what=f"tcp server in {dst}")
         t0 = time.monotonic()
-        client = xlab.python(src, TCP_CLIENT, dst_ip, 5001, size, timeout=60, check=False)
+        client = xlab.helper(src, "tcp_send.py", dst_ip, 5001, size, timeout=60, check=False)
         sent = client.stdout.split()
         out, err = server.communicate(timeout=30)
         took = time.monotonic() - t0
@@ -409,7 +336,7 @@ def test_flows_spread_over_both_underlays(xlab):
     tx0 = {u: xlab.tx_packets("sled1", u) for u in ("u1", "u2")}
     enc0 = xlab.port_stats("sled1")["encap"]
     npk = 30
-    xlab.python("g1", UDP_FLOWS, G2_IP, 9, 46000, 16, npk, G1_IP)
+    xlab.helper("g1", "udp_flows.py", G2_IP, 9, 46000, 16, npk, G1_IP)
     tx1 = {u: xlab.tx_packets("sled1", u) for u in ("u1", "u2")}
     enc = xlab.port_stats("sled1")["encap"] - enc0
     d = {u: tx1[u] - tx0[u] for u in tx0}
@@ -518,7 +445,7 @@ def test_underlay_link_down_traffic_continues(xlab):
     xlab.resolve_underlay_neighbours()
     xlab.must_ping("g1", G2_IP, count=2)
     tx0 = xlab.tx_packets("sled1", "u1")
-    xlab.python("g1", UDP_FLOWS, G2_IP, 9, 48000, 16, 5, G1_IP)
+    xlab.helper("g1", "udp_flows.py", G2_IP, 9, 48000, 16, 5, G1_IP)
     assert xlab.tx_packets("sled1", "u1") - tx0 >= 5
 
 

@@ -4,9 +4,8 @@ without losing a packet."""
 import re
 import threading
 
-from lab_fixture import G2_IP, XDECTL  # noqa: E402
-
-pytest_plugins = ["lab_fixture"]
+from frames import G2_IP
+from lab_fixture import XDECTL
 
 
 def xdp_prog_id(xlab, sled):

@@ -3,13 +3,11 @@ through the loaded programs with BPF_PROG_TEST_RUN -- the verdict, the
 counters it moved and the output frame -- and the same frame through the live
 datapath, which must agree.
 
-The tests build their own lab (docs/design.md, "The lab") under a prefix of
-their own (`xo<3 hex>-`), torn down at the end even on failure; xdectl
-runs in sled1's namespace through `nsenter --net` (never `ip netns exec`,
-which hides bpffs).
+The tests use the session's lab (docs/design.md, "The lab"), reset to
+its built state before and after; xdectl runs in sled1's namespace through
+`nsenter --net` (never `ip netns exec`, which hides bpffs).
 """
 import contextlib
-import io
 import json
 import os
 import re
@@ -17,7 +15,6 @@ import secrets
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -25,49 +22,32 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from xdelab.lab import GW_IP, GW_MAC, SLEDS, VNI, Lab
+from frames import (G1_IP, G1_MAC, G2_IP, G2_MAC, GW_IP, GW_MAC, U1_ADDR, U2_ADDR, VNI, geneve,
+                    underlay_frame)
+from lab_fixture import XDECTL, LabT
 
-REPO = Path(__file__).resolve().parents[1]
-XDECTL = str(REPO / ".venv" / "bin" / "xdectl")
-G1_MAC, G1_IP = SLEDS["sled1"]["mac"], SLEDS["sled1"]["guest_ip"]
-G2_MAC, G2_IP = SLEDS["sled2"]["mac"], SLEDS["sled2"]["guest_ip"]
-U1_ADDR, U2_ADDR = SLEDS["sled1"]["addr"], SLEDS["sled2"]["addr"]
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 
 
-class TraceLab:
-    def __init__(self, lab):
-        self.lab = lab
+class TraceLab(LabT):
+    """The session's lab, with trace's helpers for sled1's port xde0."""
 
-    def run(self, host, *cmd, check=True):
-        p = self.lab.run(host, *[str(c) for c in cmd], capture_output=True, text=True, timeout=120)
-        if check and p.returncode != 0:
-            raise AssertionError(f"[{host}] {' '.join(map(str, cmd))} exited {p.returncode}\n"
-                                 f"stdout: {p.stdout}\nstderr: {p.stderr}")
-        return p
-
-    def xdectl(self, *args, check=True, host="sled1"):
-        return self.run(host, XDECTL, "--root", self.lab.root("sled1"), *args, check=check)
+    def xd(self, *args, check=True, host="sled1"):
+        """xdectl on sled1's root, run in host's namespace."""
+        return self.run(host, XDECTL, "--root", self.lab.root("sled1"), *args, check=check,
+                        timeout=120)
 
     def trace(self, direction, frame, *extra):
         """`xdectl trace xde0 --dir D FRAME` as text."""
-        return self.xdectl("trace", "xde0", "--dir", direction, frame, *extra).stdout
+        return self.xd("trace", "xde0", "--dir", direction, frame, *extra).stdout
 
     def trace_json(self, direction, frame, *extra):
-        return json.loads(self.xdectl("trace", "xde0", "--dir", direction, frame, *extra,
-                                      "--json").stdout)
+        return json.loads(self.xd("trace", "xde0", "--dir", direction, frame, *extra,
+                                  "--json").stdout)
 
     def stats(self):
-        return json.loads(self.xdectl("stats", "xde0", "--json").stdout)["xde0"]
-
-    def global_stats(self):
-        return json.loads(self.xdectl("stats", "--global", "--json").stdout)
-
-    def link(self, host, dev):
-        out = subprocess.run(["ip", "-n", self.lab.ns(host), "-j", "link", "show", "dev", dev],
-                             capture_output=True, text=True, check=True).stdout
-        return json.loads(out)[0]
+        return self.cli_stats("sled1")
 
     @contextlib.contextmanager
     def packet_socket(self, host, dev):
@@ -106,23 +86,12 @@ def wait_delta(get, before, key, want, timeout=5):
 
 
 @pytest.fixture(scope="module")
-def tl(privileged):
-    lab = Lab(f"xo{secrets.token_hex(2)[:3]}-")
-    assert not lab.is_up()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.up()
-        t = TraceLab(lab)
-        # resolve the underlay next hops, so encapsulated output has real MACs
-        deadline = time.monotonic() + 10
-        while t.run("g1", "ping", "-c", "1", "-W", "1", G2_IP, check=False).returncode:
-            assert time.monotonic() < deadline, "lab: g1 cannot reach g2"
-        yield t
-    finally:
-        with contextlib.redirect_stdout(io.StringIO()):
-            lab.down(quiet=True)
-        assert not any(os.path.exists(f"/run/netns/{n}") for n in lab.namespaces)
-        assert not Path(lab.root("sled1")).exists()
+def tl(xlab):
+    """The session's lab as built (next hops resolved, so encapsulated
+    output has real MACs)."""
+    xlab.reset()
+    yield TraceLab.of(xlab)
+    xlab.reset()
 
 
 def scapy_expr(text):
@@ -222,7 +191,7 @@ def test_outbound_encapsulation_decoded(tl):
 
 
 def test_firewall_deny_names_the_rule(tl):
-    rid = tl.xdectl("add-fw-rule", "xde0", "--dir", "out", "--action", "deny", "--priority", "5",
+    rid = tl.xd("add-fw-rule", "xde0", "--dir", "out", "--action", "deny", "--priority", "5",
                     "--hosts", f"ip={G2_IP}", "--protocol", "udp", "--ports", "7777").stdout.strip()
     try:
         text = tl.trace("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IP(src='{G1_IP}',"
@@ -230,7 +199,7 @@ def test_firewall_deny_names_the_rule(tl):
         assert "TC_ACT_SHOT" in text and "drop_out_firewall +1" in text, text
         assert f"firewall rule {rid} (dir=out action=deny" in text and "hits +1" in text, text
     finally:
-        tl.xdectl("rm-fw-rule", "xde0", rid, "--dir", "out")
+        tl.xd("rm-fw-rule", "xde0", rid, "--dir", "out")
 
 
 def inbound_inner(payload):
@@ -270,10 +239,7 @@ def test_external_option_meets_the_inbound_firewall(tl):
 
 
 def underlay(inner, dst_mac, ver=0):
-    geneve = bytes([ver << 6, 0]) + b"\x65\x58" + VNI.to_bytes(3, "big") + b"\0"
-    return bytes(Ether(dst=dst_mac, src="02:00:00:00:00:99") /
-                 IPv6(src=U2_ADDR, dst=U1_ADDR, hlim=128) /
-                 UDP(sport=50000, dport=6081) / Raw(geneve + inner))
+    return underlay_frame(geneve(ver=ver) + inner, dst_mac, "02:00:00:00:00:99")
 
 
 def test_full_underlay_frame_is_run_as_given_and_matches_the_wire(tl):
@@ -334,7 +300,7 @@ def test_errors_are_one_line(tl):
                         (("trace", "nope", "--dir", "out", "00" * 20), "no port nope"),
                         (("trace", "xde0", "--dir", "up", "00" * 20), "is not in or out"),
                         (("trace", "xde0", "--dir", "out", "0011"), "shorter than an Ethernet")):
-        p = tl.xdectl(*args, check=False)
+        p = tl.xd(*args, check=False)
         assert p.returncode == 2, (args, p.returncode, p.stdout, p.stderr)
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in p.stderr, p.stderr
@@ -343,7 +309,7 @@ def test_errors_are_one_line(tl):
 def test_trace_outside_the_ports_namespace_is_refused(tl):
     """The ctx's ifindex is the port's in sled1's namespace; from another
     namespace the run would hit another device, so trace refuses."""
-    p = tl.xdectl("trace", "xde0", "--dir", "out", SPOOF, check=False, host="sw1")
+    p = tl.xd("trace", "xde0", "--dir", "out", SPOOF, check=False, host="sw1")
     assert p.returncode == 2 and "not in this network namespace" in p.stderr, p.stderr
 
 

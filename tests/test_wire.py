@@ -17,11 +17,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
-pytest.register_assert_rewrite("lab_fixture")
-from lab_fixture import (  # noqa: E402
-    G1_IP, G1_MAC, G2_IP, G2_MAC, GENEVE_PORT, GW_MAC, PY, U1_ADDR, U2_ADDR, VNI, wait_ready)
+from frames import G1_IP, G1_MAC, G2_IP, G2_MAC, GENEVE_PORT, GW_MAC, U1_ADDR, U2_ADDR, VNI
 
-pytest_plugins = ["lab_fixture"]
 
 UDP_SPORTS = (44001, 44002, 44003, 44004)
 UDP_TOS = {44004: 0x2A}          # AF11 + ECT(0): DSCP and ECN both carried out
@@ -75,21 +72,6 @@ for k in range(5):
         s.sendto(b"from g2 %d" % k, (sys.argv[1], int(sys.argv[2])))
     time.sleep(0.05)
 """
-SINK = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.settimeout(3)
-print("ready", flush=True)
-n = 0
-try:
-    while True:
-        s.recv(2048)
-        n += 1
-except socket.timeout:
-    pass
-print(n, flush=True)
-"""
 
 
 def geneve_of(pkt):
@@ -125,9 +107,8 @@ def wire(xlab, tmp_path_factory):
         xlab.must_ping("g1", G2_IP, count=4)
         args = [f"{sp}:{UDP_TOS.get(sp, 0)}" for sp in UDP_SPORTS]
         xlab.python("g1", SENDER, G2_IP, UDP_DPORT, *args)
-        sink = xlab.popen("g1", PY, "-c", SINK, G1_IP, UDP_DPORT)
+        sink = xlab.start_helper("g1", "udp_count.py", G1_IP, UDP_DPORT)
         try:
-            wait_ready(sink, what="udp sink in g1")
             xlab.python("g2", G2_SENDER, G1_IP, UDP_DPORT)
             out["g1_sink"] = int(sink.communicate(timeout=20)[0].split()[-1])
         finally:

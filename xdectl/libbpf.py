@@ -82,6 +82,55 @@ def update_batch(fd, keys, values, count):
     return n.value
 
 
+# Test-run contexts, as the UAPI (include/uapi/linux/bpf.h) defines them.
+
+class SkBuff(ct.Structure):
+    """struct __sk_buff, as in include/uapi/linux/bpf.h (192 bytes since
+    hwtstamp, Linux 5.16). Pointer members (__bpf_md_ptr) are 8 bytes,
+    8-aligned, whatever the architecture."""
+    _fields_ = [("len", ct.c_uint32), ("pkt_type", ct.c_uint32), ("mark", ct.c_uint32),
+                ("queue_mapping", ct.c_uint32), ("protocol", ct.c_uint32),
+                ("vlan_present", ct.c_uint32), ("vlan_tci", ct.c_uint32),
+                ("vlan_proto", ct.c_uint32), ("priority", ct.c_uint32),
+                ("ingress_ifindex", ct.c_uint32), ("ifindex", ct.c_uint32),
+                ("tc_index", ct.c_uint32), ("cb", ct.c_uint32 * 5), ("hash", ct.c_uint32),
+                ("tc_classid", ct.c_uint32), ("data", ct.c_uint32), ("data_end", ct.c_uint32),
+                ("napi_id", ct.c_uint32), ("family", ct.c_uint32), ("remote_ip4", ct.c_uint32),
+                ("local_ip4", ct.c_uint32), ("remote_ip6", ct.c_uint32 * 4),
+                ("local_ip6", ct.c_uint32 * 4), ("remote_port", ct.c_uint32),
+                ("local_port", ct.c_uint32), ("data_meta", ct.c_uint32),
+                ("flow_keys", ct.c_uint64), ("tstamp", ct.c_uint64), ("wire_len", ct.c_uint32),
+                ("gso_segs", ct.c_uint32), ("sk", ct.c_uint64), ("gso_size", ct.c_uint32),
+                ("tstamp_type", ct.c_uint8), ("_pad", ct.c_uint8 * 3), ("hwtstamp", ct.c_uint64)]
+
+
+class XdpMd(ct.Structure):
+    """struct xdp_md, as in include/uapi/linux/bpf.h."""
+    _fields_ = [("data", ct.c_uint32), ("data_end", ct.c_uint32), ("data_meta", ct.c_uint32),
+                ("ingress_ifindex", ct.c_uint32), ("rx_queue_index", ct.c_uint32),
+                ("egress_ifindex", ct.c_uint32)]
+
+
+assert ct.sizeof(SkBuff) == 192 and SkBuff.ifindex.offset == 40
+assert ct.sizeof(XdpMd) == 24
+
+
+def skb_ctx(ifindex):
+    """A __sk_buff ctx for a frame entering TC ingress of ifindex. Only the
+    fields the kernel accepts from a test run's ctx_in are set."""
+    c = SkBuff()
+    c.ifindex = ifindex
+    c.ingress_ifindex = ifindex
+    return bytes(c)
+
+
+def xdp_ctx(frame_len, ingress_ifindex):
+    c = XdpMd()
+    c.data_end = frame_len
+    c.ingress_ifindex = ingress_ifindex
+    return bytes(c)
+
+
 class _TestRunOpts(ct.Structure):
     # struct bpf_test_run_opts (libbpf 1.1)
     _fields_ = [("sz", ct.c_size_t),

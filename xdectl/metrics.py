@@ -24,7 +24,9 @@ from .errors import XdeError
 # An event missing from this table (added to the datapath later) is still
 # exported, under its own name, so nothing the datapath counts is ever
 # invisible. Drops are one family, labelled by direction and by reason
-# from the datapath's list.
+# from the datapath's list; a (direction, reason) appears once it has
+# counted something (most pairs never do: 27 reasons x 2 directions x
+# every port would be mostly zeros).
 PORT_METRICS = {
     "rx_packets": ("xde_port_rx_packets",
                    "Frames the port delivered to its guest (the receive side of the guest's NIC).", {}),
@@ -206,7 +208,8 @@ class XdeCollector:
                 family("counter", name, help_text, ["port", *extra]).add_metric(
                     [port, *extra.values()], value)
             for (direction, reason), value in c.drops.items():
-                port_drops.add_metric([port, direction, reason], value)
+                if value:
+                    port_drops.add_metric([port, direction, reason], value)
             for direction, rid, n in counters.port_rule_hits(maps, index):
                 hits.add_metric([port, direction, str(rid)], n)
         g = counters.global_counts(maps)
@@ -216,7 +219,8 @@ class XdeCollector:
             family("counter", name, help_text, list(extra)).add_metric(list(extra.values()), value)
         global_drops = family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["dir", "reason"])
         for (direction, reason), value in g.drops.items():
-            global_drops.add_metric([direction, reason], value)
+            if value:
+                global_drops.add_metric([direction, reason], value)
 
 
 def exposition(root):

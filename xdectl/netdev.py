@@ -43,6 +43,27 @@ class Netdev:
         """(index, name) of every link in this namespace."""
         return [(l["index"], l.get_attr("IFLA_IFNAME")) for l in self.ipr.get_links()]
 
+    def mac(self, index):
+        """The link's MAC address, or None if there is no such link."""
+        try:
+            return self.ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+        except NetlinkError:
+            return None
+
+    def by_mac(self, mac):
+        """Name of the link with this MAC address, or None."""
+        for link in self.ipr.get_links():
+            if link.get_attr("IFLA_ADDRESS") == mac:
+                return link.get_attr("IFLA_IFNAME")
+        return None
+
+    def operstate(self, index):
+        """The link's operational state (UP, DOWN, LOWERLAYERDOWN...), or None."""
+        try:
+            return self.ipr.get_links(index)[0].get_attr("IFLA_OPERSTATE")
+        except NetlinkError:
+            return None
+
     def tc_ingress_names(self, index):
         """Names of the bpf filters on the link's ingress."""
         names = set()

@@ -371,11 +371,8 @@ def list_ports(root):
 
 def _state(nd, dp_index):
     """The datapath end has carrier while the guest end is up."""
-    try:
-        link = nd.ipr.get_links(dp_index)[0]
-    except Exception:
-        return "missing"
-    return "up" if link.get_attr("IFLA_OPERSTATE") == "UP" else "down"
+    state = nd.operstate(dp_index)
+    return "missing" if state is None else "up" if state == "UP" else "down"
 
 
 def port_stats(root, name=None):

@@ -24,7 +24,6 @@ length, data and data_meta 0, egress_ifindex 0; ingress_ifindex (with
 rx_queue_index 0) makes the frame arrive on that device. We give the
 root's first underlay, where real Geneve arrives.
 """
-import ctypes as ct
 import ipaddress
 import os
 import struct
@@ -37,53 +36,6 @@ TC_VERDICTS = {0xFFFFFFFF: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIF
 XDP_VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
 OUTER_SPORT = 49152          # the bottom of RFC 8926's source-port range
 OUTER_SRC_MAC = "02:00:00:00:00:01"
-
-
-class SkBuff(ct.Structure):
-    """struct __sk_buff, as in include/uapi/linux/bpf.h (192 bytes since
-    hwtstamp, Linux 5.16). Pointer members (__bpf_md_ptr) are 8 bytes,
-    8-aligned, whatever the architecture."""
-    _fields_ = [("len", ct.c_uint32), ("pkt_type", ct.c_uint32), ("mark", ct.c_uint32),
-                ("queue_mapping", ct.c_uint32), ("protocol", ct.c_uint32),
-                ("vlan_present", ct.c_uint32), ("vlan_tci", ct.c_uint32),
-                ("vlan_proto", ct.c_uint32), ("priority", ct.c_uint32),
-                ("ingress_ifindex", ct.c_uint32), ("ifindex", ct.c_uint32),
-                ("tc_index", ct.c_uint32), ("cb", ct.c_uint32 * 5), ("hash", ct.c_uint32),
-                ("tc_classid", ct.c_uint32), ("data", ct.c_uint32), ("data_end", ct.c_uint32),
-                ("napi_id", ct.c_uint32), ("family", ct.c_uint32), ("remote_ip4", ct.c_uint32),
-                ("local_ip4", ct.c_uint32), ("remote_ip6", ct.c_uint32 * 4),
-                ("local_ip6", ct.c_uint32 * 4), ("remote_port", ct.c_uint32),
-                ("local_port", ct.c_uint32), ("data_meta", ct.c_uint32),
-                ("flow_keys", ct.c_uint64), ("tstamp", ct.c_uint64), ("wire_len", ct.c_uint32),
-                ("gso_segs", ct.c_uint32), ("sk", ct.c_uint64), ("gso_size", ct.c_uint32),
-                ("tstamp_type", ct.c_uint8), ("_pad", ct.c_uint8 * 3), ("hwtstamp", ct.c_uint64)]
-
-
-class XdpMd(ct.Structure):
-    """struct xdp_md, as in include/uapi/linux/bpf.h."""
-    _fields_ = [("data", ct.c_uint32), ("data_end", ct.c_uint32), ("data_meta", ct.c_uint32),
-                ("ingress_ifindex", ct.c_uint32), ("rx_queue_index", ct.c_uint32),
-                ("egress_ifindex", ct.c_uint32)]
-
-
-assert ct.sizeof(SkBuff) == 192 and SkBuff.ifindex.offset == 40
-assert ct.sizeof(XdpMd) == 24
-
-
-def skb_ctx(ifindex):
-    """A __sk_buff ctx for a frame entering TC ingress of ifindex. Only the
-    fields the kernel accepts are set (see the module docstring)."""
-    c = SkBuff()
-    c.ifindex = ifindex
-    c.ingress_ifindex = ifindex
-    return bytes(c)
-
-
-def xdp_ctx(frame_len, ingress_ifindex):
-    c = XdpMd()
-    c.data_end = frame_len
-    c.ingress_ifindex = ingress_ifindex
-    return bytes(c)
 
 
 def verdict_name(direction, retval):
@@ -220,7 +172,7 @@ def trace(root, port, direction, frame, vni=None, external=False, as_is=False):
 
     if direction == "out":
         _check_link(index, pc.peer.decode())
-        prog, ctx, data = "tc_port_out", skb_ctx(index), frame
+        prog, ctx, data = "tc_port_out", libbpf.skb_ctx(index), frame
     else:
         prog, data = "xdp_underlay", frame
         if passthrough:
@@ -235,10 +187,10 @@ def trace(root, port, direction, frame, vni=None, external=False, as_is=False):
             vni = pc.vni if vni is None else vni
             src6 = _sender(maps, vni, frame) or ip6_str(pc.bsvc_addr)
             data = encapsulate(frame, vni, src6, ip6_str(cfg.underlay_addr),
-                               _link_mac(cfg.u1) or "02:00:00:00:00:02", external)
+                               _links(lambda nd: nd.mac(cfg.u1)) or "02:00:00:00:00:02", external)
             notes.append(f"encapsulated: Geneve VNI {vni} from {src6} to "
                          f"{ip6_str(cfg.underlay_addr)}" + (", option External" if external else ""))
-        ctx = xdp_ctx(len(data), cfg.u1) if cfg.u1 else None
+        ctx = libbpf.xdp_ctx(len(data), cfg.u1) if cfg.u1 else None
 
     fd = dp.prog_fd(prog)
     try:
@@ -280,24 +232,13 @@ def _where(direction, retval, port, counters, out):
         if out[:12] == bytes(12):
             return ["redirected to the underlay with the outer MACs unset: the next hop's "
                     "neighbour entry is not resolved yet (bpf_redirect_neigh resolves it)"]
-        dev = _link_by_mac(":".join(f"{b:02x}" for b in out[6:12]))
+        mac = ":".join(f"{b:02x}" for b in out[6:12])
+        dev = _links(lambda nd: nd.by_mac(mac))
         return ["redirected to the underlay" + (f" via {dev}" if dev else "") +
                 " (the kernel's FIB chose it)"]
     if mine.get("passthrough_out"):
         return ["redirected unchanged to an underlay (passthrough)"]
     return []
-
-
-def _link_by_mac(mac):
-    from pyroute2 import IPRoute
-    try:
-        with IPRoute() as ipr:
-            for link in ipr.get_links():
-                if link.get_attr("IFLA_ADDRESS") == mac:
-                    return link.get_attr("IFLA_IFNAME")
-    except Exception:
-        pass
-    return None
 
 
 def _sender(maps, vni, inner):
@@ -313,26 +254,21 @@ def _sender(maps, vni, inner):
     return ip6_str(v.underlay) if v is not None else None
 
 
-def _link_mac(index):
-    from pyroute2 import IPRoute
+def _links(query):
+    """Ask netlink one question about this namespace's links."""
+    from .netdev import Netdev
+    nd = Netdev()
     try:
-        with IPRoute() as ipr:
-            return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
-    except Exception:
-        return None
+        return query(nd)
+    finally:
+        nd.close()
 
 
 def _check_link(index, peer):
     """The port's datapath end must be here: the kernel resolves the ctx's
     ifindex in this network namespace."""
-    from pyroute2 import IPRoute
     from .errors import XdeError
-    try:
-        with IPRoute() as ipr:
-            name = ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
-    except Exception:
-        name = None
-    if name != peer:
+    if _links(lambda nd: nd.name(index)) != peer:
         raise XdeError(f"the port's datapath end {peer} (ifindex {index}) is not in this network "
                        f"namespace: run trace where the port was created")
 

@@ -1,6 +1,8 @@
 """Comparing one model Result with what the real program did."""
 import struct
 
+from frames import geneve
+
 from .xde import csum
 
 
@@ -38,7 +40,7 @@ def _check_encap(res, out, next_hops):
         pseudo = out[22:54] + struct.pack("!IxxxB", ulen, 17)
         if csum(pseudo + out[54:]) not in (0, 0xFFFF) and csum(pseudo + out[54:]) != 0:
             bad.append("encap_udp_checksum")
-    want_g = bytes([0, 0]) + b"\x65\x58" + e["vni"].to_bytes(3, "big") + b"\0"
+    want_g = geneve(e["vni"])
     if out[62:70] != want_g:
         bad.append(f"encap_geneve {out[62:70].hex()} != {want_g.hex()}")
     if out[70:] != inner:

@@ -19,11 +19,14 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
+from frames import BSVC_ADDR as BSVC6
+from frames import BSVC_MAC as BSVC_MAC_S
+from frames import G1_IP, G1_MAC, G2_IP, G2_MAC, GW_IP, GW_MAC, OXIDE
+from frames import U1_ADDR as U1
+from frames import U2_ADDR as U2
+from frames import geneve, geneve_opt
+
 # sled1 of the lab (xdelab/lab.py) plus tests/model/setup.py's extra state
-G1_MAC, G2_MAC, GW_MAC = "a8:40:25:ff:00:01", "a8:40:25:ff:00:02", "a8:40:25:00:00:01"
-G1_IP, G2_IP, GW_IP = "10.0.0.1", "10.0.0.2", "172.30.0.5"
-U1, U2, BSVC6 = "fd00:1::1", "fd00:2::1", "fd00:99::1"
-OXIDE = 0x0129
 MTU = 1500
 DESTS = ["10.0.0.2", "10.0.0.4", "10.0.0.3", "10.0.0.77", "10.0.0.200", "10.0.0.255",
          "192.0.2.1", "192.0.2.200", "198.51.100.7", "203.0.113.5", "203.0.114.5",
@@ -174,16 +177,6 @@ def outbound(r, kind):
 
 # --- inbound ---------------------------------------------------------------------
 
-def geneve_opt(cls, typ, body=b""):
-    return struct.pack("!HBB", cls, typ, len(body) // 4) + body
-
-
-def geneve(vni=10, proto=0x6558, ver=0, opts=b"", optlen=None, flags=0, rsvd=0):
-    ol = len(opts) // 4 if optlen is None else optlen
-    return (bytes([(ver << 6) | ol, flags]) + proto.to_bytes(2, "big") +
-            vni.to_bytes(3, "big") + bytes([rsvd]) + opts)
-
-
 def underlay(r, payload, dst=U1, dport=6081, src=U2, checksum=None):
     u = UDP(sport=r.randrange(49152, 65536), dport=dport)
     f = Ether(dst="02:00:00:00:00:01", src="02:00:00:00:00:02") / \
@@ -226,8 +219,6 @@ def inner_frame(r, src=G2_IP, dst=G1_IP, dst_mac=G1_MAC, proto=None, n=None, **l
                  IP(src=src, dst=dst, proto=proto, tos=r.getrandbits(8),
                     options=_ip_options(r)) / body)
 
-
-BSVC_MAC_S = "a8:40:25:77:77:77"
 
 
 def inbound(r, kind):

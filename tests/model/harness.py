@@ -8,15 +8,11 @@ the caller's namespace.
 """
 import ipaddress
 import os
-import struct
 
 from xdectl import counters, libbpf
 from xdectl.datapath import Datapath
 
 from .xde import FwRule, Instance, Port, Route
-
-SKB_CTX_SIZE = 192
-SKB_IFINDEX_OFF = 40
 
 
 def _ip4(be):
@@ -91,11 +87,6 @@ class SledRunner:
 
     # --- running --------------------------------------------------------------
 
-    def ctx(self, ifindex):
-        c = bytearray(SKB_CTX_SIZE)
-        struct.pack_into("<I", c, SKB_IFINDEX_OFF, ifindex)
-        return bytes(c)
-
     def run(self, direction, frame, ifindex=None, ports=()):
         """(retval, output bytes, counter deltas) of one frame.
         direction 'out': tc_port_out on ifindex; 'in': xdp_underlay."""
@@ -104,7 +95,7 @@ class SledRunner:
             try:
                 if direction == "out":
                     rc, out, _ = libbpf.test_run(self.fds["tc_port_out"], frame,
-                                                 ctx=self.ctx(ifindex))
+                                                 ctx=libbpf.skb_ctx(ifindex))
                 else:
                     rc, out, _ = libbpf.test_run(self.fds["xdp_underlay"], frame)
             except libbpf.BpfError as e:

@@ -1,6 +1,6 @@
 """Extra state the differential tests put on a lab's sled1 so that every
 branch of the router and overlay is reachable: a local V2P entry with no
-port, custom routes of every target kind."""
+port, custom routes of every target kind. uninstall() takes it away."""
 from xdectl import overlay
 
 EXTRA_V2P = [  # (ip, mac, underlay, vni)
@@ -29,3 +29,14 @@ def install(lab, sled="sled1"):
             overlay.set_v2p(root, ip, mac, ul, vni)
         for dest, target in EXTRA_ROUTES:
             overlay.add_router_entry(root, "xde0", dest, target)
+
+
+def uninstall(lab, sled="sled1"):
+    root = lab.root(sled)
+    with lab.inside(sled):
+        for dest, _ in EXTRA_ROUTES:
+            overlay.del_router_entry(root, "xde0", dest)
+        for ip, mac, ul, vni in EXTRA_V2P:
+            overlay.clear_v2p(root, ip, mac, ul, vni)
+    for g in ("g1", "g2"):
+        lab.run(g, "sysctl", "-qw", "net.ipv6.conf.xde0.disable_ipv6=0", check=True)
