@@ -29,6 +29,7 @@ struct xde_cfg {
 	__u32 ttl_tcp_closed;     /* after FIN from both sides or RST (TIME_WAIT) */
 	char pending[16];         /* port being created: what a killed create leaves */
 	__u32 sw_csum;            /* bit i: xdectl turned tx checksum offload off on underlay i+1 */
+	__u32 hash_seed;          /* random, set at load: keys the flows' ECMP hash */
 };
 
 /* One port, keyed by the ifindex of the veth end the datapath owns. */

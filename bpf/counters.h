@@ -19,7 +19,7 @@ enum xde_dir { DIR_OUT = 0, DIR_IN = 1 };
 	X(rx_packets) X(rx_bytes) X(tx_packets) X(tx_bytes) \
 	X(passthrough_out) X(passthrough_in) \
 	X(encap) X(decap) X(arp_replies) X(icmp_replies) X(mtu_icmp_sent) \
-	X(underlay_detours) \
+	X(underlay_detours) X(route_cache_hits) X(route_cache_misses) \
 	X(flow_hits) X(flow_misses) X(flow_reevaluated) X(fw_allowed) X(fw_denied)
 
 #define XDE_GLOBAL_EVENTS(X) \
@@ -79,12 +79,19 @@ enum drop_reason { XDE_DROP_REASONS(XDE_INDEX) DROP_MAX };
 XDE_MAP("percpu_hash", u32, struct port_stats, port_stats, 1024);
 XDE_MAP("percpu_array", u32, struct global_stats, global_stats, 1);
 
-static __always_inline void port_count(__u32 port, enum port_event c, __u64 n)
+/* A program looks a port's counters up once per packet and counts through
+ * the pointer (NULL: the port is going away; nothing counted). */
+static __always_inline struct port_stats *port_stats_get(__u32 port)
 {
-	struct port_stats *st = port_stats.lookup(&port);
+	return port_stats.lookup(&port);
+}
+
+static __always_inline void stat_add(struct port_stats *st, enum port_event c, __u64 n)
+{
 	if (st)
 		((__u64 *)st)[c] += n;
 }
+
 
 static __always_inline void global_count(enum global_event c)
 {

@@ -6,6 +6,7 @@
 #include "config.h"
 #include "counters.h"
 #include "scratch.h"
+#include "pkt.h"
 #include "fib.h"
 #include "fw.h"
 
@@ -32,7 +33,7 @@ struct encap_hdrs {
  * The receiving guest sees the gateway MAC as the source, as for any
  * routed frame. */
 static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port,
-					 __u32 vni, const __u8 *dmac, struct pkt4 *p)
+					 __u32 vni, const __u8 *dmac, struct pkt4 *p, __u64 now)
 {
 	struct port_key pk = { .vni = vni };
 	__builtin_memcpy(pk.mac, dmac, ETH_ALEN);
@@ -41,8 +42,9 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 	if (!dpc)
 		return tc_drop(port, DIR_OUT, DROP_no_port_local);
 	__u32 d = dpc->ifindex;
+	struct port_stats *dst_st = port_stats_get(d);
 	/* the destination port's inbound firewall, as if it came off the wire */
-	int v = firewall(d, DIR_IN, p, vni, skb->len, cfg);
+	int v = firewall(d, dst_st, DIR_IN, p, vni, skb->len, cfg, now);
 	if (v == VERDICT_PENDING)
 		return tc_fw_call(skb, d, DIR_IN);
 	if (v == VERDICT_DENY)
@@ -52,38 +54,33 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 	__builtin_memcpy(macs + 6, dpc->gw_mac, ETH_ALEN);
 	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
 		return tc_drop(d, DIR_IN, DROP_store_failed);
-	port_count(d, P_rx_packets, 1);
-	port_count(d, P_rx_bytes, skb->len);
+	stat_add(dst_st, P_rx_packets, 1);
+	stat_add(dst_st, P_rx_bytes, skb->len);
 	return bpf_redirect(d, 0);
 }
 
 /* Encapsulate the guest's frame toward `underlay` in `vni`, with the inner
  * destination MAC `dmac`, and send it out of the underlay NIC the kernel's
- * routes choose (ECMP across U1/U2, failover when a route goes away). */
+ * routes choose (ECMP across U1/U2, failover when a route goes away):
+ * looked up once per flow and ROUTE_CACHE_NS (fib.h). */
 static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg *cfg,
-					  struct port_cfg *pc, __u32 port,
+					  __u32 port, struct port_stats *st,
 					  const __u8 *underlay, __u32 vni, const __u8 *dmac,
-					  __u8 tos, struct pkt4 *p)
+					  __u8 tos, struct pkt4 *p, __u64 now)
 {
 	if (addr6_eq(underlay, cfg->underlay_addr))
-		return deliver_local(skb, cfg, port, vni, dmac, p);
+		return deliver_local(skb, cfg, port, vni, dmac, p, now);
 
 	struct encap_hdrs h = {};
 	if (bpf_skb_load_bytes(skb, 0, &h.inner, sizeof(h.inner)) < 0)
 		return tc_drop(port, DIR_OUT, DROP_load_failed);
 	__builtin_memcpy(h.inner.h_dest, dmac, ETH_ALEN);
 
-	/* Entropy for ECMP: the kernel's flow hash of the inner 5-tuple. The
-	 * skb may carry its socket's random hash instead (re-rolled on TCP
-	 * timeouts), so have the flow dissector compute it afresh. */
-	bpf_set_hash_invalid(skb);
-	__u32 hash = bpf_get_hash_recalc(skb);
-	/* The dissector leaves out the ICMP echo id: pings would all share one
-	 * path. Mix it in (a multiplicative hash spreads it over every bit). */
-	if (p->proto == IPPROTO_ICMP)
-		hash ^= (__u32)p->sport * 2654435761U;
+	/* Entropy for ECMP: the flow's hash, in the flow label and the UDP
+	 * source port (49152-65535, RFC 8926). */
+	__u32 hash = flow_hash(p, cfg->hash_seed);
 	__u32 label = hash & 0xFFFFF;
-	__u16 sport = 0xC000 | ((hash >> 16) & 0x3FFF);  /* 49152-65535, RFC 8926 */
+	__u16 sport = 0xC000 | ((hash >> 16) & 0x3FFF);
 
 	__u32 inner_len = skb->len;
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
@@ -111,6 +108,19 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	h.gnv.vni[2] = vni;
 	h.eth.h_proto = bpf_htons(ETH_P_IPV6);
 
+	struct route_cache_val *rc = route_cache_get(underlay, hash, now);
+	if (rc) {
+		__u32 out = rc->ifindex;
+		__builtin_memcpy(h.eth.h_dest, rc->dmac, ETH_ALEN);
+		__builtin_memcpy(h.eth.h_source, rc->smac, ETH_ALEN);
+		if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
+			return tc_drop(port, DIR_OUT, DROP_store_failed);
+		stat_add(st, P_encap, 1);
+		stat_add(st, P_route_cache_hits, 1);
+		return bpf_redirect(out, 0);
+	}
+	stat_add(st, P_route_cache_misses, 1);
+
 	struct scratch *sc = scratch_get();
 	if (!sc)
 		return tc_drop(port, DIR_OUT, DROP_no_scratch);
@@ -127,31 +137,31 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	fib->tot_len = skb->gso_size ? 0 : l4len + sizeof(struct ipv6hdr);
 	__builtin_memcpy(fib->ipv6_src, cfg->underlay_addr, 16);
 	__builtin_memcpy(fib->ipv6_dst, underlay, 16);
-	int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
-	__u64 now = bpf_ktime_get_ns();
+	int ret = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	__u32 detour = 0;
 	int kick = 1;
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+	if (ret == BPF_FIB_LKUP_RET_SUCCESS) {
 		nexthop_seen(underlay, fib, now);
-	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		route_cache_put(underlay, hash, fib, now);
+	} else if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		detour = nexthop_detour(underlay, cfg, fib, now, &kick);
 	} else {
 		return tc_drop(port, DIR_OUT, DROP_underlay_unreachable);
 	}
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || detour) {
+	if (ret == BPF_FIB_LKUP_RET_SUCCESS || detour) {
 		__builtin_memcpy(h.eth.h_dest, fib->dmac, ETH_ALEN);
 		__builtin_memcpy(h.eth.h_source, fib->smac, ETH_ALEN);
 	}
 	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
 		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	port_count(port, P_encap, 1);
+	stat_add(st, P_encap, 1);
 	if (detour) {
-		port_count(port, P_underlay_detours, 1);
+		stat_add(st, P_underlay_detours, 1);
 		if (!kick)
 			return bpf_redirect(detour, 0);
 		bpf_clone_redirect(skb, detour, 0);
 	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* Next hop not resolved yet: the kernel resolves it and sends.
 		 * Name the next hop the FIB chose (with our ECMP entropy); left
 		 * to itself the kernel would pick one without it. */

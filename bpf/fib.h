@@ -1,4 +1,6 @@
-/* Route lookups through the kernel's FIB (bpf_fib_lookup). */
+/* Route lookups through the kernel's FIB (bpf_fib_lookup), the cache of
+ * their answers per flow, and what is done when a next hop is not
+ * resolved. */
 #ifndef XDE_FIB_H
 #define XDE_FIB_H
 
@@ -49,6 +51,47 @@ struct nh_val {
 	__u64 kick_ns;            /* last time a frame went to it unresolved */
 };
 XDE_MAP("lru_hash", struct nh_key, struct nh_val, nexthops, 4096);
+
+/* The underlay route cache (OPTE's, 100 ms): what bpf_fib_lookup chose for
+ * a flow -- egress NIC and MACs, per (underlay destination, flow hash), so
+ * that ECMP keeps spreading flows as the FIB does -- reused for
+ * ROUTE_CACHE_NS instead of one FIB lookup per packet. A route that
+ * changes or a link that goes down costs at most that long on the flows it
+ * carried. Only resolved next hops are cached: a failed lookup, or one
+ * whose neighbour is not resolved, is looked up again on the next packet. */
+#define ROUTE_CACHE_NS (100ULL * 1000000)
+struct route_cache_key {
+	__u8 dst[16];
+	__u32 hash;
+};
+struct route_cache_val {
+	__u64 stamp_ns;           /* when the FIB gave it */
+	__u32 ifindex;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 pad[4];
+};
+XDE_MAP("lru_hash", struct route_cache_key, struct route_cache_val, route_cache, 65536);
+
+static __always_inline struct route_cache_val *route_cache_get(const __u8 *dst, __u32 hash,
+							     __u64 now)
+{
+	struct route_cache_key k = { .hash = hash };
+	__builtin_memcpy(k.dst, dst, 16);
+	struct route_cache_val *v = route_cache.lookup(&k);
+	return v && now - v->stamp_ns < ROUTE_CACHE_NS ? v : 0;
+}
+
+static __always_inline void route_cache_put(const __u8 *dst, __u32 hash,
+					    struct bpf_fib_lookup *fib, __u64 now)
+{
+	struct route_cache_key k = { .hash = hash };
+	__builtin_memcpy(k.dst, dst, 16);
+	struct route_cache_val v = { .stamp_ns = now, .ifindex = fib->ifindex };
+	__builtin_memcpy(v.dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(v.smac, fib->smac, ETH_ALEN);
+	route_cache.update(&k, &v);
+}
 
 #define NH_REFRESH_NS (50ULL * 1000000)   /* how often a resolved next hop is noted */
 #define NH_TRUST_NS (1000ULL * 1000000)   /* how long a noted one may stand in */

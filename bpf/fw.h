@@ -23,10 +23,10 @@
  * first; tail-call PROG_FW_EVAL (fw_job.h). */
 enum fw_verdict { VERDICT_DENY = 0, VERDICT_PASS = 1, VERDICT_PENDING = 2 };
 
-static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32 vni,
-				    __u32 len, struct xde_cfg *cfg)
+/* p going dir through port (st: its counters), len bytes, at time now. */
+static __always_inline int firewall(__u32 port, struct port_stats *st, __u32 dir, struct pkt4 *p,
+				    __u32 vni, __u32 len, struct xde_cfg *cfg, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
 	__u32 *ep = fw_epoch.lookup(&port);
 	__u32 epoch = ep ? *ep : 0;
 	struct flow_key k;
@@ -42,7 +42,7 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 		int reeval = f->epoch != epoch, ok = 1;
 		if (reeval) {
 			/* rules changed: judge the flow again where it started */
-			port_count(port, P_flow_reevaluated, 1);
+			stat_add(st, P_flow_reevaluated, 1);
 			struct pkt4 o = *p;
 			if (f->origin != dir) {
 				o.src = p->dst;
@@ -56,7 +56,7 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 			f->epoch = epoch;
 		}
 		if (ok) {
-			port_count(port, P_flow_hits, 1);
+			stat_add(st, P_flow_hits, 1);
 			__sync_fetch_and_add(&f->packets, 1);
 			__sync_fetch_and_add(&f->bytes, len);
 			int changed = p->proto == IPPROTO_TCP && tcp_track(f, dir, p->tcp_flags);
@@ -71,12 +71,12 @@ static __always_inline int firewall(__u32 port, __u32 dir, struct pkt4 *p, __u32
 	int allow;
 	if (!fw_rules_verdict(port, dir, p, vni, &rule, &allow))
 		return VERDICT_PENDING;
-	port_count(port, P_flow_misses, 1);
+	stat_add(st, P_flow_misses, 1);
 	if (!allow) {
-		port_count(port, P_fw_denied, 1);
+		stat_add(st, P_fw_denied, 1);
 		return VERDICT_DENY;
 	}
-	port_count(port, P_fw_allowed, 1);
+	stat_add(st, P_fw_allowed, 1);
 	flow_create(&k, epoch, rule, p, vni, len, now);
 	return VERDICT_PASS;
 }

@@ -21,7 +21,8 @@ static __always_inline int hairpin(struct __sk_buff *skb)
 /* ARP from the guest: a reply with the gateway MAC for the gateway IP and,
  * as proxy ARP, for every other address of the VPC subnet, so an on-link
  * /24 guest works. Anything else is dropped: ARP never crosses the overlay. */
-static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port)
+static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
+				       struct port_stats *st)
 {
 	struct arp_ipv4 a;
 	/* too short for an ARP body: not a request the gateway answers */
@@ -47,7 +48,7 @@ static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *p
 	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0) < 0)
 		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	port_count(port, P_arp_replies, 1);
+	stat_add(st, P_arp_replies, 1);
 	return hairpin(skb);
 }
 
@@ -55,6 +56,7 @@ static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *p
  * Swapping the addresses leaves the IP checksum as it is; the ICMP checksum
  * moves by the type change only. Returns -1 when the frame is not one. */
 static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
+					struct port_stats *st,
 					struct iphdr *ip, __u32 l4off)
 {
 	/* only a whole datagram carries an echo request (not a fragment) */
@@ -78,7 +80,7 @@ static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *
 		return tc_drop(port, DIR_OUT, DROP_csum_failed);
 	if (bpf_skb_store_bytes(skb, l4off, &reply, 1, 0) < 0)
 		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	port_count(port, P_icmp_replies, 1);
+	stat_add(st, P_icmp_replies, 1);
 	return hairpin(skb);
 }
 

@@ -30,6 +30,7 @@ struct ip_summary {
 
 /* Returns -1 when the packet fits, else the TC verdict. */
 static __always_inline int mtu_check(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
+				     struct port_stats *st,
 				     struct ip_summary *ip)
 {
 	__u16 tot = ip->tot_len;
@@ -84,7 +85,7 @@ static __always_inline int mtu_check(struct __sk_buff *skb, struct port_cfg *pc,
 	/* the guest's packet is gone (counted as an mtu drop); its frame
 	 * now carries the ICMP error back */
 	count_drop(port, DIR_OUT, DROP_mtu);
-	port_count(port, P_mtu_icmp_sent, 1);
+	stat_add(st, P_mtu_icmp_sent, 1);
 	return hairpin(skb);
 }
 

@@ -63,4 +63,33 @@ static __always_inline int pkt4_parse(struct iphdr *ip, void *data_end, struct p
 	return 1;
 }
 
+static __always_inline __u32 rotl32(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+/* The flow's hash, from the 5-tuple already parsed (ICMP echo: the
+ * identifier stands for both ports), keyed by the instance's seed:
+ * MurmurHash3's mixing, cheaper than having the kernel's flow dissector
+ * walk the packet again. Every packet of a flow hashes alike, so it keeps
+ * its ECMP path; flows spread over every bit. */
+static __always_inline __u32 flow_hash(struct pkt4 *p, __u32 seed)
+{
+	__u32 w[4] = { p->src, p->dst, ((__u32)p->sport << 16) | p->dport, p->proto };
+	__u32 h = seed;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 k = w[i] * 0xcc9e2d51;
+		k = rotl32(k, 15) * 0x1b873593;
+		h = rotl32(h ^ k, 13) * 5 + 0xe6546b64;
+	}
+	h ^= 16;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
 #endif

@@ -18,17 +18,18 @@
 #include "fw.h"
 
 /* Passthrough: the frame leaves unchanged on U1, on U2 while U1 is down. */
-static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port)
+static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg *cfg,
+					   struct port_stats *st)
 {
 	__u32 out = cfg->u1;
 	if (!underlay_alive(skb, cfg->u1) && underlay_alive(skb, cfg->u2))
 		out = cfg->u2;
-	port_count(port, P_passthrough_out, 1);
+	stat_add(st, P_passthrough_out, 1);
 	return bpf_redirect(out, 0);
 }
 
 static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cfg,
-				       struct port_cfg *pc, __u32 port)
+				       struct port_cfg *pc, __u32 port, struct port_stats *st)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -38,7 +39,7 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	if (!mac_eq(eth->h_source, pc->mac))  /* every frame, ARP included */
 		return tc_drop(port, DIR_OUT, DROP_spoof);
 	if (eth->h_proto == bpf_htons(ETH_P_ARP))
-		return gateway_arp(skb, pc, port);
+		return gateway_arp(skb, pc, port, st);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return tc_drop(port, DIR_OUT, DROP_unsupported);
 	struct iphdr *ip = (void *)(eth + 1);
@@ -55,15 +56,16 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	__u32 l4off = ETH_HLEN + ip->ihl * 4;
 	__be32 daddr = sum.daddr;
 	__u8 tos = sum.tos;
-	int rc = gateway_icmp(skb, pc, port, ip, l4off);
+	int rc = gateway_icmp(skb, pc, port, st, ip, l4off);
 	if (rc >= 0)
 		return rc;
-	int fw = firewall(port, DIR_OUT, &pkt, pc->vni, skb->len, cfg);
+	__u64 now = bpf_ktime_get_ns();
+	int fw = firewall(port, st, DIR_OUT, &pkt, pc->vni, skb->len, cfg, now);
 	if (fw == VERDICT_PENDING)
 		return tc_fw_call(skb, port, DIR_OUT);
 	if (fw == VERDICT_DENY)
 		return tc_drop(port, DIR_OUT, DROP_firewall);
-	rc = mtu_check(skb, pc, port, &sum);
+	rc = mtu_check(skb, pc, port, st, &sum);
 	if (rc >= 0)
 		return rc;
 
@@ -72,7 +74,8 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 		return tc_drop(port, DIR_OUT, DROP_no_route);
 	if (rt->target == RT_IG) {
 		__u8 bmac[ETH_ALEN] = BSVC_MAC;
-		return encap_and_send(skb, cfg, pc, port, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt);
+		return encap_and_send(skb, cfg, port, st, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt,
+				      now);
 	}
 	if (rt->target != RT_SUB4 && rt->target != RT_IP4)
 		return tc_drop(port, DIR_OUT, DROP_router);
@@ -80,7 +83,7 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	struct v2p_val *v = v2p.lookup(&vk);
 	if (!v)
 		return tc_drop(port, DIR_OUT, DROP_no_v2p);
-	return encap_and_send(skb, cfg, pc, port, v->underlay, pc->vni, v->mac, tos, &pkt);
+	return encap_and_send(skb, cfg, port, st, v->underlay, pc->vni, v->mac, tos, &pkt, now);
 }
 
 int tc_port_out(struct __sk_buff *skb)
@@ -89,16 +92,17 @@ int tc_port_out(struct __sk_buff *skb)
 	struct port_cfg *pc = ports.lookup(&port);
 	if (!pc)
 		return tc_drop(0, DIR_OUT, DROP_unknown_port);
+	struct port_stats *st = port_stats_get(port);
 	if (!fw_resumed()) {  /* counted on the first run, not after a rule evaluation */
-		port_count(port, P_tx_packets, 1);
-		port_count(port, P_tx_bytes, skb->len);
+		stat_add(st, P_tx_packets, 1);
+		stat_add(st, P_tx_bytes, skb->len);
 	}
 	struct xde_cfg *cfg = xde_config();
 	if (!cfg || !cfg->u1)
 		return tc_drop(port, DIR_OUT, DROP_no_underlay);
 	if (pc->flags & PORT_F_PASSTHROUGH)
-		return passthrough_out(skb, cfg, port);
-	return overlay_out(skb, cfg, pc, port);
+		return passthrough_out(skb, cfg, st);
+	return overlay_out(skb, cfg, pc, port, st);
 }
 
 /* The firewall's rule walk (fw_job.h): answer, then run the pipeline again. */

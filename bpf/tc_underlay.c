@@ -19,9 +19,10 @@ int tc_underlay_in(struct __sk_buff *skb)
 		__u32 *port = passthru.lookup(&idx);
 		if (!port || !*port)
 			break;
-		port_count(*port, P_passthrough_in, 1);
-		port_count(*port, P_rx_packets, 1);
-		port_count(*port, P_rx_bytes, skb->len);
+		struct port_stats *st = port_stats_get(*port);
+		stat_add(st, P_passthrough_in, 1);
+		stat_add(st, P_rx_packets, 1);
+		stat_add(st, P_rx_bytes, skb->len);
 		bpf_clone_redirect(skb, *port, 0);
 	}
 	return TC_ACT_OK;

@@ -10,10 +10,10 @@
 #include "geneve.h"
 #include "fw.h"
 
-static __always_inline int deliver(struct xdp_md *ctx, __u32 port)
+static __always_inline int deliver(struct xdp_md *ctx, __u32 port, struct port_stats *st)
 {
-	port_count(port, P_rx_packets, 1);
-	port_count(port, P_rx_bytes, ctx->data_end - ctx->data);
+	stat_add(st, P_rx_packets, 1);
+	stat_add(st, P_rx_bytes, ctx->data_end - ctx->data);
 	return bpf_redirect(port, 0);
 }
 
@@ -37,6 +37,7 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 	if (!pc)
 		return xdp_drop(0, DIR_IN, DROP_no_port);
 	__u32 p = pc->ifindex;
+	struct port_stats *st = port_stats_get(p);
 
 	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	if (inner->h_proto != bpf_htons(ETH_P_IP))
@@ -46,8 +47,8 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 	if (!ip4_valid(iip, data_end, data_end - (void *)iip) ||
 	    !pkt4_parse(iip, data_end, &pkt))
 		return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
-	int v = firewall(p, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
-			 data_end - (void *)inner, cfg);
+	int v = firewall(p, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
+			 data_end - (void *)inner, cfg, bpf_ktime_get_ns());
 	if (v == VERDICT_PENDING) {
 		xdp_progs.call(ctx, PROG_FW_EVAL);
 		return xdp_drop(p, DIR_IN, DROP_tail_call);
@@ -64,8 +65,8 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 		return xdp_drop(p, DIR_IN, DROP_malformed_inner);
 	/* The guest sees the gateway as the source of routed traffic. */
 	__builtin_memcpy(inner->h_source, pc->gw_mac, ETH_ALEN);
-	port_count(p, P_decap, 1);
-	return deliver(ctx, p);
+	stat_add(st, P_decap, 1);
+	return deliver(ctx, p, st);
 }
 
 int xdp_underlay(struct xdp_md *ctx)
@@ -90,8 +91,9 @@ int xdp_underlay(struct xdp_md *ctx)
 	__builtin_memcpy(pk.mac, eth->h_dest, ETH_ALEN);
 	__u32 *port = port_index.lookup(&pk);
 	if (port) {
-		port_count(*port, P_passthrough_in, 1);
-		return deliver(ctx, *port);
+		struct port_stats *st = port_stats_get(*port);
+		stat_add(st, P_passthrough_in, 1);
+		return deliver(ctx, *port, st);
 	}
 pass:
 	global_count(G_passed_to_host);

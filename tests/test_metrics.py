@@ -90,6 +90,8 @@ PORT_NAMES = {
     "arp_replies": ("xde_port_gateway_replies_total", {"kind": "arp"}),
     "icmp_replies": ("xde_port_gateway_replies_total", {"kind": "icmp"}),
     "flow_hits": ("xde_port_flow_hits_total", {}),
+    "route_cache_hits": ("xde_port_route_cache_lookups_total", {"result": "hit"}),
+    "route_cache_misses": ("xde_port_route_cache_lookups_total", {"result": "miss"}),
     "flow_misses": ("xde_port_flow_misses_total", {}),
     "passthrough_in": ("xde_port_passthrough_packets_total", {"dir": "in"}),
     "passthrough_out": ("xde_port_passthrough_packets_total", {"dir": "out"}),
@@ -126,6 +128,8 @@ def expected_global(counters):
             continue
         if c == "passed_to_host":
             key = ("xde_passed_to_host_total", frozenset())
+        elif c == "route_cache_entries":
+            key = ("xde_route_cache_entries", frozenset())
         elif c.startswith("drop_"):
             direction, reason = c[5:].split("_", 1)
             key = ("xde_drops_total", frozenset({"dir": direction, "reason": reason}.items()))

@@ -20,6 +20,7 @@ works on sled1's real routes and neighbours (the skb's device is xde0_dp).
 xdp_underlay returns XDP_REDIRECT (4) without redirecting.
 """
 import struct
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -125,6 +126,24 @@ def test_encap_entropy_is_per_flow(xlab, runner):
     assert links == set(runner.links.values()), "all 16 flows chose the same underlay"
 
 
+ROUTE_TO_SLED2 = ("fd00:2::1/128", "nexthop", "via", "fd10:1:1::2", "dev", "u1",
+                  "nexthop", "via", "fd10:1:2::2", "dev", "u2")       # as the lab builds it
+
+
+def route_cache(xlab, dst):
+    """The route cache's entries for underlay destination dst: {hash: ifindex}."""
+    with xlab.maps("sled1") as maps:
+        return {k.hash: v.ifindex for k, v in maps["route_cache"].items()
+                if bytes(k.dst) == ip6(dst)}
+
+
+def clear_route_cache(xlab):
+    with xlab.maps("sled1") as maps:
+        m = maps["route_cache"]
+        for k in m.keys():
+            m.delete(k)
+
+
 def forget_next_hops(runner):
     """Empty the datapath's memory of next hops seen resolved."""
     with runner.t.lab.inside("sled1"):
@@ -145,6 +164,7 @@ def test_encap_next_hop_unresolved(xlab, runner):
     for dev in ("u1", "u2"):
         xlab.ip("sled1", "-6", "neigh", "flush", "dev", dev)
     forget_next_hops(runner)
+    clear_route_cache(xlab)     # this is about what the FIB lookup finds
     try:
         frame = g1_frame(ICMP(id=0x79) / Raw(b"no neighbour"))
         rc, out = runner.tc(frame)
@@ -170,6 +190,7 @@ def test_encap_detours_around_an_unresolved_next_hop(xlab, runner):
     chosen = "u1" if other == "u2" else "u2"
     before = runner.t.xdectl_json("sled1", "stats", "xde0")["xde0"]["underlay_detours"]
     xlab.ip("sled1", "-6", "neigh", "flush", "dev", chosen)
+    clear_route_cache(xlab)     # this is about what the FIB lookup finds
     try:
         results = [runner.tc(frame) for _ in range(3)]
     finally:
@@ -181,6 +202,75 @@ def test_encap_detours_around_an_unresolved_next_hop(xlab, runner):
         assert o == encapsulated(frame, runner.links[other], label, sport, U2_ADDR, VNI,
                                    G2_MAC, 0), f"not through {other}: {o[:12].hex()}"
     assert after - before == 3
+
+
+# --- tc_port_out: the underlay route cache ----------------------------------------
+
+def test_route_cache_reuses_the_fibs_answer(xlab, runner):
+    """A flow's first packet asks the FIB and caches the answer (a miss);
+    the next, within the cache's lifetime, is sent the same way without
+    asking (a hit)."""
+    xlab.resolve_underlay_neighbours(("sled1",))
+    clear_route_cache(xlab)
+    frame = g1_frame(UDP(sport=41414, dport=53) / Raw(b"cache me"))
+    s0 = xlab.port_stats("sled1")
+    first = runner.tc(frame)
+    s1 = xlab.port_stats("sled1")
+    second = runner.tc(frame)
+    s2 = xlab.port_stats("sled1")
+    assert first[0] == second[0] == TC_ACT_REDIRECT
+    assert first[1] == second[1]
+    assert (s1["route_cache_misses"] - s0["route_cache_misses"],
+            s1["route_cache_hits"] - s0["route_cache_hits"]) == (1, 0)
+    assert (s2["route_cache_misses"] - s1["route_cache_misses"],
+            s2["route_cache_hits"] - s1["route_cache_hits"]) == (0, 1)
+    assert len(route_cache(xlab, U2_ADDR)) == 1
+
+
+def test_route_cache_follows_a_route_change_within_its_lifetime(xlab, runner):
+    """The route to sled2 changes to one link only: a flow cached on the
+    other link leaves through the new one once the cache's 100 ms are over."""
+    xlab.resolve_underlay_neighbours(("sled1",))
+    clear_route_cache(xlab)
+    # a flow the FIB sends over u1
+    for sp in range(42000, 42064):
+        frame = g1_frame(UDP(sport=sp, dport=53) / Raw(b"move me"))
+        rc, out = runner.tc(frame)
+        if out[:12] == runner.links["u1"]:
+            break
+    else:
+        pytest.fail("64 flows and none through u1")
+    xlab.ip("sled1", "-6", "route", "replace", "fd00:2::1/128", "via", "fd10:1:2::2", "dev", "u2")
+    try:
+        time.sleep(0.15)
+        rc, moved = runner.tc(frame)
+    finally:
+        xlab.ip("sled1", "-6", "route", "replace", *ROUTE_TO_SLED2)
+    assert rc == TC_ACT_REDIRECT
+    assert moved[:12] == runner.links["u2"], "the flow stayed on u1 past the cache's lifetime"
+    assert moved[12:] == out[12:]
+
+
+def test_route_cache_never_keeps_a_failed_lookup(xlab, runner):
+    """With no route to sled2 the frame is dropped (underlay_unreachable)
+    and nothing is cached: once the route is back the next packet goes,
+    without waiting for any cache to expire."""
+    xlab.resolve_underlay_neighbours(("sled1",))
+    clear_route_cache(xlab)
+    frame = g1_frame(UDP(sport=43434, dport=53) / Raw(b"no route"))
+    before = xlab.port_stats("sled1")
+    xlab.ip("sled1", "-6", "route", "del", "fd00:2::1/128")
+    try:
+        rc, _ = runner.tc(frame)
+        cached = route_cache(xlab, U2_ADDR)
+    finally:
+        xlab.ip("sled1", "-6", "route", "replace", *ROUTE_TO_SLED2)
+    assert rc == TC_ACT_SHOT
+    assert xlab.port_stats("sled1")["drop_out_underlay_unreachable"] - \
+        before["drop_out_underlay_unreachable"] == 1
+    assert cached == {}, f"a failed lookup was cached: {cached}"
+    rc, out = runner.tc(frame)
+    assert rc == TC_ACT_REDIRECT and out[:12] in runner.links.values()
 
 
 def test_encap_matches_the_wire(xlab, runner, tmp_path):

@@ -68,6 +68,12 @@ def flows_per_port(maps):
     return counts
 
 
+def route_cache_entries(maps):
+    """Entries of the underlay route cache (one per (destination, flow hash)
+    seen in its lifetime, until the LRU map reuses them)."""
+    return len(maps["route_cache"].keys())
+
+
 def rule_hits(maps, rule_id):
     """Flows the firewall rule with this id decided."""
     hits = maps["fw_hits"]

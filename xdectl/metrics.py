@@ -53,6 +53,12 @@ PORT_METRICS = {
     "underlay_detours": ("xde_port_underlay_detours",
                          "Encapsulated frames sent through the other underlay because the "
                          "next hop the routes chose was not resolved yet.", {}),
+    "route_cache_hits": ("xde_port_route_cache_lookups",
+                         "Encapsulated packets by whether the underlay route cache had their "
+                         "flow's route (hit) or the FIB was asked (miss).", {"result": "hit"}),
+    "route_cache_misses": ("xde_port_route_cache_lookups",
+                           "Encapsulated packets by whether the underlay route cache had their "
+                           "flow's route (hit) or the FIB was asked (miss).", {"result": "miss"}),
     "flow_hits": ("xde_port_flow_hits", "Packets whose verdict came from the flow table.", {}),
     "flow_misses": ("xde_port_flow_misses",
                     "Packets that found no flow-table entry and were judged by the rules.", {}),
@@ -69,6 +75,9 @@ GLOBAL_METRICS = {
     "passed_to_host": ("xde_passed_to_host",
                        "Underlay packets not for xde, passed on to the host stack.", {}),
 }
+ROUTE_CACHE = ("gauge", "xde_route_cache_entries",
+               "Entries of the underlay route cache: (destination, flow hash) pairs whose route "
+               "the FIB gave in the last 100 ms, or older ones the LRU map has not reused.", [])
 GLOBAL_DROPS = ("xde_drops", "Frames dropped before a port was known "
                              "(malformed Geneve, no such port), by direction and reason.")
 
@@ -175,6 +184,7 @@ class XdeCollector:
             up = family("gauge", "xde_up",
                         "1 when the datapath instance under the root could be read, else 0.", [])
             nports = family("gauge", "xde_ports", "Ports of the root.", [])
+            family(*ROUTE_CACHE)
 
             try:
                 maps = self.reader.maps()
@@ -194,6 +204,7 @@ class XdeCollector:
     def _collect(maps, family, info, flows, hits, nports):
         ports = Reader.ports(maps)
         nports.add_metric([], len(ports))
+        family(*ROUTE_CACHE).add_metric([], counters.route_cache_entries(maps))
         flow_counts = counters.flows_per_port(maps)
         port_drops = family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "dir", "reason"])
         for index, pc in ports:

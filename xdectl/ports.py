@@ -221,6 +221,8 @@ def _create(dp, nd, spec, u1, u2, undo):
         if not cfg.ttl_idle:  # the instance's first port: OPTE's flow timeouts
             for name, value in fw.DEFAULT_TIMEOUTS.items():
                 setattr(cfg, f"ttl_{name}", value)
+        if not cfg.hash_seed:  # keys the flows' ECMP hash; random, as the kernel's
+            cfg.hash_seed = int.from_bytes(os.urandom(4), "little") or 1
     cfg.nports = len(maps["ports"].keys())
     cfg_map.set(cfg_map.Key(0), cfg)
 
@@ -398,7 +400,9 @@ def global_stats(root):
     dp = Datapath(root)
     if not dp.exists():
         return {}
-    return counters.global_counts(dp.maps()).flat()
+    maps = dp.maps()
+    return {**counters.global_counts(maps).flat(),
+            "route_cache_entries": counters.route_cache_entries(maps)}
 
 
 def _sweep(dp, nd):
