@@ -70,7 +70,7 @@ def test_checksum_offload_is_restored_as_found(privileged):
 
 # --- link flaps ---------------------------------------------------------------
 
-INTERVAL, FLOWS, FLAPS, DOWN_S = 0.01, 8, 3, 0.3
+INTERVAL, FLOWS, FLAPS, DOWN_S = 0.01, 16, 3, 0.3   # 16 flows: both links carry some, whatever the hash seed
 # Between flaps, longer than the kernel's batching of link events: it
 # handles a carrier change at most once a second after the previous batch,
 # so flaps closer together than that would measure its batching, not xde.
