@@ -228,9 +228,8 @@ class Scale:
     # --- flows ---------------------------------------------------------------------------
 
     def epoch(self):
-        m = self.maps["fw_epoch"]
-        v = m.get(m.Key(self.port))
-        return v.value if v is not None else 0
+        m = self.maps["ports"]
+        return m.get(m.Key(self.port)).fw_epoch
 
     def flow_pairs(self, first, n, epoch, now):
         """Entries of established UDP flows g1:sport -> g2:dport, both directions."""
@@ -257,7 +256,7 @@ class Scale:
         epoch = self.epoch()
         while self.flow_fill < target:
             n = min(BATCH, target - self.flow_fill)
-            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC_COARSE)  # the datapath's clock
             m.update_batch(self.flow_pairs(self.flow_fill, n, epoch, now))
             self.flow_fill += n
         return len(m.keys())

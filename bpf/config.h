@@ -48,6 +48,7 @@ struct port_cfg {
 	__u32 mtu;                /* guest-facing MTU */
 	char name[16];            /* guest-facing interface name */
 	char peer[16];            /* datapath end interface name */
+	__u32 fw_epoch;           /* bumped by every rule change: cached verdicts are judged again */
 };
 
 /* Inbound port lookup: (VNI, destination MAC) -> datapath end ifindex. */
@@ -62,6 +63,15 @@ XDE_MAP("hash", u32, struct port_cfg, ports, 1024);
 XDE_MAP("hash", struct port_key, u32, port_index, 1024);
 /* the passthrough ports' ifindexes, 0-terminated */
 XDE_MAP("array", u32, u32, passthru, XDE_MAX_PASSTHROUGH);
+
+/* The datapath's clock: CLOCK_MONOTONIC at the resolution of a jiffy. What
+ * the datapath times (flows idle for seconds, the route cache's 100 ms, the
+ * next hops' 50 ms to 1 s) is far coarser than that, and reading the TSC
+ * for bpf_ktime_get_ns cost a seventh of the decap program on this VM. */
+static __always_inline __u64 xde_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
 
 static __always_inline struct xde_cfg *xde_config(void)
 {

@@ -44,7 +44,7 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 	__u32 d = dpc->ifindex;
 	struct port_stats *dst_st = port_stats_get(d);
 	/* the destination port's inbound firewall, as if it came off the wire */
-	int v = firewall(d, dst_st, DIR_IN, p, vni, skb->len, cfg, now);
+	int v = firewall(dpc, dst_st, DIR_IN, p, vni, skb->len, cfg, now);
 	if (v == VERDICT_PENDING)
 		return tc_fw_call(skb, d, DIR_IN);
 	if (v == VERDICT_DENY)

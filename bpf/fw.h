@@ -8,7 +8,8 @@
  * each direction, so replies pass without a rule. Entries carry the port's
  * epoch; a rule change bumps it, and a flow whose epoch is old is judged
  * again by the rules of the direction it started in. Deny is stateless:
- * nothing is cached. */
+ * nothing is cached. The epoch is the port's (port_cfg.fw_epoch), read with
+ * the port: no lookup of its own. */
 #ifndef XDE_FW_H
 #define XDE_FW_H
 
@@ -23,12 +24,12 @@
  * first; tail-call PROG_FW_EVAL (fw_job.h). */
 enum fw_verdict { VERDICT_DENY = 0, VERDICT_PASS = 1, VERDICT_PENDING = 2 };
 
-/* p going dir through port (st: its counters), len bytes, at time now. */
-static __always_inline int firewall(__u32 port, struct port_stats *st, __u32 dir, struct pkt4 *p,
-				    __u32 vni, __u32 len, struct xde_cfg *cfg, __u64 now)
+/* p going dir through the port pc (st: its counters), len bytes, at time now. */
+static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, __u32 dir,
+				    struct pkt4 *p, __u32 vni, __u32 len, struct xde_cfg *cfg,
+				    __u64 now)
 {
-	__u32 *ep = fw_epoch.lookup(&port);
-	__u32 epoch = ep ? *ep : 0;
+	__u32 port = pc->ifindex, epoch = pc->fw_epoch;
 	struct flow_key k;
 	flow_key_of(&k, port, dir, p);
 	__u32 rule;

@@ -48,8 +48,6 @@ struct fw_rules {
 };
 
 XDE_MAP_F("hash", struct fw_key, struct fw_rules, fw_rules, 2048, BPF_F_NO_PREALLOC);
-/* per port: bumped by every rule change, so cached verdicts are judged again */
-XDE_MAP("hash", u32, u32, fw_epoch, 1024);
 /* per rule id: how many flows it decided */
 XDE_MAP("percpu_array", u32, u64, fw_hits, 65536);
 

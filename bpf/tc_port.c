@@ -59,8 +59,8 @@ static __always_inline int overlay_out(struct __sk_buff *skb, struct xde_cfg *cf
 	int rc = gateway_icmp(skb, pc, port, st, ip, l4off);
 	if (rc >= 0)
 		return rc;
-	__u64 now = bpf_ktime_get_ns();
-	int fw = firewall(port, st, DIR_OUT, &pkt, pc->vni, skb->len, cfg, now);
+	__u64 now = xde_now();
+	int fw = firewall(pc, st, DIR_OUT, &pkt, pc->vni, skb->len, cfg, now);
 	if (fw == VERDICT_PENDING)
 		return tc_fw_call(skb, port, DIR_OUT);
 	if (fw == VERDICT_DENY)

@@ -47,8 +47,8 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 	if (!ip4_valid(iip, data_end, data_end - (void *)iip) ||
 	    !pkt4_parse(iip, data_end, &pkt))
 		return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
-	int v = firewall(p, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
-			 data_end - (void *)inner, cfg, bpf_ktime_get_ns());
+	int v = firewall(pc, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
+			 data_end - (void *)inner, cfg, xde_now());
 	if (v == VERDICT_PENDING) {
 		xdp_progs.call(ctx, PROG_FW_EVAL);
 		return xdp_drop(p, DIR_IN, DROP_tail_call);

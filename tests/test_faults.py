@@ -54,8 +54,8 @@ from xdectl.underlay import sentinel
 
 SEED = int(os.environ.get("XDE_FAULT_SEED", "6"))
 UL = ("u1", "u2")
-PORT_MAPS = ("ports", "port_index", "v2p", "routes", "routes_sys", "fw_rules", "fw_epoch",
-             "flows", "port_stats")
+PORT_MAPS = ("ports", "port_index", "v2p", "routes", "routes_sys", "fw_rules", "flows",
+             "port_stats")
 RULES_A = "dir=in action=allow priority=10 protocol=tcp ports=22\n" \
           "dir=out action=deny priority=20 hosts=subnet=192.0.2.0/24\n"
 RULES_B = "dir=in action=allow priority=5 protocol=udp ports=53,123\n" \
@@ -162,9 +162,6 @@ def problems(ns, root):
                 stray = {k.port for k in maps[name].keys()} - idx
                 if stray:
                     out.append(f"{name} has entries of ports that are gone: {sorted(stray)}")
-            stray = {k.value for k in maps["fw_epoch"].keys()} - idx
-            if stray:
-                out.append(f"fw_epoch has entries of ports that are gone: {sorted(stray)}")
             if cfg.nports != len(listed):
                 out.append(f"config.nports={cfg.nports} but list has {len(listed)} ports")
             dp.close()
@@ -452,8 +449,8 @@ def _rules(ns, root, name):
         try:
             maps = dp.maps()
             index, _ = find_port(maps, name)
-            m = maps["fw_epoch"]
-            return ([r.text() for r in fw.read_rules(maps, index)], m.get(m.Key(index)).value)
+            m = maps["ports"]
+            return ([r.text() for r in fw.read_rules(maps, index)], m.get(m.Key(index)).fw_epoch)
         finally:
             dp.close()
 

@@ -208,10 +208,13 @@ def write_rules(maps, port, rules):
 
 
 def bump_epoch(maps, port):
-    m = maps["fw_epoch"]
+    """The port's flows are judged again by the rules (port_cfg.fw_epoch)."""
+    m = maps["ports"]
     k = m.Key(port)
-    cur = m.get(k)
-    m.set(k, m.Leaf((cur.value if cur is not None else 0) + 1))
+    pc = m.get(k)
+    if pc is not None:
+        pc.fw_epoch += 1
+        m.set(k, pc)
 
 
 def default_rules(vni):
@@ -221,10 +224,9 @@ def default_rules(vni):
 
 
 def remove_port_state(maps, port):
-    """Forget a deleted port's rules, epoch and flows."""
+    """Forget a deleted port's rules and flows."""
     for d in DIRS:
         maps["fw_rules"].delete(_key(maps["fw_rules"], port, d))
-    maps["fw_epoch"].delete(maps["fw_epoch"].Key(port))
     _delete_flows(maps, port)
 
 
@@ -303,7 +305,8 @@ def dump_flows(root, port):
     dp = Datapath(root)
     index = _port(dp, port)
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    epoch = dp.maps()["fw_epoch"].get(dp.maps()["fw_epoch"].Key(index))
+    ports = dp.maps()["ports"]
+    pc = ports.get(ports.Key(index))
     out = []
     for k, v in _flows_of(dp.maps(), index):
         proto = {6: "tcp", 17: "udp", 1: "icmp"}.get(k.proto, str(k.proto))
@@ -315,7 +318,7 @@ def dump_flows(root, port):
                     "age_s": round((now - v.created_ns) / 1e9, 1),
                     "idle_s": round((now - v.last_ns) / 1e9, 1),
                     "packets": v.packets, "bytes": v.bytes, "rule": v.rule,
-                    "stale": epoch is not None and v.epoch != epoch.value})
+                    "stale": pc is not None and v.epoch != pc.fw_epoch})
     return sorted(out, key=lambda f: (f["dir"], f["proto"], f["src"], f["dst"]))
 
 
