@@ -92,7 +92,6 @@ static __always_inline void stat_add(struct port_stats *st, enum port_event c, _
 		((__u64 *)st)[c] += n;
 }
 
-
 static __always_inline void global_count(enum global_event c)
 {
 	__u32 k = 0;

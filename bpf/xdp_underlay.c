@@ -39,7 +39,6 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 	__u32 p = pc->ifindex;
 	struct port_stats *st = port_stats_get(p);
 
-	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	if (inner->h_proto != bpf_htons(ETH_P_IP))
 		return xdp_drop(p, DIR_IN, DROP_unsupported);
 	struct iphdr *iip = (void *)(inner + 1);
@@ -47,6 +46,7 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 	if (!ip4_valid(iip, data_end, data_end - (void *)iip) ||
 	    !pkt4_parse(iip, data_end, &pkt))
 		return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
+	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	int v = firewall(pc, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
 			 data_end - (void *)inner, cfg, xde_now());
 	if (v == VERDICT_PENDING) {
