@@ -232,13 +232,7 @@ class Bench:
                     netns.remove(n)           # takes its links, XDP and filters with it
             for sled in SLEDS:
                 shutil.rmtree(self.lab.root(sled), ignore_errors=True)
-            pid = self.lab.state / "bsvc.pid"
-            if pid.exists():
-                try:
-                    os.killpg(int(pid.read_text()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
-                pid.unlink()
+            self.lab._stop_bsvc()
             if self.lab.state.exists():
                 self.lab.state.rmdir()
 

@@ -7,8 +7,8 @@ TC program finds its port by skb->ifindex, which the kernel looks up in
 the caller's namespace.
 """
 import ipaddress
-import os
 
+from progrun import ProgRun
 from xdectl import counters, libbpf
 from xdectl.datapath import Datapath
 
@@ -26,15 +26,12 @@ class SledRunner:
         self.lab = lab
         self.sled = sled
         self.root = lab.root(sled)
+        self.progs = ProgRun(lab, sled)
         with lab.inside(sled):
             self.dp = Datapath(self.root)
             self.maps = self.dp.maps()
-            self.fds = {p: self.dp.prog_fd(p) for p in ("tc_port_out", "xdp_underlay")}
 
     def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
         self.dp.close()
 
     # --- state ------------------------------------------------------------
@@ -91,19 +88,15 @@ class SledRunner:
         """(retval, output bytes, counter deltas) of one frame.
         direction 'out': tc_port_out on ifindex; 'in': xdp_underlay."""
         before = self.counters(ports)
-        with self.lab.inside(self.sled):
-            try:
-                if direction == "out":
-                    rc, out, _ = libbpf.test_run(self.fds["tc_port_out"], frame,
-                                                 ctx=libbpf.skb_ctx(ifindex))
-                else:
-                    rc, out, _ = libbpf.test_run(self.fds["xdp_underlay"], frame)
-            except libbpf.BpfError as e:
-                if e.errno != 22:
-                    raise
-                # the kernel refuses to build a test skb from it (too short
-                # for its Ethernet or IP header): the program never sees it
-                return None, None, {}
+        prog = "tc_port_out" if direction == "out" else "xdp_underlay"
+        try:
+            rc, out, _ = self.progs.run(prog, frame, ifindex)
+        except libbpf.BpfError as e:
+            if e.errno != 22:
+                raise
+            # the kernel refuses to build a test skb from it (too short
+            # for its Ethernet or IP header): the program never sees it
+            return None, None, {}
         after = self.counters(ports)
         delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
         return rc, out, delta
