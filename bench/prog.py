@@ -45,9 +45,11 @@ Paths, with N = 0, 16, 256, 1024 rules that do not match the frame:
              frame per run, distinct source ports: single timing only), N
              outbound rules walked, the default allow creates both entries,
              then the drop route.
+  hit_out6   hit_out for an IPv6 flow (g1 -> 2001:db8::9, a drop route), N = 0.
 and with the default rules: encap (tc_port_out, g1 -> g2 UDP, cached
-flow, Geneve-encapsulated, TC_ACT_REDIRECT), decap (= hit_in at N=0 with the
-default rules), gateway ARP reply and gateway echo reply (tc_port_out).
+flow, Geneve-encapsulated, TC_ACT_REDIRECT), encap6 (the same over IPv6),
+decap (= hit_in at N=0 with the default rules), gateway ARP reply and
+gateway echo reply (tc_port_out).
 Goals (docs/design.md, "How it is proved"): the hit path flat in N; every
 path within 3x the empty program.
 """
@@ -58,8 +60,10 @@ import time
 import common  # noqa: F401  (first: the checkout's xdectl, the tests' frames)
 from cases import BY_NAME, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_REDIRECT
 from common import REPO, Programs, write_result
-from frames import G2_IP, g1_frame, geneve, inner_udp, underlay_frame
+from frames import G1_IP6, G1_MAC, G2_IP, G2_IP6, GW_MAC, g1_frame, geneve, inner_udp, underlay_frame
 from scapy.layers.inet import UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from xdectl import fw, overlay
@@ -67,6 +71,7 @@ from xdelab.lab import VNI
 
 RULE_COUNTS = (0, 16, 256, 1024)
 DROP_NET = "203.0.113.0/24"
+DROP_NET6 = "2001:db8::/32"
 PAYLOAD = b"b" * 64
 
 
@@ -79,6 +84,10 @@ def from_g2(sport, dport):
 
 def from_g1(l4, dst):
     return g1_frame(l4 / Raw(PAYLOAD), dst=dst)
+
+
+def from_g1_6(l4, dst):
+    return Ether(src=G1_MAC, dst=GW_MAC) / IPv6(src=G1_IP6, dst=dst) / l4 / Raw(PAYLOAD)
 
 
 # --- the bench ---------------------------------------------------------------------
@@ -188,6 +197,7 @@ def bench_all(b):
     # flow hit, outbound, ending in a drop route (frame unchanged: repeat is sound)
     with b.lab.inside("sled1"):
         overlay.add_router_entry(b.root, "xde0", DROP_NET, "drop")
+        overlay.add_router_entry(b.root, "xde0", DROP_NET6, "drop")
 
     # first packet allowed, outbound: a new flow every run (one frame per run,
     # distinct source ports), N rules walked, the default allow creates both
@@ -213,6 +223,14 @@ def bench_all(b):
         for method in ("repeat", "single"):
             b.measure("hit_out", "tc_port_out", out_drop, n, method, TC_ACT_SHOT, check=hits,
                       note="cached outbound flow, then route drop (frame unchanged)")
+    # the same for an IPv6 flow, beside IPv4's at no rules
+    out_drop6 = from_g1_6(UDP(sport=40002, dport=40003), "2001:db8::9")
+    b.rules(DEFAULT_IN)
+    rc, _, _ = b.run("tc_port_out", out_drop6)
+    assert rc == TC_ACT_SHOT, rc
+    for method in ("repeat", "single"):
+        b.measure("hit_out6", "tc_port_out", out_drop6, 0, method, TC_ACT_SHOT, check=hits,
+                  note="cached outbound IPv6 flow, then route drop (frame unchanged)")
 
     # flow hit, inbound: g2's reply to a flow g1 opened, decapsulated (single only)
     g1_open = from_g1(UDP(sport=40001, dport=40000), G2_IP)
@@ -234,6 +252,10 @@ def bench_all(b):
               note="cached flow g1 -> g2, Geneve encap, fib lookup, redirect")
     b.measure("decap", "xdp_underlay", inbound_udp, 2, "single", XDP_REDIRECT, check=hits,
               note="cached flow g2 -> g1, decap, redirect")
+    encap6 = from_g1_6(UDP(sport=40001, dport=40000), G2_IP6)
+    b.run("tc_port_out", encap6)
+    b.measure("encap6", "tc_port_out", encap6, 2, "single", TC_ACT_REDIRECT, check=hits,
+              note="cached IPv6 flow g1 -> g2, Geneve encap, fib lookup, redirect")
     # the gateway's replies: frames and verdicts from the fixture table
     for path, case in (("gw_arp", BY_NAME["gw_arp_gateway"]), ("gw_echo", BY_NAME["gw_echo"])):
         b.measure(path, case.prog, case.frame, 2, "single", case.verdict,
@@ -281,8 +303,8 @@ def plot(rows, png):
     a1.set_ylabel("ns per packet (median)")
     a1.set_title("first packet vs flow-table hit")
     a1.legend(fontsize=7)
-    fixed = [r for r in rows if r["path"] in ("encap", "decap", "gw_arp", "gw_echo")] + \
-        [r for r in rows if r["path"] in ("hit_out", "first_in") and r["rules"] == 0
+    fixed = [r for r in rows if r["path"] in ("encap", "encap6", "decap", "gw_arp", "gw_echo")] + \
+        [r for r in rows if r["path"] in ("hit_out", "hit_out6", "first_in") and r["rules"] == 0
          and r["method"] == "repeat"]
     labels = [f"{r['path']}\n({r['method']})" for r in fixed]
     a2.bar(labels, [r["ratio"] for r in fixed], color="tab:blue")
@@ -320,6 +342,11 @@ def main():
         "hit_out_1024_over_0": hit[1024] / hit[0],
         "first_in_1024_over_0": first[1024] / first[0],
         "first_in_ns_per_rule": (first[1024] - first[0]) / 1024,
+        # an IPv6 flow next to an IPv4 one, same run, no rules
+        "hit_out6_over_hit_out": next(r["ns"] for r in rows if r["path"] == "hit_out6"
+                                      and r["method"] == "repeat") / hit[0],
+        "encap6_over_encap": next(r["ns"] for r in rows if r["path"] == "encap6") /
+        next(r["ns"] for r in rows if r["path"] == "encap"),
         "within_3x_empty": {f"{r['path']}/{r['rules']}/{r['method']}": r["ratio"] <= 3 for r in rows},
     }
     out = write_result(args.out, {"repeat": args.repeat, "samples": args.samples,
@@ -331,6 +358,8 @@ def main():
     print(f"hit_out N=1024 / N=0: {summary['hit_out_1024_over_0']:.2f}   "
           f"first_in N=1024 / N=0: {summary['first_in_1024_over_0']:.2f}   "
           f"first_in per rule: {summary['first_in_ns_per_rule']:.2f} ns")
+    print(f"IPv6 / IPv4: flow hit {summary['hit_out6_over_hit_out']:.2f}   "
+          f"encap {summary['encap6_over_encap']:.2f}")
     png = out.with_suffix(".png")
     if plot(rows, png):
         print(f"wrote {out} and {png}")

@@ -57,7 +57,8 @@ from scapy.packet import Raw
 
 from xdectl import counters, fw, overlay
 from xdectl.datapath import Datapath
-from xdectl.maps import ip4_be, mac_bytes, set_bytes
+from xdectl.maps import addr16, mac_bytes, set_bytes
+from xdectl.overlay import v2p_key
 from xdelab.lab import VNI
 
 XDP_REDIRECT, TC_ACT_REDIRECT = 4, 7
@@ -167,8 +168,7 @@ class Scale:
             n = min(BATCH, total - have)
             pairs = []
             for i in range(self.v2p_fill, self.v2p_fill + n):
-                k = m.Key()
-                k.vni, k.ip = VNI, ip4_be(ipaddress.IPv4Address(base + i))
+                k = v2p_key(m, VNI, ipaddress.IPv4Address(base + i))
                 v = m.Leaf()
                 set_bytes(v.mac, mac_bytes(f"a8:40:25:{(i >> 16) & 0xff:02x}:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"))
                 set_bytes(v.underlay, under)
@@ -180,8 +180,7 @@ class Scale:
 
     def bench_v2p(self):
         # V2P at 1: only g2's mapping (the port's own is put back afterwards)
-        own = self.maps["v2p"].Key()
-        own.vni, own.ip = VNI, ip4_be(G1_IP)
+        own = v2p_key(self.maps["v2p"], VNI, G1_IP)
         own_val = self.maps["v2p"].get(own)
         self.maps["v2p"].delete(own)
         with self.lab.inside("sled1"):
@@ -220,9 +219,7 @@ class Scale:
         m = self.maps["v2p"]
         base = int(FILL_NET.network_address)
         for i in range(self.v2p_fill):
-            k = m.Key()
-            k.vni, k.ip = VNI, ip4_be(ipaddress.IPv4Address(base + i))
-            m.delete(k)
+            m.delete(v2p_key(m, VNI, ipaddress.IPv4Address(base + i)))
         self.v2p_fill = 0
 
     # --- flows ---------------------------------------------------------------------------
@@ -234,17 +231,17 @@ class Scale:
     def flow_pairs(self, first, n, epoch, now):
         """Entries of established UDP flows g1:sport -> g2:dport, both directions."""
         m = self.maps["flows"]
-        g1, g2 = ip4_be(G1_IP), ip4_be(G2_IP)
+        g1, g2 = addr16(G1_IP), addr16(G2_IP)
         pairs = []
         for j in range(first, first + n):
             flow, d = divmod(j, 2)
             sp, dp = 1024 + flow % 60000, 1024 + flow // 60000
             k = m.Key()
             k.port, k.dir, k.proto = self.port, d, 17
-            if d == 0:
-                k.src, k.dst, k.sport, k.dport = g1, g2, be16(sp), be16(dp)
-            else:
-                k.src, k.dst, k.sport, k.dport = g2, g1, be16(dp), be16(sp)
+            src, dst, k.sport, k.dport = ((g1, g2, be16(sp), be16(dp)) if d == 0 else
+                                          (g2, g1, be16(dp), be16(sp)))
+            set_bytes(k.src, src)
+            set_bytes(k.dst, dst)
             v = m.Leaf()
             v.created_ns = v.last_ns = now
             v.packets, v.bytes, v.epoch, v.rule, v.vni, v.origin = 1, 100, epoch, 0, VNI, 0

@@ -9,6 +9,8 @@
 #define CFG_KEY 0                 /* key of the one-entry config array */
 #define XDE_MAX_PASSTHROUGH 16    /* passthrough ports per root (clone loop bound) */
 #define PORT_F_PASSTHROUGH 1      /* port_cfg.flags */
+#define PORT_F_IP4 2              /* the port has an IPv4 address */
+#define PORT_F_IP6 4              /* the port has an IPv6 address */
 /* port_index key VNI of passthrough ports: outside the 24 bits of a VNI */
 #define VNI_PASSTHROUGH 0xffffffff
 /* The VNI a frame from outside the VPC (Oxide's External option) is judged
@@ -40,10 +42,14 @@ struct port_cfg {
 	__u32 bsvc_vni;
 	__u8 mac[6];              /* guest MAC */
 	__u8 gw_mac[6];           /* virtual gateway MAC */
-	__be32 ip;                /* guest IPv4 */
+	__be32 ip;                /* guest IPv4 (PORT_F_IP4) */
 	__be32 gw_ip;             /* virtual gateway IPv4 */
 	__be32 subnet;            /* VPC subnet, network byte order */
 	__u32 subnet_len;
+	__be32 ip6[4];            /* guest IPv6 (PORT_F_IP6) */
+	__be32 subnet6[4];        /* VPC IPv6 subnet */
+	__u32 subnet6_len;
+	__be32 gw_ip6[4];         /* the gateway's IPv6: the EUI-64 link-local of gw_mac */
 	__u8 bsvc_addr[16];       /* boundary services underlay address */
 	__u32 mtu;                /* guest-facing MTU */
 	char name[16];            /* guest-facing interface name */

@@ -19,6 +19,7 @@ enum xde_dir { DIR_OUT = 0, DIR_IN = 1 };
 	X(rx_packets) X(rx_bytes) X(tx_packets) X(tx_bytes) \
 	X(passthrough_out) X(passthrough_in) \
 	X(encap) X(decap) X(arp_replies) X(icmp_replies) X(mtu_icmp_sent) \
+	X(dhcp4_replies) X(dhcp6_replies) X(ndp_replies) \
 	X(underlay_detours) X(route_cache_hits) X(route_cache_misses) \
 	X(flow_hits) X(flow_misses) X(flow_reevaluated) X(fw_allowed) X(fw_denied)
 
@@ -33,13 +34,18 @@ enum xde_dir { DIR_OUT = 0, DIR_IN = 1 };
 	X(malformed_protocol)        /* Geneve payload is not Ethernet */ \
 	X(malformed_inner)           /* frame too short for its Ethernet header */ \
 	X(malformed_ipv4)            /* IPv4 header inconsistent with itself or the frame */ \
+	X(malformed_ipv6)            /* IPv6 headers cut short, too many, or IPv4-mapped addresses */ \
 	X(unsupported)               /* EtherType the overlay does not carry */ \
 	X(arp_in_geneve)             /* ARP inside Geneve: ARP never crosses the overlay */ \
 	X(no_port)                   /* Geneve for a (VNI, MAC) with no port here */ \
 	X(unknown_port)              /* a veth the datapath has no port for */ \
 	X(no_underlay)               /* no underlay NIC attached yet */ \
-	X(spoof)                     /* source MAC or IPv4 is not the port's */ \
+	X(spoof)                     /* source MAC or IP address is not the port's */ \
 	X(arp)                       /* ARP the gateway does not answer */ \
+	X(ndp)                       /* neighbour discovery the gateway does not answer, or from outside */ \
+	X(dhcp4)                     /* DHCPv4 the gateway does not answer */ \
+	X(dhcp6)                     /* DHCPv6 the gateway does not answer */ \
+	X(link_local)                /* IPv6 link-local or multicast: never leaves the port's link */ \
 	X(firewall)                  /* denied by the firewall */ \
 	X(mtu)                       /* bigger than the port MTU (ICMP sent back if DF) */ \
 	X(no_route)                  /* no route for the destination */ \

@@ -33,7 +33,7 @@ struct encap_hdrs {
  * The receiving guest sees the gateway MAC as the source, as for any
  * routed frame. */
 static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port,
-					 __u32 vni, const __u8 *dmac, struct pkt4 *p, __u64 now)
+					 __u32 vni, const __u8 *dmac, struct pkt *p, __u64 now)
 {
 	struct port_key pk = { .vni = vni };
 	__builtin_memcpy(pk.mac, dmac, ETH_ALEN);
@@ -66,7 +66,7 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg *cfg,
 					  __u32 port, struct port_stats *st,
 					  const __u8 *underlay, __u32 vni, const __u8 *dmac,
-					  __u8 tos, struct pkt4 *p, __u64 now)
+					  __u8 tos, struct pkt *p, __u64 now)
 {
 	if (addr6_eq(underlay, cfg->underlay_addr))
 		return deliver_local(skb, cfg, port, vni, dmac, p, now);

@@ -19,8 +19,8 @@ struct flow_key {
 	__u8 dir;                 /* enum xde_dir */
 	__u8 proto;
 	__be16 sport;             /* ICMP echo: the identifier, in both */
-	__be32 src;
-	__be32 dst;
+	__be32 src[4];            /* IPv4 mapped (pkt.h) */
+	__be32 dst[4];
 	__be16 dport;
 	__u16 pad;
 };
@@ -42,28 +42,30 @@ struct flow_val {
 };
 XDE_MAP("lru_hash", struct flow_key, struct flow_val, flows, 262144);
 
-static __always_inline void flow_key_of(struct flow_key *k, __u32 port, __u32 dir, struct pkt4 *p)
+static __always_inline void flow_key_of(struct flow_key *k, __u32 port, __u32 dir, struct pkt *p)
 {
 	k->port = port;
 	k->dir = dir;
 	k->proto = p->proto;
-	k->src = p->src;
-	k->dst = p->dst;
+	addr_copy(k->src, p->src);
+	addr_copy(k->dst, p->dst);
 	k->sport = p->sport;
 	k->dport = p->dport;
 	k->pad = 0;
 }
 
-static __always_inline void flow_key_reverse(struct flow_key *r, struct flow_key *k)
+/* k becomes the key of the flow's other direction (twice: k again). In
+ * place: a second 44-byte key would not fit XDP's stack beside the rest. */
+static __always_inline void flow_key_reverse(struct flow_key *k)
 {
-	r->port = k->port;
-	r->dir = !k->dir;
-	r->proto = k->proto;
-	r->src = k->dst;
-	r->dst = k->src;
-	r->sport = k->dport;
-	r->dport = k->sport;
-	r->pad = 0;
+	__be32 a[4];
+	addr_copy(a, k->src);
+	addr_copy(k->src, k->dst);
+	addr_copy(k->dst, a);
+	__be16 port = k->sport;
+	k->sport = k->dport;
+	k->dport = port;
+	k->dir = !k->dir;
 }
 
 static __always_inline __u64 flow_ttl(struct flow_val *f, __u8 proto, struct xde_cfg *cfg)
@@ -95,9 +97,9 @@ static __always_inline int tcp_track(struct flow_val *f, __u32 dir, __u8 flags)
 /* Mirror what changed in one direction's entry into the other's. */
 static __always_inline void flow_sync(struct flow_key *k, struct flow_val *f, __u64 now)
 {
-	struct flow_key rk;
-	flow_key_reverse(&rk, k);
-	struct flow_val *r = flows.lookup(&rk);
+	flow_key_reverse(k);
+	struct flow_val *r = flows.lookup(k);
+	flow_key_reverse(k);
 	if (!r)
 		return;
 	r->state = f->state;
@@ -107,7 +109,7 @@ static __always_inline void flow_sync(struct flow_key *k, struct flow_val *f, __
 }
 
 static __always_inline void flow_create(struct flow_key *k, __u32 epoch, __u32 rule,
-					struct pkt4 *p, __u32 vni, __u32 len, __u64 now)
+					struct pkt *p, __u32 vni, __u32 len, __u64 now)
 {
 	struct flow_val v = { .created_ns = now, .last_ns = now, .packets = 1, .bytes = len,
 			      .epoch = epoch, .rule = rule, .vni = vni, .origin = k->dir };
@@ -117,18 +119,18 @@ static __always_inline void flow_create(struct flow_key *k, __u32 epoch, __u32 r
 		tcp_track(&v, k->dir, p->tcp_flags);
 	}
 	flows.update(k, &v);
-	struct flow_key rk;
-	flow_key_reverse(&rk, k);
+	flow_key_reverse(k);
 	v.packets = v.bytes = 0;
-	flows.update(&rk, &v);
+	flows.update(k, &v);
+	flow_key_reverse(k);
 }
 
 static __always_inline void flow_delete(struct flow_key *k)
 {
-	struct flow_key rk;
-	flow_key_reverse(&rk, k);
-	flows.delete(&rk);
 	flows.delete(k);
+	flow_key_reverse(k);
+	flows.delete(k);
+	flow_key_reverse(k);
 }
 
 #endif

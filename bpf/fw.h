@@ -24,9 +24,12 @@
  * first; tail-call PROG_FW_EVAL (fw_job.h). */
 enum fw_verdict { VERDICT_DENY = 0, VERDICT_PASS = 1, VERDICT_PENDING = 2 };
 
-/* p going dir through the port pc (st: its counters), len bytes, at time now. */
+/* p going dir through the port pc, len bytes, at time now. st: the port's
+ * counters, or NULL when this packet's verdict here was counted in an
+ * earlier run of the pipeline (then neither the port nor the flow counts
+ * it again). */
 static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, __u32 dir,
-				    struct pkt4 *p, __u32 vni, __u32 len, struct xde_cfg *cfg,
+				    struct pkt *p, __u32 vni, __u32 len, struct xde_cfg *cfg,
 				    __u64 now)
 {
 	__u32 port = pc->ifindex, epoch = pc->fw_epoch;
@@ -44,22 +47,25 @@ static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, 
 		if (reeval) {
 			/* rules changed: judge the flow again where it started */
 			stat_add(st, P_flow_reevaluated, 1);
-			struct pkt4 o = *p;
-			if (f->origin != dir) {
-				o.src = p->dst;
-				o.dst = p->src;
-				o.sport = p->dport;
-				o.dport = p->sport;
-			}
-			/* judged as it was first: with the VNI it came in */
-			if (!fw_rules_verdict(port, f->origin, &o, f->vni, &rule, &ok))
+			/* judged as it was first: in its first direction
+			 * (p turned around for that, and back), with the
+			 * VNI it came in */
+			int turn = f->origin != dir;
+			if (turn)
+				pkt_reverse(p);
+			int answered = fw_rules_verdict(port, f->origin, p, f->vni, &rule, &ok);
+			if (turn)
+				pkt_reverse(p);
+			if (!answered)
 				return VERDICT_PENDING;
 			f->epoch = epoch;
 		}
 		if (ok) {
-			stat_add(st, P_flow_hits, 1);
-			__sync_fetch_and_add(&f->packets, 1);
-			__sync_fetch_and_add(&f->bytes, len);
+			if (st) {
+				stat_add(st, P_flow_hits, 1);
+				__sync_fetch_and_add(&f->packets, 1);
+				__sync_fetch_and_add(&f->bytes, len);
+			}
 			int changed = p->proto == IPPROTO_TCP && tcp_track(f, dir, p->tcp_flags);
 			/* keep the other direction's entry alive, about once a second */
 			if (changed || reeval || now - f->last_ns > NS)

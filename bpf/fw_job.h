@@ -16,7 +16,7 @@
 
 enum fw_job_state { JOB_IDLE = 0, JOB_PENDING = 1, JOB_DONE = 2 };
 struct fw_job {
-	struct pkt4 p;
+	struct pkt p;
 	__u32 port;
 	__u32 dir;
 	__u32 vni;
@@ -26,10 +26,11 @@ struct fw_job {
 };
 XDE_MAP("percpu_array", u32, struct fw_job, fw_job, 1);
 
-/* Slots of the tail-call program arrays, one array per hook type. */
-enum { PROG_MAIN = 0, PROG_FW_EVAL = 1 };
+/* Slots of the tail-call program arrays, one array per hook type
+ * (PROG_GATEWAY: TC only, tc_port.c). */
+enum { PROG_MAIN = 0, PROG_FW_EVAL = 1, PROG_GATEWAY = 2 };
 XDE_MAP("prog", u32, u32, xdp_progs, 2);
-XDE_MAP("prog", u32, u32, tc_progs, 2);
+XDE_MAP("prog", u32, u32, tc_progs, 3);
 
 static __always_inline struct fw_job *fw_job_get(void)
 {
@@ -37,22 +38,27 @@ static __always_inline struct fw_job *fw_job_get(void)
 	return fw_job.lookup(&zero);
 }
 
-/* True when this run of the pipeline resumes after a rule evaluation. */
+/* Which run of the pipeline this is: the first (0), or one resuming after
+ * a rule evaluation for the direction it names (FW_RESUMED_OUT or _IN). */
+#define FW_RESUMED_OUT 1
+#define FW_RESUMED_IN 2
 static __always_inline int fw_resumed(void)
 {
 	struct fw_job *j = fw_job_get();
-	return j && j->state == JOB_DONE;
+	if (!j || j->state != JOB_DONE)
+		return 0;
+	return j->dir == DIR_OUT ? FW_RESUMED_OUT : FW_RESUMED_IN;
 }
 
-static __always_inline int same_pkt(struct pkt4 *a, struct pkt4 *b)
+static __always_inline int same_pkt(struct pkt *a, struct pkt *b)
 {
-	return a->src == b->src && a->dst == b->dst && a->sport == b->sport &&
+	return addr_eq(a->src, b->src) && addr_eq(a->dst, b->dst) && a->sport == b->sport &&
 	       a->dport == b->dport && a->proto == b->proto;
 }
 
 /* The rules' verdict on p going dir through port: 1 with *allow set when the
  * eval program has answered, 0 after posting the question. */
-static __always_inline int fw_rules_verdict(__u32 port, __u32 dir, struct pkt4 *p, __u32 vni,
+static __always_inline int fw_rules_verdict(__u32 port, __u32 dir, struct pkt *p, __u32 vni,
 					    __u32 *rule_id, int *allow)
 {
 	struct fw_job *j = fw_job_get();

@@ -25,8 +25,8 @@ struct fw_rule {
 	__u16 priority;
 	__u8 action;              /* enum fw_action */
 	__u8 proto;               /* FW_PROTO_ANY, IPPROTO_*, FW_PROTO_ARP */
-	__be32 host;              /* ip=/subnet=: the remote address ... */
-	__be32 host_mask;         /* ... and its mask (0: any host) */
+	__be32 host[4];           /* ip=/subnet=: the remote address (IPv4 mapped) ... */
+	__be32 host_mask[4];      /* ... and its mask (0: any host) */
 	__u32 vni;                /* vni=: the VNI ... */
 	__u32 vni_mask;           /* ... 0xffffffff, or 0: any */
 	__u16 icmp;               /* type << 8 | code ... */
@@ -66,11 +66,13 @@ static __always_inline __u64 eq(__u64 x, __u64 y)
 }
 
 /* Non-zero when rule r does not match. */
-static __always_inline __u64 rule_miss(struct fw_rule *r, struct pkt4 *p, __be32 remote,
+static __always_inline __u64 rule_miss(struct fw_rule *r, struct pkt *p, const __be32 *remote,
 				       __u32 vni, __u64 l4ports, __u16 icmp)
 {
 	__u64 miss = (__u64)r->proto * (r->proto ^ p->proto);
-	miss |= (remote ^ r->host) & r->host_mask;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		miss |= (remote[i] ^ r->host[i]) & r->host_mask[i];
 	miss |= (vni ^ r->vni) & r->vni_mask;
 	miss |= (icmp ^ r->icmp) & r->icmp_mask;
 	__u64 dport = bpf_ntohs(p->dport), hit = 0;
@@ -87,7 +89,7 @@ static __always_inline __u64 rule_miss(struct fw_rule *r, struct pkt4 *p, __be32
  * and action as read from the map, never with its index or a pointer to
  * it: that way every exit looks alike to the verifier, which then checks
  * the code after the loop once rather than once per rule. */
-static __always_inline __u32 fw_eval(__u32 port, __u32 dir, struct pkt4 *p, __u32 vni,
+static __always_inline __u32 fw_eval(__u32 port, __u32 dir, struct pkt *p, __u32 vni,
 				     __u32 *rule_id)
 {
 	*rule_id = 0;
@@ -95,9 +97,10 @@ static __always_inline __u32 fw_eval(__u32 port, __u32 dir, struct pkt4 *p, __u3
 	struct fw_rules *rs = fw_rules.lookup(&k);
 	if (!rs)
 		return 0;
-	__be32 remote = dir == DIR_OUT ? p->dst : p->src;
+	const __be32 *remote = dir == DIR_OUT ? p->dst : p->src;
 	__u64 l4ports = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
-	__u16 icmp = p->proto == IPPROTO_ICMP ? (p->icmp_type << 8 | p->icmp_code) : 0;
+	__u16 icmp = p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6 ?
+		(p->icmp_type << 8 | p->icmp_code) : 0;
 	__u32 n = rs->count, action = 0, id = 0;
 	for (__u32 i = 0; i < FW_MAX_RULES; i++) {
 		if (i >= n)

@@ -31,7 +31,8 @@ static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *p
 	if (a.htype != bpf_htons(ARPHRD_ETHER) || a.ptype != bpf_htons(ETH_P_IP) ||
 	    a.hlen != ETH_ALEN || a.plen != 4 || a.op != bpf_htons(ARPOP_REQUEST))
 		return tc_drop(port, DIR_OUT, DROP_arp);
-	if (!mac_eq(a.sha, pc->mac) || a.spa != pc->ip)
+	/* a port without IPv4 has no address to send ARP from */
+	if (!mac_eq(a.sha, pc->mac) || a.spa != pc->ip || !(pc->flags & PORT_F_IP4))
 		return tc_drop(port, DIR_OUT, DROP_spoof);
 	if (a.tpa != pc->gw_ip && !(in_subnet(pc, a.tpa) && a.tpa != pc->ip))
 		return tc_drop(port, DIR_OUT, DROP_arp);

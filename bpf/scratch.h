@@ -1,15 +1,18 @@
 /* Per-CPU scratch space for what does not fit the 512-byte BPF stack once
- * every layer is inlined: the FIB lookup's parameters and the start of a
- * packet quoted in an ICMP error. */
+ * every layer is inlined: the FIB lookup's parameters, the start of a
+ * packet quoted in an ICMP error, and a gateway reply being built. */
 #ifndef XDE_SCRATCH_H
 #define XDE_SCRATCH_H
 
 #include "pin.h"
 
 #define ICMP_QUOTE_MAX 68         /* largest IPv4 header (60) + 8 bytes */
+#define ICMP6_QUOTE 128           /* what a Packet Too Big quotes of the packet */
+#define GW_BUF 1280               /* a reply frame, with room for the checksum's last words */
 struct scratch {
 	struct bpf_fib_lookup fib;
-	__u8 quote[ICMP_QUOTE_MAX];
+	__u8 quote[ICMP6_QUOTE];
+	__u8 reply[GW_BUF];
 };
 XDE_MAP("percpu_array", u32, struct scratch, scratch, 1);
 

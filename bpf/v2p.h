@@ -1,5 +1,5 @@
-/* Overlay: the virtual-to-physical mapping, (VNI, guest IPv4) -> (guest
- * MAC, underlay address of the host it lives on). */
+/* Overlay: the virtual-to-physical mapping, (VNI, guest IPv4 or IPv6) ->
+ * (guest MAC, underlay address of the host it lives on). */
 #ifndef XDE_V2P_H
 #define XDE_V2P_H
 
@@ -7,7 +7,7 @@
 
 struct v2p_key {
 	__u32 vni;
-	__be32 ip;
+	__be32 ip[4];             /* IPv4 mapped (pkt.h) */
 };
 struct v2p_val {
 	__u8 mac[6];

@@ -39,13 +39,22 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 	__u32 p = pc->ifindex;
 	struct port_stats *st = port_stats_get(p);
 
-	if (inner->h_proto != bpf_htons(ETH_P_IP))
+	struct pkt pkt;
+	void *l3 = inner + 1;
+	if (inner->h_proto == bpf_htons(ETH_P_IP)) {
+		if (!ip4_valid(l3, data_end, data_end - l3) || !pkt_parse4(l3, data_end, &pkt))
+			return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
+	} else if (inner->h_proto == bpf_htons(ETH_P_IPV6)) {
+		if (!ip6_valid(l3, data_end, data_end - l3) || !pkt_parse6(l3, data_end, &pkt))
+			return xdp_drop(p, DIR_IN, DROP_malformed_ipv6);
+		/* neighbour discovery and link-local traffic never cross the gateway */
+		if (is_ndp(&pkt))
+			return xdp_drop(p, DIR_IN, DROP_ndp);
+		if (ip6_link_scoped(pkt.src) || ip6_link_scoped(pkt.dst))
+			return xdp_drop(p, DIR_IN, DROP_link_local);
+	} else {
 		return xdp_drop(p, DIR_IN, DROP_unsupported);
-	struct iphdr *iip = (void *)(inner + 1);
-	struct pkt4 pkt;
-	if (!ip4_valid(iip, data_end, data_end - (void *)iip) ||
-	    !pkt4_parse(iip, data_end, &pkt))
-		return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
+	}
 	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	int v = firewall(pc, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
 			 data_end - (void *)inner, cfg, xde_now());

@@ -15,17 +15,20 @@ fi
 
 arch=$(dpkg --print-architecture)
 # The datapath (bcc and the headers it compiles against) and the lab (ip and
-# ping are what an operator types in its namespaces).
-packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping)
+# ping are what an operator types in its namespaces; the guests configure
+# themselves with ISC dhclient, over DHCPv4 and DHCPv6, from the gateway).
+packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping
+          isc-dhcp-client)
 extras=""
 case "$what" in
   lab) ;;
   test|bench)
     # sysctl (procps) and ip in test namespaces; captures and their decoder;
     # TCP load; Open vSwitch as a foreign Geneve peer; systemd-analyze,
-    # vagrant and shellcheck check deploy/ and vagrant/; a real Prometheus.
+    # vagrant and shellcheck check deploy/ and vagrant/; a real Prometheus;
+    # rdisc6 (ndisc6) asks the gateway for a router advertisement.
     packages+=(procps ethtool tcpdump tshark iperf3 openvswitch-switch systemd
-               prometheus vagrant vagrant-libvirt shellcheck)
+               prometheus vagrant vagrant-libvirt shellcheck ndisc6)
     extras="test"
     if [ "$what" = bench ]; then
       packages+=(bpftool linux-perf)

@@ -13,10 +13,10 @@ from typing import Optional
 
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-from frames import (G1_IP, G1_MAC, G2_IP, G2_MAC, GENEVE_PORT, GW_IP, GW_MAC, OUTSIDE, OXIDE,
+from frames import (G1_IP, G1_MAC, G2_IP, G2_IP6, G2_MAC, GENEVE_PORT, GW_IP, GW_MAC, OUTSIDE, OXIDE,
                     U1_ADDR, U2_ADDR, arp_request, g1_frame, geneve, geneve_opt, inner_arp,
                     inner_icmp, inner_udp, mac, underlay_frame)
 
@@ -124,8 +124,15 @@ def _tc_cases():
             ("spoofed_mac", g1_frame(ICMP(), src_mac="a8:40:25:ff:00:66"), "drop_out_spoof"),
             ("spoofed_ip", g1_frame(ICMP(), src="10.0.0.66"), "drop_out_spoof"),
             ("no_v2p", g1_frame(ICMP(), dst="10.0.0.77"), "drop_out_no_v2p"),
-            ("ipv6", bytes(Ether(src=G1_MAC, dst=GW_MAC) / IPv6(src="fe80::1", dst="ff02::2") /
-                           ICMPv6EchoRequest()), "drop_out_unsupported")):
+            ("spoofed_ip6", bytes(Ether(src=G1_MAC, dst=GW_MAC) /
+                                  IPv6(src="fd00:10::66", dst=G2_IP6) / ICMPv6EchoRequest()),
+             "drop_out_spoof"),
+            # link-scoped IPv6 that is not for the gateway never leaves the link
+            ("ipv6_link_local", bytes(Ether(src=G1_MAC, dst=GW_MAC) /
+                                      IPv6(src="fe80::1", dst="ff02::2") / ICMPv6EchoRequest()),
+             "drop_out_link_local"),
+            ("vlan", bytes(Ether(src=G1_MAC, dst=GW_MAC) / Dot1Q(vlan=5) / IP(src=G1_IP, dst=G2_IP) /
+                           ICMP()), "drop_out_unsupported")):
         out.append(Case(name, "tc_port_out", frame, TC_ACT_SHOT, None,
                         port={counter: 1, "encap": 0}))
     return out

@@ -14,8 +14,11 @@ from xdelab import lab
 
 BSVC_ADDR, GW_IP, GW_MAC, OUTSIDE, SUBNET, VNI = (lab.BSVC_ADDR, lab.GW_IP, lab.GW_MAC, lab.OUTSIDE,
                                                   lab.SUBNET, lab.VNI)
+SUBNET6, GW_LL = lab.SUBNET6, lab.GW_LL         # the gateway's IPv6: its EUI-64 link-local
 S1, S2 = lab.SLEDS["sled1"], lab.SLEDS["sled2"]
 G1_IP, G2_IP = S1["guest_ip"], S2["guest_ip"]
+G1_IP6, G2_IP6 = S1["guest_ip6"], S2["guest_ip6"]
+G3 = lab.GUESTS["g3"]                           # IPv6 only, VNI 11, on sled2
 G1_MAC, G2_MAC = S1["mac"], S2["mac"]
 U1_ADDR, U2_ADDR = S1["addr"], S2["addr"]       # sled underlay addresses
 BSVC_VNI = 99

@@ -33,7 +33,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from frames import G1_IP, G1_MAC, G2_IP, GW_MAC
+from frames import G1_IP, G1_IP6, G1_MAC, G2_IP, G2_IP6, GW_MAC
 from xdectl import counters, fw, overlay
 from xdectl.datapath import Datapath
 from xdectl.maps import find_port
@@ -43,9 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 XDECTL = str(REPO / ".venv" / "bin" / "xdectl")
 PY = sys.executable
 HELPERS = REPO / "tests" / "helpers"        # small servers and senders run in the guests
-# what create gives a port: its firewall rules and the root's flow timeouts
+# what create gives an IPv4 port: its firewall rules and the root's flow
+# timeouts (the lab's dual-stack ports also allow ICMPv6 in: DEFAULT_LINES6)
 DEFAULT_LINES = ["dir=in action=allow priority=65535 hosts=vni=10",
                  "dir=in action=allow priority=65535 protocol=icmp"]
+DEFAULT_LINES6 = ["dir=in action=allow priority=65535 protocol=icmp6"]
 DEFAULT_TIMEOUTS = {"idle": 60, "tcp_handshake": 5, "tcp_established": 8000, "tcp_closed": 120}
 
 
@@ -56,12 +58,14 @@ class LabT:
         self.lab = lab
         self.prefix = lab.prefix
         self.baseline = {}      # sled -> (V2P rows, custom routes) as built
+        self.built_rules = {}   # sled -> xde0's firewall rules as built (set-fw-rules lines)
 
     @classmethod
     def of(cls, other):
         """The same lab, seen through a subclass's helpers."""
         t = cls(other.lab)
         t.baseline = other.baseline
+        t.built_rules = other.built_rules
         return t
 
     # --- state ---------------------------------------------------------------
@@ -75,16 +79,24 @@ class LabT:
 
     def record_baseline(self):
         self.baseline = {sled: self._state(sled) for sled in SLEDS}
+        self.built_rules = {}
+        for sled in SLEDS:
+            with self.lab.inside(sled):
+                rules = fw.dump_rules(self.lab.root(sled), "xde0")
+            self.built_rules[sled] = [
+                f"dir={r['dir']} action={r['action']} priority={r['priority']} "
+                f"hosts={r['hosts']} protocol={r['protocol']} ports={r['ports']}" for r in rules]
 
     def reset(self):
-        """Back to the state the lab was built with: the default firewall
-        rules and flow timeouts, no flows, the V2P entries and routes it
-        had, next hops resolved. In-process, through xdectl's modules."""
+        """Back to the state the lab was built with: xde0's firewall rules
+        as created, the default flow timeouts, no flows, the V2P entries and
+        routes it had, next hops resolved. In-process, through xdectl's
+        modules."""
         for sled, (v2p, routes) in self.baseline.items():
             root = self.lab.root(sled)
             now_v2p, now_routes = self._state(sled)
             with self.lab.inside(sled):
-                fw.set_rules(root, "xde0", DEFAULT_LINES)
+                fw.set_rules(root, "xde0", self.built_rules[sled])
                 fw.set_timeouts(root, **DEFAULT_TIMEOUTS)
                 fw.clear_flows(root, "xde0")
                 for r in now_routes:
@@ -259,7 +271,7 @@ class LabT:
         return json.loads(out)["kernel"]
 
     def wait_guests_reach_each_other(self, timeout=15):
-        for host, addr in (("g1", G2_IP), ("g2", G1_IP)):
+        for host, addr in (("g1", G2_IP), ("g2", G1_IP), ("g1", G2_IP6), ("g2", G1_IP6)):
             deadline = time.monotonic() + timeout
             while not self.ping(host, addr, count=1)[0]:
                 assert time.monotonic() < deadline, f"lab: {host} cannot reach {addr}"
@@ -319,4 +331,4 @@ def xlab(privileged):
 
 
 __all__ = ["xlab", "LabT", "wait_ready", "XDECTL", "PY", "HELPERS", "DEFAULT_LINES",
-           "DEFAULT_TIMEOUTS"]
+           "DEFAULT_LINES6", "DEFAULT_TIMEOUTS"]

@@ -66,8 +66,9 @@ def create_args(name, underlays=("u1", "u2"), passthrough=False, **over):
     """`xdectl create` arguments for the seed's port (docs/glossary.md,
     "The seed"), with overrides.
 
-    Keys use '_' for '-' (gateway_mac=...). A value of None drops the option;
-    `underlays` gives the --underlay options in order."""
+    Keys use '_' for '-' (gateway_mac=...). A value of None drops the option,
+    a list repeats it (dns=[...]); `underlays` gives the --underlay options
+    in order."""
     opts = dict(SEED)
     for k, v in over.items():
         opts[k.replace("_", "-")] = v
@@ -75,8 +76,8 @@ def create_args(name, underlays=("u1", "u2"), passthrough=False, **over):
     for u in underlays:
         args += ["--underlay", u]
     for k, v in opts.items():
-        if v is not None:
-            args += [f"--{k}", str(v)]
+        for one in v if isinstance(v, list) else [] if v is None else [v]:
+            args += [f"--{k}", str(one)]
     if passthrough:
         args.append("--passthrough")
     return args

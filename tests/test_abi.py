@@ -42,7 +42,7 @@ def enum(name):
         re.search(r"enum \{([^}]*\b" + name + r"\b[^}]*)\}", src)
     assert m, f"enum {name} not found in bpf/"
     out, nxt = {}, 0
-    for item in m.group(1).split(","):
+    for item in re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S).split(","):
         item = item.strip()
         if not item:
             continue
@@ -56,9 +56,13 @@ def enum(name):
 D = defines()
 
 
-@pytest.mark.parametrize("name", ["PORT_F_PASSTHROUGH", "VNI_PASSTHROUGH", "GENEVE_PORT",
+@pytest.mark.parametrize("name", ["PORT_F_PASSTHROUGH", "PORT_F_IP4", "PORT_F_IP6",
+                                  "ROUTE_KEY_BITS", "VNI_PASSTHROUGH", "GENEVE_PORT",
                                   "GENEVE_PROTO_ETH", "GENEVE_OPT_CLASS_OXIDE", "FW_PROTO_ANY",
-                                  "FW_PROTO_ARP", "FW_MAX_PORTS"])
+                                  "FW_PROTO_ARP", "FW_MAX_PORTS", "GW_TMPL_MAX", "GW_ECHO_MAX",
+                                  "GW_OFF_IP4_DST", "GW_OFF_DHCP4_XID", "GW_OFF_DHCP4_FLAGS",
+                                  "GW_OFF_DHCP4_TYPE", "GW_OFF_IP6_DST", "GW_OFF_NA_FLAGS",
+                                  "GW_OFF_DHCP6_TYPE", "GW_OFF_DHCP6_XID", "GW_OFF_DHCP6_IAID"])
 def test_defines(name):
     assert getattr(abi, name) == D[name], f"{name}: C says {D[name]:#x}"
 
@@ -69,19 +73,23 @@ def test_encapsulation_length():
 
 
 def test_enums():
-    assert (abi.RT_DROP, abi.RT_IG, abi.RT_IP4, abi.RT_SUB4) == \
-        tuple(enum("route_target")[k] for k in ("RT_DROP", "RT_IG", "RT_IP4", "RT_SUB4"))
+    targets = enum("route_target")
+    assert {k: getattr(abi, k) for k in targets} == targets, f"enum route_target: C says {targets}"
     assert (abi.DIR_OUT, abi.DIR_IN) == (enum("xde_dir")["DIR_OUT"], enum("xde_dir")["DIR_IN"])
     assert (abi.FW_ALLOW, abi.FW_DENY) == \
         (enum("fw_action")["FW_ALLOW"], enum("fw_action")["FW_DENY"])
     states = enum("tcp_state")
     assert [f"TCP_{s}" for s in abi.TCP_STATES] == sorted(states, key=states.get)
     slots = enum("PROG_MAIN")
-    assert (abi.PROG_MAIN, abi.PROG_FW_EVAL) == (slots["PROG_MAIN"], slots["PROG_FW_EVAL"])
+    assert (abi.PROG_MAIN, abi.PROG_FW_EVAL, abi.PROG_GATEWAY) == \
+        (slots["PROG_MAIN"], slots["PROG_FW_EVAL"], slots["PROG_GATEWAY"])
+    kinds = enum("gw_reply")
+    assert {k: getattr(abi, k) for k in kinds} == kinds, f"enum gw_reply: C says {kinds}"
 
 
 def test_python_users_take_the_mirrored_values():
-    assert overlay.RT_SUB4 == abi.RT_SUB4
+    assert overlay.TARGET_NAMES == {abi.RT_DROP: "drop", abi.RT_IG: "ig", abi.RT_IP4: "ip4",
+                                    abi.RT_SUB4: "sub4", abi.RT_IP6: "ip6", abi.RT_SUB6: "sub6"}
     assert fw.DIRS == {"out": abi.DIR_OUT, "in": abi.DIR_IN}
     assert fw.ACTIONS == {"allow": abi.FW_ALLOW, "deny": abi.FW_DENY}
     assert fw.TCP_STATES[2] == "ESTABLISHED"
@@ -89,6 +97,7 @@ def test_python_users_take_the_mirrored_values():
     for table, names in datapath.TAIL_CALLS.items():
         assert names.index(names[abi.PROG_FW_EVAL]) == abi.PROG_FW_EVAL
         assert names[abi.PROG_FW_EVAL].endswith("_fw_eval"), (table, names)
+    assert datapath.TAIL_CALLS["tc_progs"][abi.PROG_GATEWAY] == "tc_gateway"
 
 
 def test_sentinel_prefix_is_what_fib_h_builds():

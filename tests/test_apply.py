@@ -268,6 +268,38 @@ def test_changed_port_is_replaced_and_its_own_mapping_follows(host, tmp_path):
     assert lines(apply(hv, root, tmp_path, moved)) == ["no changes"]
 
 
+def test_dual_stack_and_gateway_settings_in_place(host, tmp_path):
+    """A dual-stack and an IPv6-only port from a file; then new DNS servers
+    and domain: rewritten in place (same links, same everything else)."""
+    hv, root = host
+    assert lines(apply(hv, root, tmp_path, FILE_D))[-1] == "8 changes applied"
+    st = state(hv, root)
+    p0 = st["ports"][0]
+    assert (p0["ip6"], p0["vpc_subnet6"], p0["dns"], p0["hostname"], p0["domain"]) == \
+        ("fd10::1", "fd10::/64", ["10.0.0.53", "fd10::53"], "web1", "vpc.example")
+    assert (st["ports"][1]["ip"], st["ports"][1]["ip6"]) == (None, "fd10::6")
+    assert [e["ip"] for e in st["v2p"]] == ["10.0.0.1", "10.0.0.2", "fd10::1", "fd10::2",
+                                            "fd10::6"]
+    assert custom_routes(st, "xde0") == {("fd20::/48", "ip6=fd10::2"),
+                                         ("fd30::/48", "sub6=fd30::/48"),
+                                         ("192.168.10.0/24", "ip4=10.0.0.2")}
+    assert fw_texts(st, "xde6") == sorted(["in allow 65535 vni=10 any any",
+                                           "in allow 65535 any icmp6 any"])
+    assert lines(apply(hv, root, tmp_path, FILE_D)) == ["no changes"]
+
+    changed = FILE_D.replace('dns = ["fd10::53", "10.0.0.53"]', 'dns = ["fd10::54"]').replace(
+        'domain = "vpc.example."', 'domain = "other.example"')
+    assert lines(apply(hv, root, tmp_path, changed)) == [
+        "~ set-gateway xde0 (dns 10.0.0.53,fd10::53 -> fd10::54, domain vpc.example -> "
+        "other.example)", "1 changes applied"]
+    after = state(hv, root)
+    assert (after["ports"][0]["dns"], after["ports"][0]["domain"]) == (["fd10::54"],
+                                                                       "other.example")
+    after["ports"][0].update(dns=p0["dns"], domain=p0["domain"])
+    assert after == st, "more changed than the gateway's settings"
+    assert lines(apply(hv, root, tmp_path, changed)) == ["no changes"]
+
+
 def test_ports_not_in_the_file_are_deleted(host, tmp_path):
     hv, root = host
     apply(hv, root, tmp_path, FILE_A)
@@ -318,10 +350,15 @@ def test_example_file_is_valid_and_documented():
     want = apply_mod.load(str(DEPLOY / "xde.example.toml"))
     assert set(want.ports) == {"xde0", "xde1"}
     assert want.ports["xde0"].routes == {"192.168.10.0/24": "ip4=10.0.0.2",
-                                         "198.51.100.0/24": "drop"}
-    assert len(want.ports["xde0"].firewall) == 4 and want.ports["xde1"].firewall is None
-    assert (10, "10.0.0.2") in want.v2p and (10, "10.0.0.1") in want.v2p  # xde0's own
-    for key in ("[defaults]", "[[port]]", "[[v2p]]", "routes", "firewall"):
+                                         "198.51.100.0/24": "drop", "fd20::/48": "ip6=fd10::2"}
+    assert len(want.ports["xde0"].firewall) == 6 and want.ports["xde1"].firewall is None
+    s = want.ports["xde0"].spec
+    assert (s.ip6, s.vpc_subnet6, s.dns, s.hostname, s.domain) == \
+        ("fd10::1", "fd10::/64", ["10.0.0.53", "fd10::53"], "web1", "vpc.example")
+    # xde0's own mappings, both families, and the others'
+    assert {(10, "10.0.0.1"), (10, "fd10::1"), (10, "10.0.0.2"), (10, "fd10::2")} <= set(want.v2p)
+    for key in ("[defaults]", "[[port]]", "[[v2p]]", "routes", "firewall", "ip6", "vpc_subnet6",
+                "dns", "hostname", "domain"):
         assert key in apply_mod.__doc__
 
 
@@ -377,3 +414,155 @@ def test_units_run_the_right_commands():
     assert re.search(r"^ExecStart=/usr/local/bin/xdectl metrics --listen \S+$", m, re.M)
     assert re.search(r"^After=.*xde-apply.service", m, re.M)
     assert re.search(r"^Restart=on-failure$", m, re.M)
+
+
+# --- dual stack and the gateway's settings (no root: parse and plan) -------------------
+
+FILE_D = DEFAULTS + """
+[[port]]
+name = "xde0"
+mac = "a8:40:25:ff:00:01"
+ip = "10.0.0.1"
+ip6 = "fd10::1"
+dns = ["fd10::53", "10.0.0.53"]
+hostname = "web1"
+domain = "vpc.example."
+routes = [
+  { dest = "fd20::/48", target = "ip6=fd10::2" },
+  { dest = "FD30:0::/48", target = "sub6=FD30::/48" },
+  { dest = "192.168.10.0/24", target = "ip4=10.0.0.2" },
+]
+firewall = [
+  "dir=in action=allow priority=65535 protocol=icmp6",
+  "dir=in action=allow priority=10 hosts=subnet=fd20::/48 protocol=tcp ports=22",
+  "dir=out action=deny priority=10 hosts=subnet=fd20::5/128",
+]
+
+[[port]]
+name = "xde6"
+mac = "a8:40:25:ff:00:06"
+ip6 = "fd10::6"
+
+[[v2p]]
+ip = "fd10::2"
+mac = "a8:40:25:ff:00:02"
+underlay = "fd00:2::1"
+vni = 10
+
+[[v2p]]
+ip = "10.0.0.2"
+mac = "a8:40:25:ff:00:02"
+underlay = "fd00:2::1"
+vni = 10
+"""
+
+
+def applied(want):
+    """The running state right after `want` was applied (what current() reads)."""
+    return apply_mod.Current(
+        {n: w.spec for n, w in want.ports.items()},
+        {n: dict(w.routes) for n, w in want.ports.items()},
+        {n: sorted(w.firewall or []) for n, w in want.ports.items()}, dict(want.v2p))
+
+
+def test_dual_stack_file_parsed_and_normalised():
+    want = apply_mod.parse(FILE_D)
+    s = want.ports["xde0"].spec
+    assert (s.ip, s.ip6, s.vpc_subnet6, s.dns, s.hostname, s.domain) == \
+        ("10.0.0.1", "fd10::1", "fd10::/64", ["10.0.0.53", "fd10::53"], "web1", "vpc.example")
+    assert want.ports["xde0"].routes == {"fd20::/48": "ip6=fd10::2", "fd30::/48": "sub6=fd30::/48",
+                                         "192.168.10.0/24": "ip4=10.0.0.2"}
+    assert want.ports["xde0"].firewall[2] == \
+        "dir=out action=deny priority=10 hosts=ip=fd20::5 protocol=any ports=any"
+    s6 = want.ports["xde6"].spec
+    assert (s6.ip, s6.vpc_subnet, s6.ip6, s6.vpc_subnet6) == (None, None, "fd10::6", "fd10::/64")
+    own = ("a8:40:25:ff:00:01", "fd00:1::1")
+    assert want.v2p[(10, "10.0.0.1")] == own and want.v2p[(10, "fd10::1")] == own
+    assert want.v2p[(10, "fd10::6")] == ("a8:40:25:ff:00:06", "fd00:1::1")
+
+
+def test_dual_stack_plan_from_nothing_and_no_changes_after():
+    want = apply_mod.parse(FILE_D)
+    lines = [a.line() for a in apply_mod.plan(apply_mod.Current({}, {}, {}, {}), want)]
+    assert lines == [
+        "+ create-port xde0 (10.0.0.1 fd10::1 a8:40:25:ff:00:01 vni 10)",
+        "+ create-port xde6 (fd10::6 a8:40:25:ff:00:06 vni 10)",
+        "+ set-v2p 10.0.0.2 vni 10 (a8:40:25:ff:00:02 at fd00:2::1)",
+        "+ set-v2p fd10::2 vni 10 (a8:40:25:ff:00:02 at fd00:2::1)",
+        "+ add-route xde0 192.168.10.0/24 (ip4=10.0.0.2)",
+        "+ add-route xde0 fd20::/48 (ip6=fd10::2)",
+        "+ add-route xde0 fd30::/48 (sub6=fd30::/48)",
+        "~ set-fw xde0 (3 rules)",
+    ]
+    assert apply_mod.plan(applied(want), want) == []
+
+
+XDE0_AGAIN = [   # a replaced xde0 gets its routes and rules again
+    "+ add-route xde0 192.168.10.0/24 (ip4=10.0.0.2)",
+    "+ add-route xde0 fd20::/48 (ip6=fd10::2)",
+    "+ add-route xde0 fd30::/48 (sub6=fd30::/48)",
+    "~ set-fw xde0 (3 rules)",
+]
+
+
+@pytest.mark.parametrize("old,new,expect", [
+    ('dns = ["fd10::53", "10.0.0.53"]', 'dns = ["10.0.0.54"]',
+     ["~ set-gateway xde0 (dns 10.0.0.53,fd10::53 -> 10.0.0.54)"]),
+    ('hostname = "web1"\n', "", ["~ set-gateway xde0 (hostname web1 -> none)"]),
+    ('domain = "vpc.example."', 'domain = "other.example"',
+     ["~ set-gateway xde0 (domain vpc.example -> other.example)"]),
+    ('ip6 = "fd10::1"', 'ip6 = "fd10::7"',
+     ["- delete-port xde0 (replaced: ip6 fd10::1 -> fd10::7)",
+      "+ create-port xde0 (10.0.0.1 fd10::7 a8:40:25:ff:00:01 vni 10)"] + XDE0_AGAIN),
+    ('ip = "10.0.0.1"\n', "",
+     ["- delete-port xde0 (replaced: ip 10.0.0.1 -> none, vpc_subnet 10.0.0.0/24 -> none)",
+      "+ create-port xde0 (fd10::1 a8:40:25:ff:00:01 vni 10)"] + XDE0_AGAIN),
+    ('ip6 = "fd10::6"', 'ip6 = "fd10::6"\nvpc_subnet6 = "fd10::/48"',
+     ["- delete-port xde6 (replaced: vpc_subnet6 fd10::/64 -> fd10::/48)",
+      "+ create-port xde6 (fd10::6 a8:40:25:ff:00:06 vni 10)"]),
+])
+def test_gateway_settings_change_in_place_addresses_replace(old, new, expect):
+    """FILE_D applied, then FILE_D with one change: what the gateway tells
+    the guest changes in place, an address or a subnet replaces the port
+    (whose own mappings follow it, with no V2P action)."""
+    assert old in FILE_D
+    text = FILE_D.replace(old, new, 1)
+    if old.startswith("ip ="):    # an IPv6-only port: no IPv4 to reach 192.168.10.0/24
+        text = text.replace('  { dest = "192.168.10.0/24", target = "ip4=10.0.0.2" },\n', "")
+        text = text.replace('dns = ["fd10::53", "10.0.0.53"]\nhostname = "web1"\n', 'dns = ["fd10::53"]\n')
+        expect = [l for l in expect if "192.168" not in l]
+    got = [a.line() for a in apply_mod.plan(applied(apply_mod.parse(FILE_D)),
+                                            apply_mod.parse(text))]
+    assert got == expect
+
+
+@pytest.mark.parametrize("extra,words", [
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\n', "missing ip (or ip6)"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip6 = "fe80::9"\n', "link-local"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip6 = 9\n', "ip6 must be a string"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip = "10.0.0.9"\ndns = "10.0.0.53"\n',
+     "dns must be a list"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip6 = "fd10::9"\nhostname = "h"\n',
+     "only DHCPv4"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip6 = "fd10::9"\n'
+     'routes = [{ dest = "fd20::/48", target = "ip4=10.0.0.2" }]\n', "is IPv4, destination"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip6 = "fd10::9"\n'
+     'firewall = ["dir=in action=allow priority=1 hosts=subnet=::/0"]\n', "firewall rule 1"),
+    ('[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip6 = "fd10::9"\n[[v2p]]\nip = "fd10::9"\n'
+     'mac = "a8:40:25:ff:00:99"\nunderlay = "fd00:9::1"\nvni = 10\n', "contradicts port x"),
+    ('[[v2p]]\nip = "::ffff:10.0.0.9"\nmac = "a8:40:25:ff:00:99"\nunderlay = "fd00:9::1"\n'
+     'vni = 10\n', "IPv4-mapped"),
+])
+def test_a_bad_dual_stack_file_is_one_line(extra, words):
+    with pytest.raises(XdeError) as exc:
+        apply_mod.parse(DEFAULTS + extra)
+    assert words in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
+def test_hostname_and_ip6_are_per_port():
+    for key in ('hostname = "h"', 'ip6 = "fd10::9"'):
+        with pytest.raises(XdeError, match="unknown key"):
+            apply_mod.parse(DEFAULTS.replace("[defaults]", "[defaults]\n" + key))
+    want = apply_mod.parse(DEFAULTS.replace("[defaults]", '[defaults]\ndns = ["10.0.0.53"]') +
+                           '[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip = "10.0.0.9"\n')
+    assert want.ports["x"].spec.dns == ["10.0.0.53"]

@@ -105,7 +105,7 @@ def test_programs_come_from_the_entry_files():
     """One entry file per attach point, each opening with the hook it runs
     on; the programs and their types are read from them."""
     assert datapath.programs() == {"xdp_underlay": 6, "xdp_fw_eval": 6, "tc_underlay_in": 3,
-                                   "tc_port_out": 3, "tc_fw_eval": 3}
+                                   "tc_port_out": 3, "tc_fw_eval": 3, "tc_gateway": 3}
     for f in datapath.SOURCES:
         first = (BPF / f).read_text().splitlines()[0]
         hook = "XDP on" if f.startswith("xdp_") else "TC ingress"

@@ -48,14 +48,14 @@ from netns import XDECTL, Root, create_args, remove_pins, snapshot, underlay_hos
 from xdectl import fw, overlay, ports
 from xdectl.datapath import Datapath, programs
 from xdectl.errors import XdeError
-from xdectl.maps import find_port
+from xdectl.maps import addr16, find_port, set_bytes
 from xdectl.ports import datapath_end
 from xdectl.underlay import sentinel
 
 SEED = int(os.environ.get("XDE_FAULT_SEED", "6"))
 UL = ("u1", "u2")
 PORT_MAPS = ("ports", "port_index", "v2p", "routes", "routes_sys", "fw_rules", "flows",
-             "port_stats")
+             "port_stats", "gw_tmpl")
 RULES_A = "dir=in action=allow priority=10 protocol=tcp ports=22\n" \
           "dir=out action=deny priority=20 hosts=subnet=192.0.2.0/24\n"
 RULES_B = "dir=in action=allow priority=5 protocol=udp ports=53,123\n" \
@@ -81,9 +81,13 @@ def port_args(name, i, passthrough=False):
 
 
 def port_spec(name, i, passthrough=False):
+    """An overlay port is dual stack with gateway settings (its own V2P of
+    both families, system routes of both, every reply template)."""
+    dual = {} if passthrough else dict(ip6=f"fd10::{100 + i:x}", dns=["10.0.0.53", "fd10::53"],
+                                       hostname=f"h{i}", domain="vpc.example")
     return ports.PortSpec(name, "u1", "u2", f"A8:40:25:ff:02:{i:02x}", f"10.0.0.{100 + i}",
                           "A8:40:25:00:00:01", "172.30.0.5", "fd00:99::1", 99, 10, "fd00:1::1",
-                          "10.0.0.0/24", passthrough)
+                          "10.0.0.0/24", passthrough, **dual)
 
 
 def clear_line(p, what):
@@ -158,7 +162,7 @@ def problems(ns, root):
                            f"!= ports {sorted(idx)}")
             if {k.value for k in maps["port_stats"].keys()} != idx:
                 out.append("port_stats keys differ from ports keys")
-            for name in ("routes", "routes_sys", "fw_rules", "flows"):
+            for name in ("routes", "routes_sys", "fw_rules", "flows", "gw_tmpl"):
                 stray = {k.port for k in maps[name].keys()} - idx
                 if stray:
                     out.append(f"{name} has entries of ports that are gone: {sorted(stray)}")
@@ -502,7 +506,8 @@ def _fake_flow(maps, index, n):
     m = maps["flows"]
     k = m.Key()
     k.port, k.dir, k.proto, k.sport, k.dport = index, 0, 17, 1000 + n, 53
-    k.src, k.dst = 0x0A00000A, 0x0A000014
+    set_bytes(k.src, addr16("10.0.0.10"))
+    set_bytes(k.dst, addr16("10.0.0.20"))
     m.set(k, m.Leaf())
 
 
@@ -527,6 +532,7 @@ def test_create_delete_cycles_leave_nothing(killed):
                 ports.create(str(root), port_spec("cy1", 150, passthrough=True))
             fw.set_rules(str(root), "cy0", RULES_A.splitlines())
             overlay.add_router_entry(str(root), "cy0", "198.51.100.0/24", "drop")
+            overlay.add_router_entry(str(root), "cy0", "fd20::/48", "drop")
             dp = Datapath(root.path)
             try:
                 maps = dp.maps()

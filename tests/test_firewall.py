@@ -3,7 +3,8 @@
 matcher through BPF_PROG_TEST_RUN on the loaded programs.
 
 After every test both sleds go back to the lab as built (xlab.reset): the
-default rules (`in allow vni=10`, `in allow icmp`, both priority 65535),
+default rules (`in allow vni=10`, `in allow icmp`, `in allow icmp6`, all
+priority 65535),
 OPTE's flow timeouts (60/5/8000/120 s) and an empty flow table, so tests
 do not depend on each other's order.
 
@@ -51,6 +52,9 @@ DEFAULT_RULES = [
     {"dir": "in", "priority": 65535, "action": "allow", "hosts": "vni=10", "protocol": "any",
      "ports": "any"},
     {"dir": "in", "priority": 65535, "action": "allow", "hosts": "any", "protocol": "icmp",
+     "ports": "any"},
+    # the lab's ports are dual-stack
+    {"dir": "in", "priority": 65535, "action": "allow", "hosts": "any", "protocol": "icmp6",
      "ports": "any"},
 ]
 EXTERNAL_IP = "198.51.100.7"      # a host outside the VPC (TEST-NET-2)

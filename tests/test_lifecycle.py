@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from netns import (Root, create_args, one_error_line, positional_args, snapshot, timed_xdectl,
-                   underlay_host, xdectl)
+                   underlay_host, xdectl, xdectl_json)
 
 UNDERLAYS = ("u1", "u2", "u3")
 
@@ -24,9 +24,16 @@ class Bad:
     also_loaded: bool = False   # run on the loaded root too (a sample of each kind)
 
 
-def bad(id, expect, name="xv0", underlays=("u1", "u2"), loaded_only=False, also_loaded=False, **over):
-    return Bad(id, create_args(name, underlays=underlays, passthrough=True, **over), expect,
+def bad(id, expect, name="xv0", underlays=("u1", "u2"), loaded_only=False, also_loaded=False,
+        passthrough=True, **over):
+    return Bad(id, create_args(name, underlays=underlays, passthrough=passthrough, **over), expect,
                loaded_only, also_loaded)
+
+
+def bad6(id, expect, also_loaded=False, **over):
+    """An overlay port with IPv6 (and the seed's IPv4 unless over drops it)."""
+    return bad(id, expect, passthrough=False, also_loaded=also_loaded,
+               **{"ip6": "fd10::1", **over})
 
 
 BAD = [
@@ -69,6 +76,26 @@ BAD = [
     bad("other-underlay-addr", "fd00:1::2", underlay_addr="fd00:1::2", loaded_only=True),
     bad("name-is-existing-port", "p0", name="p0", loaded_only=True),
     bad("mac-of-existing-port", "a8:40:25:ff:00:01", loaded_only=True),
+    # IPv6 and what the gateway tells the guest
+    bad6("no-ip-at-all", "--ip, --ip6", ip=None, ip6=None),
+    bad6("ip6-link-local", "fe80::1", ip6="fe80::1", also_loaded=True),
+    bad6("ip6-mapped", "::ffff:10.0.0.1", ip6="::ffff:10.0.0.1"),
+    bad6("ip6-multicast", "ff02::1", ip6="ff02::1"),
+    bad6("ip6-is-v4", "10.0.0.1", ip6="10.0.0.1"),
+    bad6("ip6-outside-subnet6", "fd10::1", vpc_subnet6="fd20::/64", also_loaded=True),
+    bad6("subnet6-host-bits", "fd10::1/64", vpc_subnet6="fd10::1/64"),
+    bad6("subnet6-without-ip6", "needs --ip6", ip6=None, vpc_subnet6="fd10::/64"),
+    bad6("subnet-without-ip", "needs --ip", ip=None, vpc_subnet="10.0.0.0/24"),
+    bad6("dns-bad", "10.0.0.300", dns=["10.0.0.300"]),
+    bad6("dns-v4-without-ip", "no --ip", ip=None, dns=["10.0.0.53"], also_loaded=True),
+    bad6("dns-too-many", "at most 3", dns=["fd10::1", "fd10::2", "fd10::3", "fd10::4"]),
+    bad6("dns-twice", "twice", dns=["10.0.0.53", "10.0.0.53"]),
+    bad6("hostname-two-labels", "web.one", hostname="web.one"),
+    bad6("hostname-without-ip", "only DHCPv4", ip=None, hostname="web1"),
+    bad6("domain-bad", "bad_domain.example", domain="bad_domain.example"),
+    bad6("domain-too-long-to-fit", "512", hostname="h" * 63, domain=".".join(["d" * 60] * 4)),
+    bad("passthrough-ip6", "passthrough", ip6="fd10::1"),
+    bad("passthrough-dns", "passthrough", dns=["10.0.0.53"]),
 ]
 FRESH = [b for b in BAD if not b.loaded_only]
 LOADED = [b for b in BAD if b.loaded_only or b.also_loaded]
@@ -240,13 +267,12 @@ def test_list_shows_ports_from_kernel(shared):
     assert [{k: p.get(k) for k in want[0]} for p in ports] == want
 
     table = xdectl(hv, root, "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "MODE", "MAC", "IP", "VNI", "UNDERLAYS", "STATE"]
-    rows = {line.split()[0]: line for line in table[1:]}
+    assert table[0].split() == ["NAME", "MODE", "MAC", "IP", "IP6", "VNI", "UNDERLAYS", "STATE"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
     assert sorted(rows) == ["p0", "p1"]
     for w in want:
-        row = rows[w["name"]]
-        for v in (w["mode"], w["mac"], w["ip"], str(w["vni"]), "u1", "u2", w["state"]):
-            assert v in row, f"{v!r} missing from list row {row!r}"
+        assert rows[w["name"]] == [w["name"], w["mode"], w["mac"], w["ip"], "-", str(w["vni"]),
+                                   "u1,u2", w["state"]]
 
     # State is read from the kernel: the guest end going down shows.
     hv.ip("link", "set", "p0", "down")
@@ -257,6 +283,85 @@ def test_list_shows_ports_from_kernel(shared):
     xdectl(hv, root, "xde-delete", "p1")
     assert [p["name"] for p in root.ports()] == ["p0"]
     assert not hv.has_link("p1") and not hv.has_link("p1_dp")
+
+
+DUAL = dict(OVERLAY, ip6="fd10::1:5", dns=["fd10::53", "10.1.0.53"], hostname="web1",
+            domain="vpc.example")
+
+
+def _own_state(hv, root, port):
+    """The V2P mappings, routes and rules of the root and port, and the
+    root's gateway templates per port."""
+    from xdectl.datapath import Datapath
+    dp = Datapath(root.path)
+    try:
+        tmpls = sorted((k.port, k.kind) for k in dp.maps()["gw_tmpl"].keys())
+    finally:
+        dp.close()
+    return {"v2p": xdectl_json(hv, root, "dump-v2p"),
+            "routes": xdectl_json(hv, root, "dump-router", port) if port else None,
+            "fw": [(r["protocol"], r["hosts"]) for r in xdectl_json(hv, root, "dump-fw", port)]
+            if port else None, "templates": tmpls}
+
+
+def test_dual_stack_port_made_listed_and_removed(shared):
+    """create --ip6 --dns --hostname --domain: list shows it all; the port's
+    own V2P mappings (both families), its system routes (both families),
+    the default rules (ICMP and ICMPv6) and five gateway templates exist
+    while it does, and none of them after delete. Then an IPv6-only port."""
+    hv, root = shared
+    xdectl(hv, root, *create_args("p0", **DUAL))
+    [p] = root.ports()
+    assert {k: p[k] for k in ("ip", "ip6", "vpc_subnet", "vpc_subnet6", "dns", "hostname",
+                              "domain")} == \
+        dict(ip="10.1.2.3", ip6="fd10::1:5", vpc_subnet="10.1.0.0/16", vpc_subnet6="fd10::/64",
+             dns=["10.1.0.53", "fd10::53"], hostname="web1", domain="vpc.example")
+    row = xdectl(hv, root, "list").stdout.splitlines()[1].split()
+    assert row[3:5] == ["10.1.2.3", "fd10::1:5"]
+    st = _own_state(hv, root, "p0")
+    assert [(e["vni"], e["ip"], e["mac"], e["underlay"]) for e in st["v2p"]] == [
+        (4242, "10.1.2.3", "02:00:00:00:00:0a", "fd00:1::1"),
+        (4242, "fd10::1:5", "02:00:00:00:00:0a", "fd00:1::1")]
+    assert [(r["dest"], r["target"], r["kind"]) for r in st["routes"]] == [
+        ("10.1.0.0/16", "sub4=10.1.0.0/16", "system"), ("0.0.0.0/0", "ig", "system"),
+        ("fd10::/64", "sub6=fd10::/64", "system"), ("::/0", "ig", "system")]
+    assert st["fw"] == [("any", "vni=4242"), ("icmp", "any"), ("icmp6", "any")]
+    assert len(st["templates"]) == 5 and len({port for port, _ in st["templates"]}) == 1
+
+    xdectl(hv, root, "delete", "p0")
+    assert _own_state(hv, root, None) == {"v2p": [], "routes": None, "fw": None, "templates": []}
+
+    xdectl(hv, root, *create_args("p6", **dict(DUAL, ip=None, vpc_subnet=None, hostname=None,
+                                                dns=["fd10::53"])))
+    [p] = root.ports()
+    assert (p["ip"], p["vpc_subnet"], p["ip6"], p["dns"]) == (None, None, "fd10::1:5",
+                                                               ["fd10::53"])
+    st = _own_state(hv, root, "p6")
+    assert [e["ip"] for e in st["v2p"]] == ["fd10::1:5"]
+    assert [r["dest"] for r in st["routes"]] == ["fd10::/64", "::/0"]
+    assert st["fw"] == [("any", "vni=4242"), ("icmp6", "any")]
+    assert len(st["templates"]) == 4                  # no DHCPv4
+    xdectl(hv, root, "delete", "p6")
+    assert _own_state(hv, root, None)["templates"] == []
+
+
+def test_ipv6_port_needs_an_mtu_of_1280(shared):
+    """An underlay that leaves a port under IPv6's minimum MTU takes an IPv4
+    port but refuses an IPv6 one, in one line, leaving nothing behind."""
+    hv, root = shared
+    for u in ("u1", "u2"):
+        hv.ip("link", "set", u, "mtu", "1340")     # 1340 - 70 = 1270 for the guest
+    try:
+        before = snapshot(hv, root, ["u1", "u2"])
+        p = xdectl(hv, root, *create_args("xm6", passthrough=False, **{"ip6": "fd10::1"}),
+                   check=False)
+        assert "1280" in one_error_line(p)
+        assert snapshot(hv, root, ["u1", "u2"]) == before
+        xdectl(hv, root, *create_args("xm4", passthrough=False))
+        assert [p["mtu"] for p in root.ports()] == [1270]
+    finally:
+        for u in ("u1", "u2"):
+            hv.ip("link", "set", u, "mtu", "1500")
 
 
 def test_delete_last_port_detaches_underlays(shared):

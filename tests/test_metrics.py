@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from frames import G1_IP, G1_MAC, G2_IP, GW_IP, GW_MAC
+from frames import G1_IP, G1_IP6, G1_MAC, G2_IP, GW_IP, GW_MAC
 from lab_fixture import XDECTL
 from xdelab.lab import SLEDS
 
@@ -89,6 +89,9 @@ PORT_NAMES = {
     "decap": ("xde_port_decap_total", {}),
     "arp_replies": ("xde_port_gateway_replies_total", {"kind": "arp"}),
     "icmp_replies": ("xde_port_gateway_replies_total", {"kind": "icmp"}),
+    "ndp_replies": ("xde_port_gateway_replies_total", {"kind": "ndp"}),
+    "dhcp4_replies": ("xde_port_gateway_replies_total", {"kind": "dhcp4"}),
+    "dhcp6_replies": ("xde_port_gateway_replies_total", {"kind": "dhcp6"}),
     "flow_hits": ("xde_port_flow_hits_total", {}),
     "route_cache_hits": ("xde_port_route_cache_lookups_total", {"result": "hit"}),
     "route_cache_misses": ("xde_port_route_cache_lookups_total", {"result": "miss"}),
@@ -211,7 +214,8 @@ def test_once_names_help_and_values_match_stats(mlab):
 
     # the port's identity
     info = [dict(k[1]) for k in got if k[0] == "xde_port_info"]
-    assert info == [{"port": "xde0", "mac": G1_MAC, "ip": G1_IP, "vni": "10", "mode": "overlay"}]
+    assert info == [{"port": "xde0", "mac": G1_MAC, "ip": G1_IP, "ip6": G1_IP6, "vni": "10",
+                     "mode": "overlay"}]
     assert got[("xde_port_info", frozenset(info[0].items()))] == 1
 
     # firewall rule hits and flow-table occupancy, as dump-fw and dump-flows say

@@ -166,46 +166,46 @@ def test_udp_datagrams_intact(xlab, src, dst, src_ip, dst_ip):
 
 # --- guest addressing ------------------------------------------------------------
 
-def test_onlink_slash24_guest(xlab):
-    """The lab's guests are 10.0.0.x/24 on-link: the guest ARPs for its peer
-    directly and the gateway answers (proxy ARP) with its own MAC."""
-    route = xlab.ip("g1", "route", "get", G2_IP).stdout
-    assert "via" not in route and "dev xde0" in route, route
-    xlab.ip("g1", "neigh", "flush", "dev", "xde0")
-    before = xlab.port_stats("sled1")
-    xlab.must_ping("g1", G2_IP, count=3)
-    after = xlab.port_stats("sled1")
-    assert after["arp_replies"] - before["arp_replies"] >= 1
-    neigh = xlab.ip("g1", "neigh", "show", G2_IP, "dev", "xde0").stdout.lower()
-    assert f"lladdr {GW_MAC}" in neigh, neigh
-
-
 def test_slash32_guest_with_gateway_route(xlab):
-    """A guest configured 10.0.0.1/32 with a link route to the gateway and a
-    default route through it reaches its peer, the gateway and the outside."""
+    """The lab's guests are configured by the gateway's DHCP as 10.0.0.x/32,
+    with option 121's link route to the gateway and default route through
+    it: g1 reaches its peer, the gateway and the outside, and only the
+    gateway is resolved (the peer is reached through it)."""
+    ip = xlab.ip
+    addrs = ip("g1", "-4", "-o", "addr", "show", "dev", "xde0").stdout
+    assert f"{G1_IP}/32" in addrs and f"{G1_IP}/24" not in addrs, addrs
+    route = ip("g1", "route", "get", G2_IP).stdout
+    assert f"via {GW_IP}" in route, route
+    ip("g1", "neigh", "flush", "dev", "xde0")
+    xlab.must_ping("g1", G2_IP, count=3)
+    xlab.must_ping("g1", GW_IP, count=2)
+    xlab.must_ping("g1", OUTSIDE, count=2)
+    neigh = ip("g1", "neigh", "show", "dev", "xde0").stdout
+    assert GW_IP in neigh and G2_IP not in neigh, neigh
+
+
+def test_onlink_slash24_guest(xlab):
+    """A guest configured statically as 10.0.0.1/24 (beside its lease's /32)
+    has its peer on-link: it ARPs for the peer directly and the gateway
+    answers (proxy ARP) with its own MAC."""
     ip = xlab.ip
     try:
-        ip("g1", "addr", "add", f"{G1_IP}/32", "dev", "xde0")
-        ip("g1", "addr", "del", f"{G1_IP}/24", "dev", "xde0")
-        ip("g1", "route", "replace", GW_IP, "dev", "xde0", "scope", "link")
-        ip("g1", "route", "replace", "default", "via", GW_IP, "dev", "xde0")
-        ip("g1", "neigh", "flush", "dev", "xde0")
-        addrs = ip("g1", "-4", "-o", "addr", "show", "dev", "xde0").stdout
-        assert f"{G1_IP}/32" in addrs and f"{G1_IP}/24" not in addrs, addrs
+        ip("g1", "addr", "add", f"{G1_IP}/24", "dev", "xde0")
         route = ip("g1", "route", "get", G2_IP).stdout
-        assert f"via {GW_IP}" in route, route
+        assert "via" not in route and "dev xde0" in route, route
+        ip("g1", "neigh", "flush", "dev", "xde0")
+        before = xlab.port_stats("sled1")
         xlab.must_ping("g1", G2_IP, count=3)
-        xlab.must_ping("g1", GW_IP, count=2)
-        xlab.must_ping("g1", OUTSIDE, count=2)
-        # only the gateway was resolved: the peer is reached through it
-        neigh = ip("g1", "neigh", "show", "dev", "xde0").stdout
-        assert GW_IP in neigh and G2_IP not in neigh, neigh
+        after = xlab.port_stats("sled1")
+        assert after["arp_replies"] - before["arp_replies"] >= 1
+        neigh = ip("g1", "neigh", "show", G2_IP, "dev", "xde0").stdout.lower()
+        assert f"lladdr {GW_MAC}" in neigh, neigh
     finally:
-        ip("g1", "addr", "add", f"{G1_IP}/24", "dev", "xde0", check=False)
-        ip("g1", "addr", "del", f"{G1_IP}/32", "dev", "xde0", check=False)
-        ip("g1", "route", "replace", GW_IP, "dev", "xde0", "scope", "link", check=False)
-        ip("g1", "route", "replace", "default", "via", GW_IP, "dev", "xde0", check=False)
+        ip("g1", "addr", "del", f"{G1_IP}/24", "dev", "xde0", check=False)
         ip("g1", "neigh", "flush", "dev", "xde0", check=False)
+    addrs = ip("g1", "-4", "-o", "addr", "show", "dev", "xde0").stdout
+    assert f"{G1_IP}/32" in addrs and f"{G1_IP}/24" not in addrs, addrs
+    assert f"via {GW_IP}" in ip("g1", "route", "get", G2_IP).stdout
     xlab.must_ping("g1", G2_IP, count=2)
 
 

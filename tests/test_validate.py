@@ -223,3 +223,107 @@ def test_spec_ip_outside_subnet_refused(ip, subnet):
     with pytest.raises(XdeError) as exc:
         seed_spec(ip=ip, vpc_subnet=subnet).validated()
     assert ip in str(exc.value)
+
+
+# --- IPv6 and the gateway's settings ------------------------------------------------
+
+def overlay_spec(**over):
+    """The seed's port as an overlay port, dual stack."""
+    return seed_spec(**{"passthrough": False, "ip6": "fd10::1", **over})
+
+
+@pytest.mark.parametrize("value", [
+    "fe80::1", "ff02::1", "::", "::1", "::ffff:10.0.0.1", "fd10::1%eth0", "10.0.0.1",
+    "fd10::1/64", "fd10:::1", "",
+])
+def test_guest_ip6_refused(value):
+    refused(validate.guest_ip6, value)
+
+
+@pytest.mark.parametrize("value,want", [("FD10::0001", "fd10::1"), ("2001:db8:0:0::5", "2001:db8::5")])
+def test_guest_ip6_accepted_and_normalised(value, want):
+    assert validate.guest_ip6(value) == want
+
+
+@pytest.mark.parametrize("value", ["::ffff:0:0/96", "::ffff:10.0.0.0/104", "fd10::1/64", "x"])
+def test_overlay_net_refused(value):
+    refused(validate.overlay_net, value)
+
+
+@pytest.mark.parametrize("value", ["::/0", "0.0.0.0/0", "fd10::/64", "10.0.0.0/8"])
+def test_overlay_net_accepted(value):
+    assert str(validate.overlay_net(value)) == value
+
+
+def test_spec_dual_stack_defaults():
+    v = overlay_spec().validated()
+    assert (v.ip, v.vpc_subnet, v.ip6, v.vpc_subnet6) == ("10.0.0.1", "10.0.0.0/24", "fd10::1",
+                                                          "fd10::/64")
+    assert (v.dns, v.hostname, v.domain) == ([], None, None)
+    assert v.addrs() == ["10.0.0.1", "fd10::1"]
+
+
+def test_spec_ipv6_only():
+    v = overlay_spec(ip=None, ip6="FD10:0:0:1::5", vpc_subnet6="fd10::/48").validated()
+    assert (v.ip, v.vpc_subnet, v.ip6, v.vpc_subnet6) == (None, None, "fd10:0:0:1::5", "fd10::/48")
+    assert v.addrs() == ["fd10:0:0:1::5"]
+
+
+def test_spec_gateway_settings_normalised():
+    v = overlay_spec(dns=["fd10::53", "10.0.0.53", "FD10::54"], hostname="web-1",
+                     domain="vpc.example.").validated()
+    # IPv4 servers first (the order they read back from the templates)
+    assert v.dns == ["10.0.0.53", "fd10::53", "fd10::54"]
+    assert (v.hostname, v.domain) == ("web-1", "vpc.example")
+
+
+BAD_DUAL = [
+    (dict(ip=None, ip6=None), "--ip, --ip6"),
+    (dict(ip6="fe80::1"), "fe80::1"),
+    (dict(ip6="::ffff:10.0.0.1"), "::ffff:10.0.0.1"),
+    (dict(ip6="10.0.0.1"), "10.0.0.1"),
+    (dict(vpc_subnet6="fd20::/64"), "fd20::/64"),
+    (dict(vpc_subnet6="fd10::1/64"), "fd10::1/64"),
+    (dict(vpc_subnet6="10.0.0.0/24"), "10.0.0.0/24"),
+    (dict(ip=None, vpc_subnet="10.0.0.0/24"), "needs --ip"),
+    (dict(ip6=None, vpc_subnet6="fd10::/64"), "needs --ip6"),
+    (dict(dns=["8.8.8.8.8"]), "8.8.8.8.8"),
+    (dict(dns=["ff02::1"]), "ff02::1"),
+    (dict(dns=["10.0.0.53", "10.0.0.53"]), "twice"),
+    (dict(dns=["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]), "at most 3"),
+    (dict(dns=["fd10::1", "fd10::2", "fd10::3", "fd10::4"]), "at most 3"),
+    (dict(ip=None, dns=["10.0.0.53"]), "no --ip"),
+    (dict(ip6=None, dns=["fd10::53"]), "no --ip6"),
+    (dict(ip=None, hostname="web1"), "only DHCPv4"),
+    (dict(hostname="web.1"), "web.1"),
+    (dict(hostname="-web"), "-web"),
+    (dict(hostname="a" * 64), "a" * 64),
+    (dict(hostname=""), "host name"),
+    (dict(domain="bad..example"), "bad..example"),
+    (dict(domain="under_score.example"), "under_score.example"),
+    (dict(domain=".".join(["a" * 60] * 5)), "more than 253"),
+    (dict(hostname="h" * 63, domain=".".join(["d" * 60] * 4)), "bytes, more than the 512"),
+]
+
+
+@pytest.mark.parametrize("over,words", BAD_DUAL, ids=[str(i) for i in range(len(BAD_DUAL))])
+def test_spec_dual_stack_refused(over, words):
+    with pytest.raises(XdeError) as exc:
+        overlay_spec(**over).validated()
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    assert words in msg, msg
+
+
+@pytest.mark.parametrize("over", [dict(ip6="fd10::1"), dict(vpc_subnet6="fd10::/64"),
+                                  dict(dns=["10.0.0.53"]), dict(hostname="web1"),
+                                  dict(domain="vpc.example")])
+def test_spec_passthrough_takes_no_ipv6_or_gateway_settings(over):
+    with pytest.raises(XdeError) as exc:
+        seed_spec(**over).validated()
+    assert "passthrough" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_spec_passthrough_needs_ipv4():
+    with pytest.raises(XdeError, match="needs --ip"):
+        seed_spec(ip=None, ip6=None, vpc_subnet6=None).validated()

@@ -16,18 +16,26 @@ The file (see deploy/xde.example.toml):
     [[port]]                       # one table per port
     name = "xde0"                  # required
     mac = "a8:40:25:ff:00:01"      # required
-    ip = "10.0.0.1"                # required
+    ip = "10.0.0.1"                # ip, ip6 or both
     vpc_subnet = "10.0.0.0/24"     # optional (default: the /24 of ip)
+    ip6 = "fd10::1"
+    vpc_subnet6 = "fd10::/64"      # optional (default: the /64 of ip6)
+    dns = ["10.0.0.53", "fd10::53"]  # optional: offered by DHCPv4 / DHCPv6
+    hostname = "web1"              # optional: offered by DHCPv4
+    domain = "vpc.example"         # optional: offered by DHCPv4 and DHCPv6
     passthrough = false            # optional
     # ... and every other `xdectl create` field not given in [defaults]:
     # underlays (two names), underlay_addr, gateway_mac, gateway_ip,
-    # boundary_services, boundary_vni, vni.
+    # boundary_services, boundary_vni, vni (and vpc_subnet, vpc_subnet6,
+    # dns, domain may be defaults too).
     routes = [                     # optional: the port's custom routes
       { dest = "192.168.0.0/16", target = "ip4=10.0.0.2" },
+      { dest = "fd20::/48", target = "ip6=fd10::2" },
     ]
     firewall = [                   # optional: the port's whole rule set
       "dir=in action=allow priority=65535 hosts=vni=10",
       "dir=in action=allow priority=65535 protocol=icmp",
+      "dir=in action=allow priority=65535 protocol=icmp6",
     ]
 
     [[v2p]]                        # V2P mappings of the instance
@@ -42,8 +50,11 @@ Meaning, resource by resource:
   is replaced (deleted and created again: a port cannot be changed in
   place; its guest loses the link for a moment and, if the guest end had
   been moved into a namespace or VM, it comes back in this namespace).
+  Only what the gateway tells the guest (dns, hostname, domain) changes in
+  place: the port's DHCP replies are rewritten, and the guest learns the
+  new values at its next DHCP exchange.
 - V2P: the mappings are exactly the file's plus each overlay port's own
-  mapping (which `create` adds); others are removed.
+  mappings, one per address (which `create` adds); others are removed.
 - Routes: a port's custom routes are exactly its `routes` (none if absent).
   The system routes `create` installs are not managed here.
 - Firewall: when a port has `firewall`, its rules are exactly those lines
@@ -54,7 +65,8 @@ Meaning, resource by resource:
 Unknown keys are errors, and the whole file is checked before anything
 changes. Applying computes a plan (the differences between the running
 state and the file, as a list of actions) and executes it in order: port
-deletions, port creations, then V2P, routes and firewall rules. Applying
+deletions, port creations, gateway settings, then V2P, routes and firewall
+rules. Applying
 the same file again finds nothing to do ("no changes"). A failure stops
 the run with an error; the actions done so far stay done, and applying
 again finishes the job.
@@ -66,7 +78,10 @@ from .errors import XdeError
 
 PORT_FIELDS = {"name", "underlays", "mac", "ip", "gateway_mac", "gateway_ip",
                "boundary_services", "boundary_vni", "vni", "underlay_addr", "vpc_subnet",
-               "passthrough"}
+               "passthrough", "ip6", "vpc_subnet6", "dns", "hostname", "domain"}
+OPTIONAL_FIELDS = {"ip", "ip6", "vpc_subnet", "vpc_subnet6", "passthrough", "dns", "hostname",
+                   "domain"}
+PER_PORT_FIELDS = {"name", "mac", "ip", "ip6", "hostname"}   # not in [defaults]
 PORT_KEYS = PORT_FIELDS | {"routes", "firewall"}
 V2P_KEYS = {"ip", "mac", "underlay", "vni"}
 TOP_KEYS = {"defaults", "port", "v2p"}
@@ -87,27 +102,6 @@ class Desired:
     v2p: dict                             # (vni, ip) -> (mac, underlay)
 
 
-def _canon_target(target):
-    from .overlay import RT_IP4, RT_SUB4, parse_target
-    kind, addr, length = parse_target(target)
-    if kind == RT_IP4:
-        return f"ip4={addr}"
-    if kind == RT_SUB4:
-        return f"sub4={addr}/{length}"
-    return target
-
-
-def _canon_rule(rule):
-    """A rule's text as it reads back from the map: a /32 subnet is stored
-    as an address, a /0 subnet as any host."""
-    kind, _, arg = rule.hosts.partition("=")
-    if kind == "subnet":
-        net = ipaddress.IPv4Network(arg)
-        rule.hosts = ("any" if net.prefixlen == 0 else
-                      f"ip={net.network_address}" if net.prefixlen == 32 else rule.hosts)
-    return rule.text()
-
-
 def _check_keys(table, allowed, where):
     if not isinstance(table, dict):
         raise XdeError(f"{where}: expected a table, got {type(table).__name__}")
@@ -117,13 +111,25 @@ def _check_keys(table, allowed, where):
                        f"{', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _check_types(f, where):
+    """The fields TOML could give a wrong type that validation would misread."""
+    if not isinstance(f["underlays"], list) or len(f["underlays"]) != 2:
+        raise XdeError(f"{where}: underlays must be a list of two device names")
+    if not isinstance(f.get("passthrough", False), bool):
+        raise XdeError(f"{where}: passthrough must be true or false")
+    if not isinstance(f.get("dns", []), list) or not all(isinstance(a, str) for a in f.get("dns", [])):
+        raise XdeError(f"{where}: dns must be a list of addresses")
+    for key in ("ip", "ip6", "vpc_subnet", "vpc_subnet6", "hostname", "domain"):
+        if not isinstance(f.get(key, ""), str):
+            raise XdeError(f"{where}: {key} must be a string")
+
+
 def parse(text, source="FILE"):
     """The file's text -> Desired, or XdeError naming the first problem."""
     import tomllib
 
-    from . import validate
     from .fw import parse_line
-    from .overlay import parse_v2p
+    from .overlay import canon_target, parse_route, parse_v2p
     from .ports import PortSpec
 
     try:
@@ -132,25 +138,26 @@ def parse(text, source="FILE"):
         raise XdeError(f"{source}: {e}") from None
     _check_keys(doc, TOP_KEYS, source)
     defaults = doc.get("defaults", {})
-    _check_keys(defaults, PORT_FIELDS - {"name", "mac", "ip"}, f"{source} [defaults]")
+    _check_keys(defaults, PORT_FIELDS - PER_PORT_FIELDS, f"{source} [defaults]")
     ports = {}
     for n, p in enumerate(doc.get("port", []), 1):
         where = f"{source} port #{n}"
         _check_keys(p, PORT_KEYS, where)
         f = dict(defaults, **{k: v for k, v in p.items() if k in PORT_FIELDS})
-        missing = sorted(PORT_FIELDS - {"vpc_subnet", "passthrough"} - set(f))
+        missing = sorted(PORT_FIELDS - OPTIONAL_FIELDS - set(f))
+        if "ip" not in f and "ip6" not in f:
+            missing.append("ip (or ip6)")
         if missing:
             raise XdeError(f"{where}: missing {', '.join(missing)}")
         where = f"{source} port {f['name']}"
-        if not isinstance(f["underlays"], list) or len(f["underlays"]) != 2:
-            raise XdeError(f"{where}: underlays must be a list of two device names")
-        if not isinstance(f.get("passthrough", False), bool):
-            raise XdeError(f"{where}: passthrough must be true or false")
+        _check_types(f, where)
         try:
-            spec = PortSpec(f["name"], f["underlays"][0], f["underlays"][1], f["mac"], f["ip"],
+            spec = PortSpec(f["name"], f["underlays"][0], f["underlays"][1], f["mac"], f.get("ip"),
                             f["gateway_mac"], f["gateway_ip"], f["boundary_services"],
                             f["boundary_vni"], f["vni"], f["underlay_addr"],
-                            f.get("vpc_subnet"), f.get("passthrough", False)).validated()
+                            f.get("vpc_subnet"), f.get("passthrough", False), ip6=f.get("ip6"),
+                            vpc_subnet6=f.get("vpc_subnet6"), dns=f.get("dns", []),
+                            hostname=f.get("hostname"), domain=f.get("domain")).validated()
         except XdeError as e:
             raise XdeError(f"{where}: {e}") from None
         if spec.name in ports:
@@ -167,8 +174,8 @@ def parse(text, source="FILE"):
             if "dest" not in r or "target" not in r:
                 raise XdeError(f"{where}: a route needs dest and target")
             try:
-                dest = str(validate.cidr4(r["dest"], "route dest"))
-                target = _canon_target(str(r["target"]))
+                dest, _ = parse_route(str(r["dest"]), str(r["target"]))
+                dest, target = str(dest), canon_target(str(r["target"]))
             except XdeError as e:
                 raise XdeError(f"{where}: {e}") from None
             if dest in want.routes:
@@ -180,7 +187,7 @@ def parse(text, source="FILE"):
             want.firewall = []
             for i, line in enumerate(firewall, 1):
                 try:
-                    want.firewall.append(_canon_rule(parse_line(line)))
+                    want.firewall.append(parse_line(line).text())
                 except XdeError as e:
                     raise XdeError(f"{where}: firewall rule {i}: {e}") from None
         ports[spec.name] = want
@@ -210,10 +217,11 @@ def parse(text, source="FILE"):
         if s.passthrough:
             continue
         own = (s.mac, s.underlay_addr)
-        if v2p.get((s.vni, s.ip), own) != own:
-            raise XdeError(f"{source}: the v2p entry for {s.ip} in VNI {s.vni} contradicts "
-                           f"port {s.name}'s own mapping ({s.mac} at {s.underlay_addr})")
-        v2p[(s.vni, s.ip)] = own
+        for ip in s.addrs():
+            if v2p.get((s.vni, ip), own) != own:
+                raise XdeError(f"{source}: the v2p entry for {ip} in VNI {s.vni} contradicts "
+                               f"port {s.name}'s own mapping ({s.mac} at {s.underlay_addr})")
+            v2p[(s.vni, ip)] = own
     return Desired(ports, v2p)
 
 
@@ -240,7 +248,9 @@ def _spec_of(p):
     u1, u2 = (p["underlays"] + [None, None])[:2]
     return PortSpec(p["name"], u1 or "?", u2 or "?", p["mac"], p["ip"], p["gateway_mac"],
                     p["gateway_ip"], p["boundary_services"], p["boundary_vni"], p["vni"],
-                    p["underlay_addr"], p["vpc_subnet"], p["mode"] == "passthrough")
+                    p["underlay_addr"], p["vpc_subnet"], p["mode"] == "passthrough",
+                    ip6=p["ip6"], vpc_subnet6=p["vpc_subnet6"], dns=p["dns"],
+                    hostname=p["hostname"], domain=p["domain"])
 
 
 def current(root):
@@ -268,39 +278,50 @@ def current(root):
 
 # --- the plan ----------------------------------------------------------------
 
+# A port whose SPEC_FIELDS differ is replaced; GATEWAY_FIELDS (what its
+# gateway tells the guest) change in place.
 SPEC_FIELDS = ("underlay1", "underlay2", "mac", "ip", "gw_mac", "gw_ip", "bsvc_addr",
-               "bsvc_vni", "vni", "underlay_addr", "vpc_subnet", "passthrough")
+               "bsvc_vni", "vni", "underlay_addr", "vpc_subnet", "passthrough", "ip6",
+               "vpc_subnet6")
+GATEWAY_FIELDS = ("dns", "hostname", "domain")
 
 
 @dataclass
 class Action:
-    op: str           # delete-port, create-port, set-v2p, clear-v2p, add-route, del-route, set-fw
+    op: str           # delete-port, create-port, set-gateway, set-v2p, clear-v2p, add-route,
+                      # del-route, set-fw
     target: str       # what it acts on, for people
     detail: str = ""
     args: tuple = ()
 
     def line(self):
-        sign = {"delete-port": "-", "create-port": "+", "set-v2p": "+", "clear-v2p": "-",
-                "add-route": "+", "del-route": "-", "set-fw": "~"}[self.op]
+        sign = {"delete-port": "-", "create-port": "+", "set-gateway": "~", "set-v2p": "+",
+                "clear-v2p": "-", "add-route": "+", "del-route": "-", "set-fw": "~"}[self.op]
         return f"{sign} {self.op} {self.target}" + (f" ({self.detail})" if self.detail else "")
 
     def as_dict(self):
         return {"op": self.op, "target": self.target, "detail": self.detail}
 
 
-def _changed_fields(have, want):
-    return [f for f in SPEC_FIELDS if getattr(have, f) != getattr(want, f)]
+def _changed(fields, have, want):
+    """'field old -> new' of each of fields that differs."""
+    def show(v):
+        return ",".join(v) or "none" if isinstance(v, list) else "none" if v is None else v
+    return [f"{f} {show(getattr(have, f))} -> {show(getattr(want, f))}" for f in fields
+            if getattr(have, f) != getattr(want, f)]
 
 
 def plan(cur, want):
     """The actions that turn cur into want, in execution order."""
+    from .maps import addr_order
     deletes, creates, later = [], [], []
     v2p = dict(cur.v2p)     # V2P as it will be after the port actions
 
     def own_v2p_removed(spec):
-        # delete removes a port's own mapping if it is still the one create made
-        if not spec.passthrough and v2p.get((spec.vni, spec.ip)) == (spec.mac, spec.underlay_addr):
-            del v2p[(spec.vni, spec.ip)]
+        # delete removes a port's own mappings if they are still the ones create made
+        for ip in [] if spec.passthrough else spec.addrs():
+            if v2p.get((spec.vni, ip)) == (spec.mac, spec.underlay_addr):
+                del v2p[(spec.vni, ip)]
 
     fresh = set()
     for name, have in sorted(cur.ports.items()):
@@ -308,22 +329,26 @@ def plan(cur, want):
         if w is None:
             deletes.append(Action("delete-port", name, "not in the file", (name,)))
             own_v2p_removed(have)
-        else:
-            diff = _changed_fields(have, w.spec)
-            if diff:
-                deletes.append(Action("delete-port", name, "replaced: " + ", ".join(
-                    f"{f} {getattr(have, f)} -> {getattr(w.spec, f)}" for f in diff), (name,)))
-                own_v2p_removed(have)
-                fresh.add(name)
+            continue
+        diff = _changed(SPEC_FIELDS, have, w.spec)
+        if diff:
+            deletes.append(Action("delete-port", name, "replaced: " + ", ".join(diff), (name,)))
+            own_v2p_removed(have)
+            fresh.add(name)
+        elif _changed(GATEWAY_FIELDS, have, w.spec):
+            s = w.spec
+            later.append(Action("set-gateway", name, ", ".join(_changed(GATEWAY_FIELDS, have, s)),
+                                (name, s.dns, s.hostname, s.domain)))
     fresh |= set(want.ports) - set(cur.ports)
     for name in sorted(fresh):
         s = want.ports[name].spec
-        mode = "passthrough" if s.passthrough else f"{s.ip} {s.mac} vni {s.vni}"
+        mode = "passthrough" if s.passthrough else f"{' '.join(s.addrs())} {s.mac} vni {s.vni}"
         creates.append(Action("create-port", name, mode, (s,)))
         if not s.passthrough:
-            v2p[(s.vni, s.ip)] = (s.mac, s.underlay_addr)
+            for ip in s.addrs():
+                v2p[(s.vni, ip)] = (s.mac, s.underlay_addr)
 
-    for key in sorted(set(v2p) | set(want.v2p), key=lambda k: (k[0], ipaddress.IPv4Address(k[1]))):
+    for key in sorted(set(v2p) | set(want.v2p), key=lambda k: (k[0], addr_order(k[1]))):
         vni, ip = key
         have, w = v2p.get(key), want.v2p.get(key)
         if have == w:
@@ -340,7 +365,7 @@ def plan(cur, want):
         if w.spec.passthrough:
             continue
         have_routes = {} if name in fresh else cur.routes.get(name, {})
-        for dest in sorted(set(have_routes) | set(w.routes)):
+        for dest in sorted(set(have_routes) | set(w.routes), key=_dest_order):
             h, t = have_routes.get(dest), w.routes.get(dest)
             if h == t:
                 continue
@@ -357,6 +382,11 @@ def plan(cur, want):
     return deletes + creates + later
 
 
+def _dest_order(dest):
+    net = ipaddress.ip_network(dest)
+    return net.version, int(net.network_address), net.prefixlen
+
+
 # --- executing -----------------------------------------------------------------
 
 def execute(root, action):
@@ -366,6 +396,8 @@ def execute(root, action):
         ports.delete(root, *a)
     elif op == "create-port":
         ports.create(root, *a)
+    elif op == "set-gateway":
+        ports.set_gateway(root, *a)
     elif op == "set-v2p":
         overlay.set_v2p(root, *a)
     elif op == "clear-v2p":

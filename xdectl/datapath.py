@@ -23,9 +23,10 @@ DEFAULT_ROOT = "/sys/fs/bpf/xde"
 SOURCES = ("xdp_underlay.c", "tc_underlay.c", "tc_port.c")
 # A program's context type says its hook: bcc's BPF.XDP and BPF.SCHED_CLS.
 PROG_TYPES = {"xdp_md": 6, "__sk_buff": 3}
-# Tail-call tables: map -> programs in slot order (PROG_MAIN, PROG_FW_EVAL).
+# Tail-call tables: map -> programs in slot order (PROG_MAIN, PROG_FW_EVAL,
+# PROG_GATEWAY).
 TAIL_CALLS = {"xdp_progs": ("xdp_underlay", "xdp_fw_eval"),
-              "tc_progs": ("tc_port_out", "tc_fw_eval")}
+              "tc_progs": ("tc_port_out", "tc_fw_eval", "tc_gateway")}
 
 
 def programs():

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from . import abi, counters, validate
 from .datapath import Datapath, session
 from .errors import XdeError
-from .maps import find_port, ip4_be, ip4_str
+from .maps import V4_MAPPED, addr16, addr_order, addr_str, find_port, prefix_mask16, set_bytes
 
 DIRS = {"out": abi.DIR_OUT, "in": abi.DIR_IN}
 ACTIONS = {"allow": abi.FW_ALLOW, "deny": abi.FW_DENY}
-PROTOCOLS = {"any": abi.FW_PROTO_ANY, "tcp": 6, "udp": 17, "icmp": 1, "arp": abi.FW_PROTO_ARP}
+PROTOCOLS = {"any": abi.FW_PROTO_ANY, "tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58,
+             "arp": abi.FW_PROTO_ARP}
+ICMP_FAMILY = {"icmp": 4, "icmp6": 6}
 MAX_PORTS = abi.FW_MAX_PORTS
 DEFAULT_PRIORITY = 65535
 TCP_STATES = {0: "-", **{i: name for i, name in enumerate(abi.TCP_STATES) if i}}
@@ -56,8 +58,13 @@ def parse_rule(direction, action, priority, hosts="any", protocol="any", ports="
     hosts = _parse_hosts(hosts)
     proto = _parse_protocol(protocol)
     port_list = _parse_ports(ports)
-    if port_list and proto.split(":")[0] not in ("any", "tcp", "udp"):
+    name = proto.split(":")[0]
+    if port_list and name not in ("any", "tcp", "udp"):
         raise XdeError(f"ports apply to tcp and udp, not to protocol {protocol}")
+    family = _hosts_family(hosts)
+    if name in ICMP_FAMILY and family not in (None, ICMP_FAMILY[name]):
+        raise XdeError(f"protocol {name} never comes from or goes to IPv{family} hosts "
+                       f"({hosts})")
     return Rule(direction, action, prio, hosts, proto, port_list)
 
 
@@ -66,22 +73,37 @@ def _parse_hosts(hosts):
         return hosts
     kind, _, arg = hosts.partition("=")
     if kind == "ip":
-        return f"ip={validate.ipv4(arg, 'hosts ip')}"
+        return f"ip={validate.overlay_ip(arg, 'hosts ip')}"
     if kind == "subnet":
-        return f"subnet={validate.cidr4(arg, 'hosts subnet')}"
+        net = validate.cidr_any(arg, "hosts subnet")
+        if net.version == 6 and net.overlaps(validate.V4_MAPPED_NET):
+            # one 16-byte mask cannot say "IPv6 but not IPv4-mapped"
+            raise XdeError(f"hosts subnet {arg!r} overlaps ::ffff:0:0/96, where IPv4 "
+                           f"addresses are kept: it would match IPv4 hosts too (use hosts=any "
+                           f"for every host)")
+        # a one-address subnet is that address, as it reads back from the map
+        return f"ip={net.network_address}" if net.num_addresses == 1 else f"subnet={net}"
     if kind == "vni":
         return f"vni={validate.vni(arg, 'hosts vni')}"
     raise XdeError(f"hosts '{hosts}' is not any, ip=ADDR, subnet=CIDR or vni=N")
 
 
+def _hosts_family(hosts):
+    """4 or 6 for ip= and subnet= hosts, else None."""
+    kind, _, arg = hosts.partition("=")
+    return ipaddress.ip_network(arg).version if kind in ("ip", "subnet") else None
+
+
 def _parse_protocol(protocol):
     name, _, rest = protocol.partition(":")
-    if name not in PROTOCOLS or (rest and name != "icmp"):
-        raise XdeError(f"protocol '{protocol}' is not any, tcp, udp, icmp[:type[,code]] or arp")
+    if name not in PROTOCOLS or (rest and name not in ICMP_FAMILY):
+        raise XdeError(f"protocol '{protocol}' is not any, tcp, udp, icmp[:type[,code]], "
+                       f"icmp6[:type[,code]] or arp")
     if rest:
         parts = rest.split(",")
         if len(parts) > 2 or not all(p.isdigit() and int(p) <= 255 for p in parts):
             raise XdeError(f"protocol '{protocol}': ICMP type and code are numbers 0..255")
+        return f"{name}:" + ",".join(str(int(p)) for p in parts)
     return protocol
 
 
@@ -124,11 +146,10 @@ def _encode(rule, leaf):
     name, _, icmp = rule.protocol.partition(":")
     leaf.proto = PROTOCOLS[name]
     kind, _, arg = rule.hosts.partition("=")
-    if kind == "ip":
-        leaf.host, leaf.host_mask = ip4_be(arg), 0xFFFFFFFF
-    elif kind == "subnet":
-        net = ipaddress.IPv4Network(arg)
-        leaf.host, leaf.host_mask = ip4_be(net.network_address), ip4_be(net.netmask)
+    if kind in ("ip", "subnet"):
+        net = ipaddress.ip_network(arg)
+        set_bytes(leaf.host, addr16(net.network_address))
+        set_bytes(leaf.host_mask, prefix_mask16(net))
     elif kind == "vni":
         leaf.vni, leaf.vni_mask = int(arg), 0xFFFFFFFF
     if icmp:
@@ -146,15 +167,20 @@ def _decode(direction, r):
         proto += f":{r.icmp >> 8}" + (f",{r.icmp & 0xFF}" if r.icmp_mask == 0xFFFF else "")
     if r.vni_mask:
         hosts = f"vni={r.vni}"
-    elif r.host_mask == 0xFFFFFFFF:
-        hosts = f"ip={ip4_str(r.host)}"
-    elif r.host_mask:
-        plen = bin(int.from_bytes(int(r.host_mask).to_bytes(4, "little"), "big")).count("1")
-        hosts = f"subnet={ip4_str(r.host)}/{plen}"
+    elif any(r.host_mask):
+        hosts = _hosts_text(bytes(r.host), bin(int.from_bytes(bytes(r.host_mask), "big")).count("1"))
     else:
         hosts = "any"
     action = {v: k for k, v in ACTIONS.items()}[r.action]
     return Rule(direction, action, r.priority, hosts, proto, list(r.ports[:r.nports]), r.id)
+
+
+def _hosts_text(host, bits):
+    """hosts= of a rule's 16-byte host and the number of bits its mask has."""
+    if bits == 128:
+        return f"ip={addr_str(host)}"
+    v4 = host[:12] == V4_MAPPED and bits >= 96
+    return f"subnet={addr_str(host)}/{bits - 96 if v4 else bits}"
 
 
 def _key(m, port, direction):
@@ -217,10 +243,12 @@ def bump_epoch(maps, port):
         m.set(k, pc)
 
 
-def default_rules(vni):
-    """OPTE's default VPC rules: inbound from the same VNI, inbound ICMP."""
-    return [Rule("in", "allow", DEFAULT_PRIORITY, hosts=f"vni={vni}"),
-            Rule("in", "allow", DEFAULT_PRIORITY, protocol="icmp")]
+def default_rules(vni, ip4=True, ip6=False):
+    """OPTE's default VPC rules: inbound from the same VNI, and inbound ICMP
+    and ICMPv6 for the address families the port has."""
+    return ([Rule("in", "allow", DEFAULT_PRIORITY, hosts=f"vni={vni}")]
+            + [Rule("in", "allow", DEFAULT_PRIORITY, protocol=p)
+               for p, on in (("icmp", ip4), ("icmp6", ip6)) if on])
 
 
 def remove_port_state(maps, port):
@@ -309,9 +337,9 @@ def dump_flows(root, port):
     pc = ports.get(ports.Key(index))
     out = []
     for k, v in _flows_of(dp.maps(), index):
-        proto = {6: "tcp", 17: "udp", 1: "icmp"}.get(k.proto, str(k.proto))
+        proto = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}.get(k.proto, str(k.proto))
         out.append({"dir": "in" if k.dir else "out", "proto": proto,
-                    "src": ip4_str(k.src), "dst": ip4_str(k.dst),
+                    "src": addr_str(k.src), "dst": addr_str(k.dst),
                     "sport": int.from_bytes(int(k.sport).to_bytes(2, "little"), "big"),
                     "dport": int.from_bytes(int(k.dport).to_bytes(2, "little"), "big"),
                     "state": TCP_STATES.get(v.state, "?") if k.proto == 6 else "-",
@@ -319,7 +347,8 @@ def dump_flows(root, port):
                     "idle_s": round((now - v.last_ns) / 1e9, 1),
                     "packets": v.packets, "bytes": v.bytes, "rule": v.rule,
                     "stale": pc is not None and v.epoch != pc.fw_epoch})
-    return sorted(out, key=lambda f: (f["dir"], f["proto"], f["src"], f["dst"]))
+    return sorted(out, key=lambda f: (f["dir"], f["proto"], addr_order(f["src"]),
+                                      addr_order(f["dst"])))
 
 
 def clear_flows(root, port):

@@ -12,6 +12,7 @@ import json
 import os
 
 from . import libbpf
+from .abi import PORT_F_IP4, PORT_F_IP6
 
 PERCPU_TYPES = {5, 6, 10}  # BPF_MAP_TYPE_{PERCPU_HASH,PERCPU_ARRAY,LRU_PERCPU_HASH}
 
@@ -136,3 +137,45 @@ def ip4_str(be):
 
 def ip6_str(raw):
     return str(ipaddress.IPv6Address(bytes(raw)[:16]))
+
+
+# Addresses of either family as the datapath keys them (bpf/pkt.h): 16
+# bytes, IPv6 as it is, IPv4 mapped into ::ffff:0:0/96.
+V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def addr16(addr):
+    """An IPv4 or IPv6 address (text or ipaddress object) -> its 16 bytes."""
+    a = ipaddress.ip_address(addr)
+    return V4_MAPPED + a.packed if a.version == 4 else a.packed
+
+
+def addr_str(raw):
+    """16 datapath bytes -> the address as text, IPv4 when mapped."""
+    b = bytes(raw)[:16]
+    if b[:12] == V4_MAPPED:
+        return str(ipaddress.IPv4Address(b[12:]))
+    return str(ipaddress.IPv6Address(b))
+
+
+def addr_order(addr):
+    """A sort key for addresses as text: IPv4 before IPv6, then by value."""
+    a = ipaddress.ip_address(addr)
+    return a.version, int(a)
+
+
+def port_ips(pc):
+    """(IPv4, IPv6) of a port_cfg as text, None for a family it lacks."""
+    return (ip4_str(pc.ip) if pc.flags & PORT_F_IP4 else None,
+            addr_str(pc.ip6) if pc.flags & PORT_F_IP6 else None)
+
+
+def mapped_prefixlen(net):
+    """The prefix length of a network in the 16-byte address space."""
+    return net.prefixlen + (96 if net.version == 4 else 0)
+
+
+def prefix_mask16(net):
+    """The 16-byte mask of a network in the 16-byte address space."""
+    bits = mapped_prefixlen(net)
+    return ((1 << 128) - (1 << (128 - bits))).to_bytes(16, "big")

@@ -25,7 +25,7 @@ from .errors import XdeError
 # exported, under its own name, so nothing the datapath counts is ever
 # invisible. Drops are one family, labelled by direction and by reason
 # from the datapath's list; a (direction, reason) appears once it has
-# counted something (most pairs never do: 27 reasons x 2 directions x
+# counted something (most pairs never do: some 30 reasons x 2 directions x
 # every port would be mostly zeros).
 PORT_METRICS = {
     "rx_packets": ("xde_port_rx_packets",
@@ -42,6 +42,15 @@ PORT_METRICS = {
     "icmp_replies": ("xde_port_gateway_replies",
                      "Requests of the guest answered by the virtual gateway, by kind.",
                      {"kind": "icmp"}),
+    "ndp_replies": ("xde_port_gateway_replies",
+                    "Requests of the guest answered by the virtual gateway, by kind.",
+                    {"kind": "ndp"}),
+    "dhcp4_replies": ("xde_port_gateway_replies",
+                      "Requests of the guest answered by the virtual gateway, by kind.",
+                      {"kind": "dhcp4"}),
+    "dhcp6_replies": ("xde_port_gateway_replies",
+                      "Requests of the guest answered by the virtual gateway, by kind.",
+                      {"kind": "dhcp6"}),
     "passthrough_out": ("xde_port_passthrough_packets",
                         "Frames a passthrough port passed unchanged, by direction.",
                         {"dir": "out"}),
@@ -142,8 +151,9 @@ class Reader:
 
 
 def _port_info(pc):
-    from .maps import ip4_str, mac_str
-    return {"mac": mac_str(pc.mac), "ip": ip4_str(pc.ip), "vni": str(pc.vni),
+    from .maps import mac_str, port_ips
+    ip, ip6 = port_ips(pc)
+    return {"mac": mac_str(pc.mac), "ip": ip or "", "ip6": ip6 or "", "vni": str(pc.vni),
             "mode": "passthrough" if pc.flags & PORT_F_PASSTHROUGH else "overlay"}
 
 
@@ -171,8 +181,9 @@ class XdeCollector:
                 family("counter", name, help_text, ["port", *extra])
             family("counter", PORT_DROPS[0], PORT_DROPS[1], ["port", "dir", "reason"])
             info = family("gauge", "xde_port_info",
-                          "A port of the root: its guest MAC, IPv4 address, VNI and mode (always 1).",
-                          ["port", "mac", "ip", "vni", "mode"])
+                          "A port of the root: its guest MAC, IPv4 and IPv6 addresses (empty "
+                          "for a family it lacks), VNI and mode (always 1).",
+                          ["port", "mac", "ip", "ip6", "vni", "mode"])
             flows = family("gauge", "xde_flows", "Flow-table entries of the port (both directions).",
                            ["port"])
             hits = family("counter", "xde_fw_rule_hits",
@@ -210,7 +221,7 @@ class XdeCollector:
         for index, pc in ports:
             port = pc.name.decode()
             i = _port_info(pc)
-            info.add_metric([port, i["mac"], i["ip"], i["vni"], i["mode"]], 1)
+            info.add_metric([port, i["mac"], i["ip"], i["ip6"], i["vni"], i["mode"]], 1)
             flows.add_metric([port], flow_counts.get(index, 0))
             c = counters.port_counts(maps, index) or counters.Counts()
             for event, value in c.events.items():

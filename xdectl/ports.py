@@ -7,16 +7,20 @@ the kernel, never a file.
 """
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-from . import counters, fw, overlay, underlay, validate
-from .abi import ENCAP_LEN as ENCAP_OVERHEAD, PORT_F_PASSTHROUGH, VNI_PASSTHROUGH
+from . import abi, counters, fw, gateway, overlay, underlay, validate
+from .abi import (ENCAP_LEN as ENCAP_OVERHEAD, PORT_F_IP4, PORT_F_IP6, PORT_F_PASSTHROUGH,
+                  VNI_PASSTHROUGH)
 from .datapath import Datapath, session, tc_name
 from .errors import Teardown, XdeError
-from .maps import find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str, set_bytes
+from .maps import (addr16, addr_str, find_port, ip4_be, ip4_str, ip6_str, mac_bytes, mac_str,
+                   port_ips, set_bytes)
 from .netdev import Netdev, sysctl
 
 DEFAULT_SUBNET_LEN = 24
+DEFAULT_SUBNET6_LEN = 64
 
 
 @dataclass
@@ -25,7 +29,7 @@ class PortSpec:
     underlay1: str
     underlay2: str
     mac: str
-    ip: str
+    ip: str | None          # one of ip and ip6 at least
     gw_mac: str
     gw_ip: str
     bsvc_addr: str
@@ -34,15 +38,27 @@ class PortSpec:
     underlay_addr: str
     vpc_subnet: str | None = None
     passthrough: bool = False
+    ip6: str | None = None
+    vpc_subnet6: str | None = None
+    # what the gateway tells the guest (DHCPv4, DHCPv6)
+    dns: list = field(default_factory=list)
+    hostname: str | None = None
+    domain: str | None = None
+
+    def addrs(self):
+        """The port's addresses: IPv4, IPv6 or both."""
+        return [a for a in (self.ip, self.ip6) if a]
 
     def validated(self):
         """A normalised copy, or XdeError naming the first bad field."""
         name = validate.ifname(self.name, "port name")
-        ip = validate.ipv4(self.ip, "--ip")
-        subnet = (validate.cidr4(self.vpc_subnet, "--vpc-subnet") if self.vpc_subnet
-                  else ipaddress.IPv4Network(f"{ip}/{DEFAULT_SUBNET_LEN}", strict=False))
-        if ipaddress.IPv4Address(ip) not in subnet:
-            raise XdeError(f"--ip {ip} is not inside --vpc-subnet {subnet}")
+        if self.ip is None and self.ip6 is None:
+            raise XdeError("a port needs --ip, --ip6 or both")
+        if self.passthrough:
+            _check_passthrough(self)
+        ip, subnet = _family(self.ip, self.vpc_subnet, 4)
+        ip6, subnet6 = _family(self.ip6, self.vpc_subnet6, 6)
+        dns, hostname, domain = check_gateway(ip, ip6, self.dns, self.hostname, self.domain)
         return PortSpec(
             name=name,
             underlay1=validate.ifname(self.underlay1, "underlay device"),
@@ -55,9 +71,63 @@ class PortSpec:
             bsvc_vni=validate.vni(self.bsvc_vni, "--boundary-vni"),
             vni=validate.vni(self.vni, "--vni"),
             underlay_addr=validate.ipv6(self.underlay_addr, "--underlay-addr"),
-            vpc_subnet=str(subnet),
+            vpc_subnet=subnet,
             passthrough=self.passthrough,
+            ip6=ip6,
+            vpc_subnet6=subnet6,
+            dns=dns,
+            hostname=hostname,
+            domain=domain,
         )
+
+
+# per family: the options, how to check them, the default subnet length
+_FAMILY = {4: ("--ip", "--vpc-subnet", validate.ipv4, validate.cidr4, DEFAULT_SUBNET_LEN),
+           6: ("--ip6", "--vpc-subnet6", validate.guest_ip6, validate.cidr6, DEFAULT_SUBNET6_LEN)}
+
+
+def _family(ip, subnet, version):
+    """(address, VPC subnet) of one family, normalised; (None, None) when the
+    port has no address of that family."""
+    ip_opt, subnet_opt, check_ip, check_net, default_len = _FAMILY[version]
+    if ip is None:
+        if subnet:
+            raise XdeError(f"{subnet_opt} {subnet} needs {ip_opt}")
+        return None, None
+    ip = check_ip(ip, ip_opt)
+    net = (check_net(subnet, subnet_opt) if subnet else
+           ipaddress.ip_network(f"{ip}/{default_len}", strict=False))
+    if ipaddress.ip_address(ip) not in net:
+        raise XdeError(f"{ip_opt} {ip} is not inside {subnet_opt} {net}")
+    return ip, str(net)
+
+
+def _check_passthrough(spec):
+    """A passthrough port is the seed's: an IPv4 label, no gateway, no pipeline."""
+    given = [opt for opt, v in (("--ip6", spec.ip6), ("--vpc-subnet6", spec.vpc_subnet6),
+                                ("--dns", spec.dns), ("--hostname", spec.hostname),
+                                ("--domain", spec.domain)) if v]
+    if given:
+        raise XdeError(f"a passthrough port bypasses the gateway and the pipeline: "
+                       f"{given[0]} is for overlay ports")
+    if spec.ip is None:
+        raise XdeError("a passthrough port needs --ip")
+
+
+def check_gateway(ip, ip6, dns, hostname, domain):
+    """What the gateway tells the guest, normalised (gateway.check), for a
+    port with these addresses: DHCPv4 carries the IPv4 servers and the host
+    name, DHCPv6 the IPv6 servers; the domain goes in both."""
+    dns, hostname, domain = gateway.check(dns, hostname, domain)
+    for server in dns:
+        version = ipaddress.ip_address(server).version
+        if (ip, ip6)[version == 6] is None:
+            raise XdeError(f"--dns {server}: only DHCPv{version} would carry it, and the port "
+                           f"has no {_FAMILY[version][0]}")
+    if hostname is not None and ip is None:
+        raise XdeError(f"--hostname {hostname}: only DHCPv4 carries a host name, and the port "
+                       f"has no --ip")
+    return dns, hostname, domain
 
 
 def datapath_end(name):
@@ -161,7 +231,7 @@ def _create(dp, nd, spec, u1, u2, undo):
     maps = dp.maps()
     cfg_map, cfg = _config(maps)
     peer = datapath_end(spec.name)
-    mtu = _port_mtu(nd, u1, u2, spec.passthrough)
+    mtu = _port_mtu(nd, u1, u2, spec.passthrough, bool(spec.ip6))
     # The datapath end takes any size, so that a guest that raised its MTU
     # past the port's reaches the program and gets ICMP, not a silent drop.
     # Note the port as pending first: if this create is killed, the next
@@ -175,22 +245,7 @@ def _create(dp, nd, spec, u1, u2, undo):
     # bpf_fib_lookup from the port's TC hook needs forwarding on its device
     sysctl(f"net/ipv6/conf/{peer}/forwarding", 1)
 
-    pc = maps["ports"].Leaf()
-    pc.ifindex = dp_index
-    pc.flags = PORT_F_PASSTHROUGH if spec.passthrough else 0
-    pc.vni = spec.vni
-    pc.bsvc_vni = spec.bsvc_vni
-    set_bytes(pc.mac, mac_bytes(spec.mac))
-    set_bytes(pc.gw_mac, mac_bytes(spec.gw_mac))
-    pc.ip = ip4_be(spec.ip)
-    pc.gw_ip = ip4_be(spec.gw_ip)
-    subnet = ipaddress.IPv4Network(spec.vpc_subnet)
-    pc.subnet = ip4_be(subnet.network_address)
-    pc.subnet_len = subnet.prefixlen
-    set_bytes(pc.bsvc_addr, ipaddress.IPv6Address(spec.bsvc_addr).packed)
-    pc.mtu = mtu
-    pc.name = spec.name.encode()
-    pc.peer = peer.encode()
+    pc = port_cfg(maps["ports"].Leaf(), spec, dp_index, mtu)
 
     key = maps["ports"].Key(dp_index)
     maps["port_stats"].set(key, maps["port_stats"].Leaf())
@@ -205,14 +260,7 @@ def _create(dp, nd, spec, u1, u2, undo):
         _set_passthru(maps, slot, dp_index)
         undo.add(_set_passthru, maps, slot, 0)
     else:
-        # the port's own mapping, and the system routes OPTE installs
-        overlay.put_v2p(maps, spec.ip, spec.mac, spec.underlay_addr, spec.vni)
-        undo.add(_clear_own_v2p, maps, pc)
-        overlay.put_route(maps, dp_index, subnet, f"sub4={subnet}", system=True)
-        overlay.put_route(maps, dp_index, ipaddress.IPv4Network("0.0.0.0/0"), "ig", system=True)
-        undo.add(overlay.remove_port_routes, maps, dp_index)
-        fw.write_rules(maps, dp_index, fw.default_rules(spec.vni))
-        undo.add(fw.remove_port_state, maps, dp_index)
+        _overlay_state(maps, dp_index, pc, spec, undo)
 
     if not cfg.u1:
         cfg.sw_csum = underlay.attach(dp, nd, u1, u2, undo)
@@ -237,21 +285,139 @@ def _create(dp, nd, spec, u1, u2, undo):
     cfg_map.set(cfg_map.Key(0), cfg)
 
 
+def port_cfg(pc, spec, index, mtu):
+    """Fill the port_cfg pc for a validated spec; returns it."""
+    pc.ifindex = index
+    pc.flags = ((PORT_F_PASSTHROUGH if spec.passthrough else 0) |
+                (PORT_F_IP4 if spec.ip else 0) | (PORT_F_IP6 if spec.ip6 else 0))
+    pc.vni = spec.vni
+    pc.bsvc_vni = spec.bsvc_vni
+    set_bytes(pc.mac, mac_bytes(spec.mac))
+    set_bytes(pc.gw_mac, mac_bytes(spec.gw_mac))
+    pc.gw_ip = ip4_be(spec.gw_ip)
+    set_bytes(pc.gw_ip6, addr16(gateway.gateway_ll(spec.gw_mac)))
+    if spec.ip:
+        subnet = ipaddress.IPv4Network(spec.vpc_subnet)
+        pc.ip = ip4_be(spec.ip)
+        pc.subnet = ip4_be(subnet.network_address)
+        pc.subnet_len = subnet.prefixlen
+    if spec.ip6:
+        subnet6 = ipaddress.IPv6Network(spec.vpc_subnet6)
+        set_bytes(pc.ip6, addr16(spec.ip6))
+        set_bytes(pc.subnet6, addr16(subnet6.network_address))
+        pc.subnet6_len = subnet6.prefixlen
+    set_bytes(pc.bsvc_addr, ipaddress.IPv6Address(spec.bsvc_addr).packed)
+    pc.mtu = mtu
+    pc.name = spec.name.encode()
+    pc.peer = datapath_end(spec.name).encode()
+    return pc
+
+
+def _overlay_state(maps, index, pc, spec, undo):
+    """What an overlay port starts with, as OPTE makes it: its own V2P
+    mappings, the system routes of each family, the default firewall rules
+    and the gateway's replies."""
+    undo.add(_remove_overlay_state, maps, index, pc)
+    for ip in spec.addrs():
+        overlay.put_v2p(maps, ip, spec.mac, spec.underlay_addr, spec.vni)
+    for subnet, sub, default in ((spec.vpc_subnet, "sub4", "0.0.0.0/0"),
+                                 (spec.vpc_subnet6, "sub6", "::/0")):
+        if subnet:
+            overlay.put_route(maps, index, subnet, f"{sub}={subnet}", system=True)
+            overlay.put_route(maps, index, default, "ig", system=True)
+    fw.write_rules(maps, index, fw.default_rules(spec.vni, bool(spec.ip), bool(spec.ip6)))
+    _write_gateway(maps, index, pc, spec.dns, spec.hostname, spec.domain)
+
+
+def _remove_overlay_state(maps, index, pc):
+    """Undo _overlay_state (own V2P mappings only if unchanged since)."""
+    _clear_own_v2p(maps, pc)
+    overlay.remove_port_routes(maps, index)
+    fw.remove_port_state(maps, index)
+    _remove_gateway(maps, index)
+
+
+# --- the gateway's replies (bpf/gw_reply.h, xdectl/gateway.py) ----------------
+
+GW_KINDS = (abi.GW_DHCP4, abi.GW_RA, abi.GW_NA, abi.GW_DHCP6, abi.GW_DHCP6_STATUS)
+
+
+def _tmpl_key(m, index, kind):
+    k = m.Key()
+    k.port, k.kind = index, kind
+    return k
+
+
+def _write_gateway(maps, index, pc, dns, hostname, domain):
+    """The port's reply templates, for what its guest is to be told; a kind
+    the port has no use for is removed."""
+    ip, ip6 = port_ips(pc)
+    tmpls = gateway.templates(SimpleNamespace(
+        mac=mac_str(pc.mac), gw_mac=mac_str(pc.gw_mac), ip=ip, gw_ip=ip4_str(pc.gw_ip), ip6=ip6,
+        mtu=pc.mtu, dns=dns, hostname=hostname, domain=domain))
+    m = maps["gw_tmpl"]
+    for kind in GW_KINDS:
+        if kind not in tmpls:
+            m.delete(_tmpl_key(m, index, kind))
+            continue
+        v = m.Leaf()
+        v.len = len(tmpls[kind])
+        set_bytes(v.frame, tmpls[kind])
+        m.set(_tmpl_key(m, index, kind), v)
+
+
+def _remove_gateway(maps, index):
+    m = maps["gw_tmpl"]
+    for kind in GW_KINDS:
+        m.delete(_tmpl_key(m, index, kind))
+
+
+def gateway_settings(maps, index):
+    """{dns, hostname, domain} the port's gateway tells its guest, read back
+    from its templates (none for a passthrough port)."""
+    m = maps["gw_tmpl"]
+    tmpls = {}
+    for kind in GW_KINDS:
+        v = m.get(_tmpl_key(m, index, kind))
+        if v is not None:
+            tmpls[kind] = bytes(v.frame[:v.len])
+    return gateway.settings(tmpls)
+
+
+def set_gateway(root, name, dns, hostname, domain):
+    """Change what the gateway of port NAME tells its guest, in place: the
+    guest learns it at its next DHCP exchange."""
+    with session(root) as (dp, _):
+        if not dp.exists():
+            raise XdeError(f"no port {name}: nothing is loaded under {root}")
+        maps = dp.maps()
+        index, pc = find_port(maps, name)
+        if index is None:
+            raise XdeError(f"no port {name} on {root}")
+        if pc.flags & PORT_F_PASSTHROUGH:
+            raise XdeError(f"port {name} is a passthrough port: it has no gateway")
+        ip, ip6 = port_ips(pc)
+        _write_gateway(maps, index, pc, *check_gateway(ip, ip6, dns, hostname, domain))
+
+
 MAX_PORT_MTU = 1500
 DATAPATH_END_MTU = 65535
 
 
-def _port_mtu(nd, u1, u2, passthrough):
+def _port_mtu(nd, u1, u2, passthrough, ipv6=False):
     """Passthrough frames leave unchanged: the underlays' MTU. Overlay frames
     grow by the encapsulation, which must fit the underlay's MTU; a guest
-    gets 1500 where the underlay allows it (docs/design.md, "MTU")."""
+    gets 1500 where the underlay allows it (docs/design.md, "MTU"), and an
+    IPv6 guest at least IPv6's 1280 (it ignores a smaller MTU option)."""
     underlay = min(nd.ipr.get_links(u)[0].get_attr("IFLA_MTU") for u in (u1, u2))
     if passthrough:
         return underlay
     mtu = min(MAX_PORT_MTU, underlay - ENCAP_OVERHEAD)
-    if mtu < 576:
+    least = 1280 if ipv6 else 576
+    if mtu < least:
         raise XdeError(f"underlay MTU {underlay} leaves the port only {mtu} bytes after "
-                       f"the {ENCAP_OVERHEAD}-byte encapsulation; raise the underlay MTU")
+                       f"the {ENCAP_OVERHEAD}-byte encapsulation, under the {least} "
+                       f"{'IPv6' if ipv6 else 'IPv4'} needs; raise the underlay MTU")
     return mtu
 
 
@@ -295,9 +461,7 @@ def _delete(maps, nd, index, pc):
                 _set_passthru(maps, i, 0)
                 break
     else:
-        _clear_own_v2p(maps, pc)
-        overlay.remove_port_routes(maps, index)
-        fw.remove_port_state(maps, index)
+        _remove_overlay_state(maps, index, pc)
     maps["port_stats"].delete(key)
     maps["ports"].delete(key)
     _release_underlays_if_unused(maps, nd)
@@ -329,15 +493,17 @@ def _remove_orphans(nd, maps):
 
 
 def _clear_own_v2p(maps, pc):
-    """Remove the mapping create added, unless it has been changed since."""
+    """Remove the mappings create added, unless they have been changed since."""
     m = maps["v2p"]
-    k = m.Key()
-    k.vni, k.ip = pc.vni, pc.ip
-    cur = m.get(k)
     _, cfg = _config(maps)
-    if cur is not None and bytes(cur.mac) == bytes(pc.mac) and \
-            bytes(cur.underlay) == bytes(cfg.underlay_addr):
-        m.delete(k)
+    for ip in port_ips(pc):
+        if ip is None:
+            continue
+        k = overlay.v2p_key(m, pc.vni, ip)
+        cur = m.get(k)
+        if cur is not None and bytes(cur.mac) == bytes(pc.mac) and \
+                bytes(cur.underlay) == bytes(cfg.underlay_addr):
+            m.delete(k)
 
 
 def list_ports(root):
@@ -350,15 +516,19 @@ def list_ports(root):
     try:
         out = []
         for k, pc in sorted(maps["ports"].items(), key=lambda kv: kv[1].name):
+            ip, ip6 = port_ips(pc)
             out.append({
                 "name": pc.name.decode(),
                 "mode": "passthrough" if pc.flags & PORT_F_PASSTHROUGH else "overlay",
                 "mac": mac_str(pc.mac),
-                "ip": ip4_str(pc.ip),
+                "ip": ip,
+                "ip6": ip6,
                 "vni": pc.vni,
                 "gateway_mac": mac_str(pc.gw_mac),
                 "gateway_ip": ip4_str(pc.gw_ip),
-                "vpc_subnet": f"{ip4_str(pc.subnet)}/{pc.subnet_len}",
+                "vpc_subnet": f"{ip4_str(pc.subnet)}/{pc.subnet_len}" if ip else None,
+                "vpc_subnet6": f"{addr_str(pc.subnet6)}/{pc.subnet6_len}" if ip6 else None,
+                **gateway_settings(maps, k.value),
                 "boundary_services": ip6_str(pc.bsvc_addr),
                 "boundary_vni": pc.bsvc_vni,
                 "underlay_addr": ip6_str(cfg.underlay_addr),

@@ -28,7 +28,8 @@ import ipaddress
 import os
 import struct
 
-from .abi import GENEVE_OPT_CLASS_OXIDE as OXIDE_OPT_CLASS, GENEVE_PORT, GENEVE_PROTO_ETH
+from .abi import (GENEVE_OPT_CLASS_OXIDE as OXIDE_OPT_CLASS, GENEVE_PORT, GENEVE_PROTO_ETH,
+                  PORT_F_PASSTHROUGH)
 
 TC_VERDICTS = {0xFFFFFFFF: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY",
                2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE", 4: "TC_ACT_STOLEN", 5: "TC_ACT_QUEUED",
@@ -36,6 +37,9 @@ TC_VERDICTS = {0xFFFFFFFF: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIF
 XDP_VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
 OUTER_SPORT = 49152          # the bottom of RFC 8926's source-port range
 OUTER_SRC_MAC = "02:00:00:00:00:01"
+# port events that mean the gateway answered the guest itself
+GATEWAY_REPLIES = ("arp_replies", "icmp_replies", "mtu_icmp_sent", "ndp_replies",
+                   "dhcp4_replies", "dhcp6_replies")
 
 
 def verdict_name(direction, retval):
@@ -167,7 +171,7 @@ def trace(root, port, direction, frame, vni=None, external=False, as_is=False):
     if index is None:
         raise XdeError(f"no port {port} on {root}")
     cfg = maps["config"].get(maps["config"].Key(0))
-    passthrough = bool(pc.flags & 1)
+    passthrough = bool(pc.flags & PORT_F_PASSTHROUGH)
     notes = []
 
     if direction == "out":
@@ -226,7 +230,7 @@ def _where(direction, retval, port, counters, out):
         into = [p for p, d in counters.items() if p != "global" and d.get("rx_packets")]
         return [f"redirected into port {', '.join(into)}"] if into else []
     mine = counters.get(port, {})
-    if mine.get("arp_replies") or mine.get("icmp_replies") or mine.get("mtu_icmp_sent"):
+    if any(mine.get(c) for c in GATEWAY_REPLIES):
         return [f"redirected back to the guest of {port} (the gateway answered)"]
     if mine.get("encap"):
         if out[:12] == bytes(12):
@@ -241,16 +245,24 @@ def _where(direction, retval, port, counters, out):
     return []
 
 
+def _inner_source(inner):
+    """The IPv4 or IPv6 source address of an Ethernet frame, or None."""
+    if len(inner) >= 34 and inner[12:14] == b"\x08\x00":
+        return ipaddress.IPv4Address(inner[26:30])
+    if len(inner) >= 54 and inner[12:14] == b"\x86\xdd":
+        return ipaddress.IPv6Address(inner[22:38])
+    return None
+
+
 def _sender(maps, vni, inner):
-    """The underlay address V2P gives the inner frame's IPv4 source, if any."""
-    from .maps import ip4_be, ip6_str
-    if len(inner) < 34 or inner[12:14] != b"\x08\x00":
+    """The underlay address V2P gives the inner frame's source, if any."""
+    from .maps import ip6_str
+    from .overlay import v2p_key
+    src = _inner_source(inner)
+    if src is None:
         return None
     m = maps["v2p"]
-    k = m.Key()
-    k.vni = vni
-    k.ip = ip4_be(ipaddress.IPv4Address(inner[26:30]))
-    v = m.get(k)
+    v = m.get(v2p_key(m, vni, src))
     return ip6_str(v.underlay) if v is not None else None
 
 

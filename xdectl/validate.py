@@ -42,6 +42,68 @@ def cidr4(value, what="subnet"):
         raise XdeError(f"{what} {value!r} is not an IPv4 CIDR: {e}") from None
 
 
+def cidr6(value, what="subnet"):
+    try:
+        return ipaddress.IPv6Network(value, strict=True)
+    except ValueError as e:
+        raise XdeError(f"{what} {value!r} is not an IPv6 CIDR: {e}") from None
+
+
+def ip_any(value, what="address"):
+    """An IPv4 or IPv6 address, normalised."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise XdeError(f"{what} {value!r} is not an IPv4 or IPv6 address") from None
+
+
+def cidr_any(value, what="subnet"):
+    """An IPv4 or IPv6 CIDR (host bits must be zero)."""
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        raise XdeError(f"{what} {value!r} is not an IPv4 or IPv6 CIDR: {e}") from None
+
+
+# IPv4 lives here in the datapath's 16-byte addresses (bpf/pkt.h): an IPv6
+# address or prefix inside it would stand for IPv4 ones.
+V4_MAPPED_NET = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def overlay_ip(value, what="address"):
+    """A VPC address of either family. IPv6 ones are global or unique-local
+    unicast: link-local and multicast never leave the port's link, and
+    ::ffff:0:0/96 stands for IPv4."""
+    a = ipaddress.ip_address(ip_any(value, what))
+    if a.version == 4:
+        return str(a)
+    if a.scope_id:
+        raise XdeError(f"{what} {value!r} has a scope (%{a.scope_id}); VPC addresses have none")
+    if a in V4_MAPPED_NET:
+        raise XdeError(f"{what} {value!r} is an IPv4-mapped IPv6 address; "
+                       f"write the IPv4 address {a.ipv4_mapped}")
+    kind = ("multicast" if a.is_multicast else "link-local" if a.is_link_local else
+            "loopback" if a.is_loopback else "unspecified" if a.is_unspecified else None)
+    if kind:
+        raise XdeError(f"{what} {value!r} is {kind}; a VPC address is global or unique-local "
+                       f"unicast")
+    return str(a)
+
+
+def guest_ip6(value, what="--ip6"):
+    ipv6(value, what)
+    return overlay_ip(value, what)
+
+
+def overlay_net(value, what="subnet"):
+    """A VPC prefix of either family, not inside ::ffff:0:0/96."""
+    net = cidr_any(value, what)
+    if net.version == 6 and net.subnet_of(V4_MAPPED_NET):
+        raise XdeError(f"{what} {value!r} is inside ::ffff:0:0/96, the IPv4-mapped "
+                       f"addresses; write the IPv4 prefix")
+    return net
+
+
 def vni(value, what="VNI"):
     try:
         n = int(value)

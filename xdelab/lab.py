@@ -2,12 +2,18 @@
 scale.
 
     g1 ─ sled1 ─u1─ sw1 ─u1─ sled2 ─ g2        sw1, sw2: IPv6 routers
-               └u2─ sw2 ─u2┘                   bsvc: boundary services,
+               └u2─ sw2 ─u2┘      └─ g3        bsvc: boundary services,
                     sw1, sw2 ─ bsvc                  linked to both switches
 
 Each sled has its own xde root and ECMP routes to the other sled's (and
-the boundary's) underlay address through both switches. Guests talk in
-VPC VNI 10; off-VPC traffic goes to boundary services in VNI 99.
+the boundary's) underlay address through both switches. Guests g1 and g2
+talk in VPC VNI 10, over IPv4 and IPv6; off-VPC traffic goes to boundary
+services in VNI 99. g3 is alone in another VPC (VNI 11, IPv6 only), at an
+address of VNI 10's IPv6 subnet that VNI 10 does not use: what shows that
+VPCs are isolated. Guests have no static addresses: each runs ISC dhclient
+for DHCPv4 and DHCPv6 and takes its IPv6 default route from router
+advertisements, all answered by the port's virtual gateway
+(xdelab/guest.py).
 """
 import json
 import os
@@ -16,14 +22,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
-from xdectl import overlay, ports
+from xdectl import gateway, overlay, ports
 from xdectl.errors import Teardown, XdeError
 from xdectl.netdev import sysctl
+
+from . import guest as guests
 
 DEFAULT_PREFIX = "xl-"
 UNDERLAY_MTU = 1600           # guest 1500 + encapsulation, under the XDP-on-veth cap
@@ -31,13 +40,24 @@ VNI, BSVC_VNI = 10, 99
 BSVC_ADDR = "fd00:99::1"
 OUTSIDE = "192.0.2.1"         # an address beyond the VPC, answered by boundary services
 GW_MAC, GW_IP = "a8:40:25:00:00:01", "172.30.0.5"
-SUBNET = "10.0.0.0/24"
+GW_LL = gateway.gateway_ll(GW_MAC)   # the gateway's IPv6 address: fe80::aa40:25ff:fe00:1
+SUBNET, SUBNET6 = "10.0.0.0/24", "fd00:10::/64"
 SLEDS = {
-    "sled1": {"n": 1, "addr": "fd00:1::1", "guest": "g1", "guest_ip": "10.0.0.1", "mac": "a8:40:25:ff:00:01"},
-    "sled2": {"n": 2, "addr": "fd00:2::1", "guest": "g2", "guest_ip": "10.0.0.2", "mac": "a8:40:25:ff:00:02"},
+    "sled1": {"n": 1, "addr": "fd00:1::1", "guest": "g1", "guest_ip": "10.0.0.1",
+              "guest_ip6": "fd00:10::1", "mac": "a8:40:25:ff:00:01"},
+    "sled2": {"n": 2, "addr": "fd00:2::1", "guest": "g2", "guest_ip": "10.0.0.2",
+              "guest_ip6": "fd00:10::2", "mac": "a8:40:25:ff:00:02"},
 }
+OTHER_VNI = 11
+# Every guest: its sled, its port (the interface's name in the guest too),
+# VNI, MAC and addresses (None: that family is off).
+GUESTS = {s["guest"]: {"sled": sled, "port": "xde0", "vni": VNI, "mac": s["mac"],
+                       "ip": s["guest_ip"], "ip6": s["guest_ip6"]} for sled, s in SLEDS.items()}
+GUESTS["g3"] = {"sled": "sled2", "port": "xde3", "vni": OTHER_VNI, "mac": "a8:40:25:ff:11:03",
+                "ip": None, "ip6": "fd00:10::3"}
 SWITCHES = ("sw1", "sw2")
-HOSTS = ("sw1", "sw2", "sled1", "sled2", "g1", "g2", "bsvc")
+HOSTS = ("sw1", "sw2", "sled1", "sled2", "g1", "g2", "g3", "bsvc")
+GUEST_TIMEOUT = 30            # seconds for every guest to configure itself
 
 
 def _p2p(host_n, sw_i):
@@ -55,6 +75,7 @@ class Lab:
         self.prefix = prefix
         self.namespaces = [prefix + h for h in HOSTS]
         self.state = Path(f"/run/xde-lab/{prefix.rstrip('-')}")
+        self._dhclients = {}      # (guest, family) -> Popen, reaped when stopped
 
     def ns(self, host):
         return self.prefix + host
@@ -124,7 +145,11 @@ class Lab:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         (self.state / "bsvc.pid").write_text(str(proc.pid))
-        print(f"lab: up (sleds sled1, sled2; guests g1 10.0.0.1, g2 10.0.0.2; "
+        self.configure_guests(GUESTS)
+        named = ", ".join(f"{g} {' '.join(a for a in (c['ip'], c['ip6']) if a)}"
+                          + (f" (VNI {c['vni']})" if c["vni"] != VNI else "")
+                          for g, c in GUESTS.items())
+        print(f"lab: up (sleds sled1, sled2; guests {named}, addresses by DHCP; "
               f"boundary services {BSVC_ADDR})")
 
     def _underlay(self):
@@ -151,24 +176,92 @@ class Lab:
                               gateway=_p2p(n, i) + "1")
 
     def _sled(self, sled, s):
-        """The sled's port, V2P for the other guests, and its guest namespace."""
-        with self.inside(sled):
-            ports.create(self.root(sled), ports.PortSpec(
-                "xde0", "u1", "u2", s["mac"], s["guest_ip"], GW_MAC, GW_IP, BSVC_ADDR,
-                BSVC_VNI, VNI, s["addr"], SUBNET))
-            for other in SLEDS.values():
-                if other is not s:
-                    overlay.set_v2p(self.root(sled), other["guest_ip"], other["mac"],
-                                    other["addr"], VNI)
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="xde0")[0],
-                         net_ns_fd=self.ns(s["guest"]))
-        with self.inside(s["guest"]), IPRoute() as ipr:
-            i = ipr.link_lookup(ifname="xde0")[0]
-            ipr.addr("add", index=i, address=s["guest_ip"], prefixlen=24)
-            ipr.link("set", index=i, state="up")
-            ipr.route("add", dst=f"{GW_IP}/32", oif=i, scope=253)  # scope link
-            ipr.route("add", dst="0.0.0.0/0", gateway=GW_IP, oif=i)
+        """The sled's ports (dual-stack in VNI 10, and g3's), V2P for the
+        guests of the same VNI elsewhere, and each port's guest end in its
+        guest's namespace, unconfigured: the guest asks for its addresses."""
+        root = self.root(sled)
+        for g, c in GUESTS.items():
+            if c["sled"] != sled:
+                continue
+            with self.inside(sled):
+                ports.create(root, ports.PortSpec(
+                    c["port"], "u1", "u2", c["mac"], c["ip"], GW_MAC, GW_IP, BSVC_ADDR,
+                    BSVC_VNI, c["vni"], s["addr"], SUBNET if c["ip"] else None,
+                    ip6=c["ip6"], vpc_subnet6=SUBNET6 if c["ip6"] else None))
+                for o in GUESTS.values():
+                    if o["sled"] != sled and o["vni"] == c["vni"]:
+                        for addr in (o["ip"], o["ip6"]):
+                            if addr:
+                                overlay.set_v2p(root, addr, o["mac"],
+                                                SLEDS[o["sled"]]["addr"], c["vni"])
+                with IPRoute() as ipr:
+                    ipr.link("set", index=ipr.link_lookup(ifname=c["port"])[0],
+                             net_ns_fd=self.ns(g))
+            guests.prepare(self.ns(g), c["port"])
+
+    # --- the guests' own configuration (xdelab/guest.py) -----------------
+
+    def start_dhcp(self, guest, family, ifname):
+        """Start the dhclient of one family on ifname in a guest's namespace,
+        in place of one running there (also of a guest the lab did not make,
+        e.g. a test's: its files live in the lab's state directory all the
+        same, so that `down` stops it)."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.stop_dhcp(guest, family, keep_leases=True)
+        self._dhclients[guest, family] = guests.start(self.ns(guest), guest, ifname, family,
+                                                      self.state)
+
+    def stop_dhcp(self, guest=None, family=None, keep_leases=False):
+        """Stop dhclients (a guest's, of one family, or all) and remove their
+        files (but the leases with keep_leases). Addresses they configured
+        stay."""
+        if self.state.exists():
+            guests.stop(self.state, guest, family, keep_leases)
+        for (g, f), proc in list(self._dhclients.items()):
+            if guest in (None, g) and family in (None, f):
+                if proc.poll() is None:   # still running: its pid file was lost
+                    proc.kill()
+                proc.wait()
+                del self._dhclients[g, f]
+
+    def configure_guests(self, which, timeout=GUEST_TIMEOUT):
+        """Start dhclient -4 and -6 in each guest of which ({guest: config}
+        as GUESTS, the namespace named as the lab names them) for the
+        families it has (-6 once the interface's link-local address has
+        passed duplicate detection), and wait until each has its addresses
+        and both default routes. XdeError names what did not arrive."""
+        pending6 = []
+        for g, c in which.items():
+            if c["ip"]:
+                self.start_dhcp(g, 4, c["port"])
+            if c["ip6"]:
+                pending6.append(g)
+        deadline = time.monotonic() + timeout
+        while True:
+            for g in list(pending6):
+                if guests.link_local_ready(self.ns(g), which[g]["port"]):
+                    self.start_dhcp(g, 6, which[g]["port"])
+                    pending6.remove(g)
+            lacking = {}
+            for g, c in which.items():
+                miss = guests.missing(guests.state(self.ns(g), c["port"]), c["ip"], c["ip6"],
+                                      GW_IP, GW_LL)
+                if g in pending6:
+                    miss.append("no link-local address past duplicate detection "
+                                "(dhclient -6 not started)")
+                if miss:
+                    lacking[g] = miss
+            if not lacking:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        why = []
+        for g, miss in lacking.items():
+            logs = "; ".join(f"dhclient -{f}: {guests.log_tail(self.state, g, f, 3)}"
+                             for f in (4, 6) if which[g]["ip" if f == 4 else "ip6"])
+            why.append(f"{g}: {', '.join(miss)} [{logs}]")
+        raise XdeError(f"lab: guests not configured after {timeout} s: " + "; ".join(why))
 
     # --- tearing down ---------------------------------------------------
 
@@ -177,6 +270,7 @@ class Lab:
         line each) and does not stop the rest."""
         td = Teardown()
         td.step("stop the boundary services responder", self._stop_bsvc)
+        td.step("stop the guests' DHCP clients", self.stop_dhcp)
         for sled in SLEDS:
             td.step(f"unload {self.root(sled)}", self._unload, sled)
         for n in self.namespaces:
@@ -219,31 +313,43 @@ class Lab:
     # --- checking -------------------------------------------------------
 
     def ping(self, guest, addr, count=3):
+        """(exit code, ping's summary line): 0 all answered, 1 none or some."""
         r = self.run(guest, "ping", "-c", str(count), "-i", "0.2", "-W", "1", "-q", addr,
                      capture_output=True, text=True)
-        lines = r.stdout.strip().splitlines()
-        return r.returncode == 0, (lines[-2] if len(lines) >= 2 else "")
+        summary = [ln for ln in r.stdout.splitlines() if "packets transmitted" in ln]
+        return r.returncode, (summary[0] if summary else r.stderr.strip())
 
     def check(self):
         if not self.is_up():
             raise XdeError("the lab is not up: run 'xdectl lab up'")
-        checks = [("g1", "10.0.0.2", "guest g1 -> guest g2 (across sleds)"),
-                  ("g2", "10.0.0.1", "guest g2 -> guest g1 (across sleds)"),
-                  ("g1", GW_IP, "guest g1 -> gateway"),
-                  ("g2", GW_IP, "guest g2 -> gateway"),
-                  ("g1", OUTSIDE, "guest g1 -> outside (boundary services)"),
-                  ("g2", OUTSIDE, "guest g2 -> outside (boundary services)")]
+        g1, g2, g3 = GUESTS["g1"], GUESTS["g2"], GUESTS["g3"]
+        reach = [("g1", g2["ip"], "guest g1 -> guest g2 (across sleds)"),
+                 ("g2", g1["ip"], "guest g2 -> guest g1 (across sleds)"),
+                 ("g1", g2["ip6"], "guest g1 -> guest g2 (across sleds, IPv6)"),
+                 ("g2", g1["ip6"], "guest g2 -> guest g1 (across sleds, IPv6)"),
+                 ("g1", GW_IP, "guest g1 -> gateway"),
+                 ("g2", GW_IP, "guest g2 -> gateway"),
+                 ("g1", f"{GW_LL}%{g1['port']}", "guest g1 -> gateway (IPv6 link-local)"),
+                 ("g2", f"{GW_LL}%{g2['port']}", "guest g2 -> gateway (IPv6 link-local)"),
+                 ("g3", f"{GW_LL}%{g3['port']}", "guest g3 -> gateway (IPv6 link-local)"),
+                 ("g1", OUTSIDE, "guest g1 -> outside (boundary services)"),
+                 ("g2", OUTSIDE, "guest g2 -> outside (boundary services)")]
+        # ok when the requests went out and nothing came back (exit code 1)
+        isolated = [("g1", g3["ip6"], f"guest g1 (VNI {VNI}) cannot reach g3 (VNI {OTHER_VNI})"),
+                    ("g3", g1["ip6"], f"guest g3 (VNI {OTHER_VNI}) cannot reach g1 (VNI {VNI})")]
         failed = 0
-        for guest, addr, what in checks:
-            ok, summary = self.ping(guest, addr)
+        for (guest, addr, what), want in [(c, 0) for c in reach] + [(c, 1) for c in isolated]:
+            rc, summary = self.ping(guest, addr, count=3 if want == 0 else 2)
+            ok = rc == want
             failed += not ok
             print(f"  {'ok  ' if ok else 'FAIL'} {what}: {summary}")
-        for sled in SLEDS:
-            with self.inside(sled):
-                st = ports.port_stats(self.root(sled)).get("xde0", {})
-            print(f"  {sled} xde0 counters: {json.dumps({k: v for k, v in st.items() if v})}")
+        for g, c in GUESTS.items():
+            with self.inside(c["sled"]):
+                st = ports.port_stats(self.root(c["sled"])).get(c["port"], {})
+            print(f"  {c['sled']} {c['port']} ({g}) counters: "
+                  f"{json.dumps({k: v for k, v in st.items() if v})}")
         if failed:
-            raise XdeError(f"lab: {failed} of {len(checks)} checks failed")
+            raise XdeError(f"lab: {failed} of {len(reach) + len(isolated)} checks failed")
 
     def status(self):
         if not self.is_up():
@@ -253,4 +359,5 @@ class Lab:
         for sled in SLEDS:
             with self.inside(sled):
                 for p in ports.list_ports(self.root(sled)):
-                    print(f"  {sled}: {p['name']} {p['mode']} {p['ip']} vni {p['vni']} {p['state']}")
+                    addrs = " ".join(a for a in (p["ip"], p.get("ip6")) if a)
+                    print(f"  {sled}: {p['name']} {p['mode']} {addrs} vni {p['vni']} {p['state']}")

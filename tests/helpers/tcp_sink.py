@@ -1,7 +1,8 @@
 """TCP sink: prints "ready", accepts one connection, reads it to the end and
-prints the SHA-256 and length of what it read. Usage: tcp_sink.py ADDR PORT"""
+prints the SHA-256 and length of what it read. Usage: tcp_sink.py ADDR PORT
+(ADDR IPv4 or IPv6)"""
 import hashlib, socket, sys
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(1)

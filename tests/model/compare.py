@@ -31,7 +31,13 @@ def _check_encap(res, out, next_hops):
     sport, dport, ulen, uck = struct.unpack_from("!HHHH", out, 54)
     if not 49152 <= sport <= 65535:
         bad.append(f"encap_sport_range {sport}")
-    if label == 0:
+    # the flow hash, where the model knows the instance's seed: exact
+    if "label" in e:
+        if label != e["label"]:
+            bad.append(f"encap_flow_label {label:#x} != {e['label']:#x}")
+        if sport != e["sport"]:
+            bad.append(f"encap_sport {sport:#x} != {e['sport']:#x}")
+    elif label == 0:
         bad.append("encap_flow_label_zero")
     if (dport, ulen) != (6081, len(inner) + 16):
         bad.append(f"encap_udp_fields {(dport, ulen)}")
@@ -108,5 +114,8 @@ def compare(res, frame, rc, out, delta, next_hops=()):
         elif res.encap:
             bad += _check_encap(res, out, next_hops)
         elif res.out is not None and out != res.out:
-            bad.append(f"output {res.verdict}")
+            at = next((i for i, (a, b) in enumerate(zip(out, res.out)) if a != b),
+                      min(len(out), len(res.out)))
+            bad.append(f"output {res.verdict} (length {len(out)} vs {len(res.out)}, first "
+                       f"difference at byte {at})")
     return bad

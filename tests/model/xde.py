@@ -1,17 +1,21 @@
 """A reference model of the xde datapath, written from the specification,
-docs/design.md ("The datapath", "Firewall and flow table",
+docs/design.md ("The datapath", "The gateway", "Firewall and flow table",
 "Counters and drop reasons"), not from the C in bpf/.
 
 Given one instance's state (underlay address, ports, V2P, routes, firewall
-rules, flows) and a frame arriving either from a port's guest ("out", the
-TC program on the port's datapath end) or from an underlay NIC ("in", the
-XDP program), `outbound()` / `inbound()` return a Result: the verdict, the
-counter deltas by name, and the output frame where it is determined.
+rules, flows, the gateway's reply templates) and a frame arriving either
+from a port's guest ("out", the TC program on the port's datapath end) or
+from an underlay NIC ("in", the XDP program), `outbound()` / `inbound()`
+return a Result: the verdict, the counter deltas by name, and the output
+frame where it is determined.
 
 Where docs/design.md is silent the model follows the spec's intent (what an
 operator of a production overlay would expect); each such decision is
 marked "SPEC-SILENT" with the reasoning, so a disagreement with the
 datapath can be judged.
+
+Addresses of both families are kept as the datapath's tables key them
+(docs/design.md, "Addresses"): 16 bytes, IPv4 mapped into ::ffff:0:0/96.
 """
 import ipaddress
 import struct
@@ -28,8 +32,24 @@ OXIDE_TYPES = {0x00: 0, 0x01: 1, 0x02: 1}   # known option type -> body length i
 BSVC_MAC = bytes.fromhex("a84025777777")
 HOP_LIMIT = 128
 ENCAP_LEN = 14 + 40 + 8 + 8
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+EXT_HEADERS = (0, 43, 44, 60)   # hop-by-hop, routing, fragment, destination options
+EXT_MAX = 4
 VNI_EXTERNAL = None           # a frame from outside the VPC matches no vni= filter
+V4_MAPPED = bytes(10) + b"\xff\xff"
+BCAST4 = b"\xff" * 4
+ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
+ALL_NODES_MAC = bytes.fromhex("333300000001")
+ALL_DHCP6 = bytes.fromhex("ff020000000000000000000000010002")
+ZERO16 = bytes(16)
+ICMP6_QUOTE = 128             # what a Packet Too Big quotes of the packet
+
+# the gateway's reply templates, per port and kind (docs/design.md, "The gateway")
+GW_DHCP4, GW_RA, GW_NA, GW_DHCP6, GW_DHCP6_STATUS = 0, 1, 2, 3, 4
+DHCP4_COOKIE = bytes((99, 130, 83, 99))
+DHCP4_OPTS_MAX = 64
+DHCP6_OPTS_MAX = 16
+DHCP6_CLIENT_ID_MAX = 132     # a Client Identifier option the gateway echoes, header included
 
 
 def mac_bytes_of(s):
@@ -45,6 +65,24 @@ def csum(data):
     return ~s & 0xFFFF
 
 
+def a16(addr):
+    """4 (IPv4) or 16 bytes -> the 16-byte form."""
+    return V4_MAPPED + addr if len(addr) == 4 else addr
+
+
+def link_scoped(a):
+    """fe80::/10 or any multicast (ff00::/8): never leaves the port's link."""
+    return (a[0] == 0xFE and a[1] & 0xC0 == 0x80) or a[0] == 0xFF
+
+
+def _csum_update(old_ck, old_word, new_word):
+    """A checksum updated for one changed 16-bit word (RFC 1624, eqn. 3)."""
+    s = (~old_ck & 0xFFFF) + (~old_word & 0xFFFF) + new_word
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
 # --- state -----------------------------------------------------------------------
 
 @dataclass
@@ -53,21 +91,25 @@ class Port:
     name: str
     mac: bytes
     gw_mac: bytes
-    ip: bytes                 # 4 bytes
+    ip: bytes | None          # 4 bytes; None: the port has no IPv4 address
     gw_ip: bytes
     vni: int
     bsvc_vni: int
     bsvc_addr: bytes          # 16 bytes
-    subnet: ipaddress.IPv4Network
+    subnet: ipaddress.IPv4Network | None
     mtu: int
     passthrough: bool = False
+    ip6: bytes | None = None  # 16 bytes; None: no IPv6 address
+    subnet6: ipaddress.IPv6Network | None = None
+    gw_ip6: bytes = ZERO16    # the gateway's link-local address (EUI-64 of gw_mac)
+    templates: dict = field(default_factory=dict)   # GW_* kind -> frame
 
 
 @dataclass
 class Route:
-    dest: ipaddress.IPv4Network
-    target: str               # drop | ig | ip4 | sub4
-    addr: bytes = b"\0" * 4   # ip4: next hop
+    dest: ipaddress.IPv4Network | ipaddress.IPv6Network
+    target: str               # drop | ig | ip4 | sub4 | ip6 | sub6
+    addr: bytes = ZERO16      # ip4/ip6: next hop (16-byte form)
     length: int = 0
     system: bool = False
 
@@ -78,8 +120,8 @@ class FwRule:
     priority: int
     action: str               # allow | deny
     proto: int = 0            # 0 any, IPPROTO_*, 0xfe arp
-    host: bytes = b"\0" * 4
-    host_mask: bytes = b"\0" * 4
+    host: bytes = ZERO16      # 16-byte form
+    host_mask: bytes = ZERO16
     vni: int = 0
     vni_mask: int = 0
     icmp: int = 0
@@ -91,10 +133,11 @@ class FwRule:
 class Instance:
     underlay_addr: bytes
     ports: dict = field(default_factory=dict)     # ifindex -> Port
-    v2p: dict = field(default_factory=dict)       # (vni, ip4 bytes) -> (mac, underlay)
-    routes: dict = field(default_factory=dict)    # ifindex -> [Route]
+    v2p: dict = field(default_factory=dict)       # (vni, 16-byte ip) -> (mac, underlay)
+    routes: dict = field(default_factory=dict)    # ifindex -> [Route] (both families)
     rules: dict = field(default_factory=dict)     # (ifindex, 'in'|'out') -> [FwRule]
     flows: dict = field(default_factory=dict)     # (ifindex, dir, proto, src, dst, sport, dport) -> verdict
+    hash_seed: int | None = None                  # keys the flow hash; None: not predicted
 
     def port_by(self, vni, mac):
         for p in self.ports.values():
@@ -111,9 +154,8 @@ class Result:
     'hairpin' (a gateway reply back to the guest), 'underlay' (Geneve out
     through the kernel FIB), 'port' (delivered into a port: `port`).
     out: the expected output frame (None: not determined). For 'underlay',
-    `encap` holds the inner frame and outer fields; the outer MACs, flow
-    label and UDP source port come from the kernel and are checked for
-    range and consistency only.
+    `encap` holds the inner frame and outer fields; the outer MACs come
+    from the kernel and are checked against the resolved next hops only.
     """
     verdict: str
     retval: int
@@ -128,7 +170,25 @@ class Result:
         self.counters[k] = self.counters.get(k, 0) + n
 
 
-# --- parsing helpers -------------------------------------------------------------
+# --- parsing ---------------------------------------------------------------------
+
+@dataclass
+class Pkt:
+    """A packet of either family as the firewall, the flow table and the
+    router see it: 16-byte addresses, the L4 protocol (past IPv6 extension
+    headers) and the L4 fields, all zero when the L4 header is not in the
+    packet (a later fragment, or cut short)."""
+    family: int
+    src: bytes
+    dst: bytes
+    proto: int
+    sport: int = 0            # ICMP/ICMPv6 echo: the identifier, in both
+    dport: int = 0
+    icmp_type: int = 0
+    icmp_code: int = 0
+    tcp_flags: int = 0
+    has_l4: bool = False      # the L4 header was in the packet
+
 
 @dataclass
 class Ip4:
@@ -152,6 +212,12 @@ class Ip4:
     def df(self):
         return bool(self.flags & 2)
 
+    def pkt(self):
+        p = Pkt(4, a16(self.src), a16(self.dst), self.proto)
+        if not self.frag:
+            _l4_fields(p, self.l4)
+        return p
+
 
 def parse_ip4(b):
     """An IPv4 header and payload from b (the bytes after Ethernet), or None
@@ -167,33 +233,144 @@ def parse_ip4(b):
                b[8], b[9], b[12:16], b[16:20], b[ihl:total])
 
 
-def l4_tuple(ip):
-    """(sport, dport, icmp type, icmp code, tcp flags) of a packet, what the
-    firewall and flow table see; None when the L4 header is not there."""
-    if ip.frag:
+@dataclass
+class Ip6:
+    tc: int                   # traffic class
+    plen: int
+    hlim: int
+    src: bytes
+    dst: bytes
+    proto: int                # after the extension headers
+    l4off: int                # from the start of the IPv6 header
+    frag_offset: int | None   # None: no fragment header
+    frag_more: bool
+    packet: bytes             # the whole packet (40 + payload length)
+
+    @property
+    def total(self):
+        return 40 + self.plen
+
+    @property
+    def fragmented(self):
+        """Part of a fragmented datagram (an atomic fragment, offset 0 and
+        no more to come, is a whole one: RFC 8200 4.5)."""
+        return self.frag_offset is not None and (self.frag_offset != 0 or self.frag_more)
+
+    @property
+    def l4(self):
+        return b"" if self.frag_offset else self.packet[self.l4off:]
+
+    def pkt(self):
+        p = Pkt(6, self.src, self.dst, self.proto)
+        if not self.frag_offset:
+            _l4_fields(p, self.l4)
+        return p
+
+
+def parse_ip6(b):
+    """An IPv6 header, its extension headers and payload from b (the bytes
+    after Ethernet), or None when malformed (docs/design.md, drop reason
+    `malformed_ipv6`): no whole header, version not 6, a payload length
+    past the frame, an IPv4-mapped source or destination, an extension
+    header cut short by the packet's end, or more than four extension
+    headers."""
+    if len(b) < 40 or b[0] >> 4 != 6:
         return None
-    p = ip.l4
-    if ip.proto in (IPPROTO_TCP, IPPROTO_UDP):
-        need = 20 if ip.proto == IPPROTO_TCP else 8
-        if len(p) < need:
+    plen = struct.unpack_from("!H", b, 4)[0]
+    total = 40 + plen
+    if total > len(b):
+        return None
+    # IPv4-mapped addresses never appear on the wire (RFC 4291 2.5.5.2); the
+    # tables keep IPv4 addresses there, where they would pass for IPv4 ones
+    if b[8:20] == V4_MAPPED or b[24:36] == V4_MAPPED:
+        return None
+    pkt = b[:total]
+    # SPEC-SILENT: "the packet" is what the payload length says: bytes
+    # after it (Ethernet padding) are not the packet's, so an extension
+    # header or an L4 header found only there is not in the packet
+    nh, off, n = b[6], 40, 0
+    frag_offset, frag_more = None, False
+    while nh in EXT_HEADERS:
+        if n == EXT_MAX:
             return None
-        sport, dport = struct.unpack_from("!HH", p)
-        flags = p[13] if ip.proto == IPPROTO_TCP else 0
-        return sport, dport, 0, 0, flags
-    if ip.proto == IPPROTO_ICMP:
-        if len(p) < 8:
+        n += 1
+        if off + 8 > total:
             return None
-        ident = struct.unpack_from("!H", p, 4)[0] if p[0] in (0, 8) else 0
-        return ident, ident if p[0] in (0, 8) else 0, p[0], p[1], 0
-    return 0, 0, 0, 0, 0
+        h = pkt[off:off + 8]
+        hlen = 8 if nh == 44 else (h[1] + 1) * 8
+        if off + hlen > total:
+            return None
+        if nh == 44:
+            fo = struct.unpack_from("!H", h, 2)[0]
+            # SPEC-SILENT: a second fragment header (malformed per RFC
+            # 8200, never sent by a stack) counts by the last one
+            frag_offset, frag_more = fo & 0xFFF8, bool(fo & 1)
+        nh = h[0]
+        off += hlen
+    return Ip6((struct.unpack_from("!I", b, 0)[0] >> 20) & 0xFF, plen, b[7], b[8:24], b[24:40],
+               nh, off, frag_offset, frag_more, pkt)
+
+
+def _l4_fields(p, l4):
+    """Ports, TCP flags, ICMP(v6) type and code from the L4 bytes, when the
+    L4 header is whole in the packet."""
+    if p.proto in (IPPROTO_TCP, IPPROTO_UDP):
+        need = 20 if p.proto == IPPROTO_TCP else 8
+        if len(l4) < need:
+            return
+        p.sport, p.dport = struct.unpack_from("!HH", l4)
+        p.tcp_flags = l4[13] if p.proto == IPPROTO_TCP else 0
+        p.has_l4 = True
+    elif p.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        if len(l4) < 8:
+            return
+        p.icmp_type, p.icmp_code = l4[0], l4[1]
+        echo = (0, 8) if p.proto == IPPROTO_ICMP else (128, 129)
+        if l4[0] in echo:
+            p.sport = p.dport = struct.unpack_from("!H", l4, 4)[0]
+        p.has_l4 = True
+
+
+def is_ndp(p):
+    return p.proto == IPPROTO_ICMPV6 and p.has_l4 and 133 <= p.icmp_type <= 137
+
+
+# --- flow hash (docs/design.md, "Wire format") -----------------------------------
+
+def _rotl(x, r):
+    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+
+def flow_hash(p, seed):
+    """MurmurHash3 (x86, 32-bit) of the ten 32-bit words of the parsed
+    5-tuple, keyed by the instance's seed. The words are as the host holds
+    them in memory (little-endian on x86 and arm64): the 16-byte source
+    and destination four words each, then the ports (source in the upper
+    half), then the protocol."""
+    w = [int.from_bytes(p.src[i:i + 4], "little") for i in range(0, 16, 4)]
+    w += [int.from_bytes(p.dst[i:i + 4], "little") for i in range(0, 16, 4)]
+    sw = lambda v: ((v & 0xFF) << 8) | (v >> 8)     # noqa: E731 (a __be16 read as u16)
+    w += [(sw(p.sport) << 16) | sw(p.dport), p.proto]
+    h = seed & 0xFFFFFFFF
+    for k in w:
+        k = (k * 0xCC9E2D51) & 0xFFFFFFFF
+        k = (_rotl(k, 15) * 0x1B873593) & 0xFFFFFFFF
+        h = (_rotl(h ^ k, 13) * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h ^= 40
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
 
 
 # --- firewall (docs/design.md, "Firewall and flow table") ------------------------
 
-def _rule_matches(r, ip, t, remote, vni):
-    if r.proto == 0xFE:                       # arp: never an IPv4 packet
+def _rule_matches(r, p, remote, vni):
+    if r.proto == 0xFE:                       # arp: never an IP packet
         return False
-    if r.proto and r.proto != ip.proto:
+    if r.proto and r.proto != p.proto:
         return False
     hm = int.from_bytes(r.host_mask, "big")
     if hm and int.from_bytes(remote, "big") & hm != int.from_bytes(r.host, "big") & hm:
@@ -201,34 +378,33 @@ def _rule_matches(r, ip, t, remote, vni):
     if r.vni_mask and (vni is VNI_EXTERNAL or vni != r.vni):
         return False
     if r.icmp_mask:
-        if ip.proto != IPPROTO_ICMP:
+        if p.proto not in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             return False
-        if ((t[2] << 8) | t[3]) & r.icmp_mask != r.icmp & r.icmp_mask:
+        if ((p.icmp_type << 8) | p.icmp_code) & r.icmp_mask != r.icmp & r.icmp_mask:
             return False
     if r.ports:
         # the port list names the local service: the destination port of
         # the packet (OPTE's `ports`); port 0 is never a real port
-        if ip.proto not in (IPPROTO_TCP, IPPROTO_UDP) or t[1] == 0 or t[1] not in r.ports:
+        if p.proto not in (IPPROTO_TCP, IPPROTO_UDP) or p.dport == 0 or p.dport not in r.ports:
             return False
     return True
 
 
-def firewall(inst, res, port, direction, ip, vni):
+def firewall(inst, res, port, direction, p, vni):
     """True when the packet may pass (docs/design.md,
     "Firewall and flow table"). Counts flow hits/misses and the verdict. The
     flow table is keyed by (port, direction, protocol, addresses, ports or
     ICMP id)."""
-    t = l4_tuple(ip) or (0, 0, 0, 0, 0)
-    key = (port.ifindex, direction, ip.proto, ip.src, ip.dst, t[0], t[1])
+    key = (port.ifindex, direction, p.proto, p.src, p.dst, p.sport, p.dport)
     hit = inst.flows.get(key)
     if hit is not None:
         res.count(port.ifindex, "flow_hits")
         return hit
     res.count(port.ifindex, "flow_misses")
-    remote = ip.dst if direction == "out" else ip.src
+    remote = p.dst if direction == "out" else p.src
     verdict = None
     for r in inst.rules.get((port.ifindex, direction), []):
-        if _rule_matches(r, ip, t, remote, vni):
+        if _rule_matches(r, p, remote, vni):
             verdict = r.action == "allow"
             break
     if verdict is None:
@@ -238,11 +414,24 @@ def firewall(inst, res, port, direction, ip, vni):
         # stateful: this direction and the reply's
         inst.flows[key] = True
         rdir = "in" if direction == "out" else "out"
-        inst.flows[(port.ifindex, rdir, ip.proto, ip.dst, ip.src, t[1], t[0])] = True
+        inst.flows[(port.ifindex, rdir, p.proto, p.dst, p.src, p.dport, p.sport)] = True
     return verdict
 
 
-# --- outbound (docs/design.md, "Outbound pipeline": guest -> world) --------------
+# --- the gateway (docs/design.md, "The gateway") ---------------------------------
+
+def _drop(res, port, reason, why=""):
+    res.verdict, res.retval, res.reason = "drop", TC_ACT_SHOT, why or reason
+    res.count(port.ifindex, f"drop_out_{reason}")
+    return res
+
+
+def _hairpin(res, port, out, counter):
+    res.verdict, res.retval, res.out = "hairpin", TC_ACT_REDIRECT, out
+    if counter:
+        res.count(port.ifindex, counter)
+    return res
+
 
 def _arp_reply(frame, port, tpa):
     sha, spa = frame[22:28], frame[28:32]
@@ -265,10 +454,22 @@ def _echo_reply(frame, ip, port):
     # request gives a valid reply
     old = struct.unpack_from("!H", frame, icmp + 2)[0]
     m, m2 = struct.unpack_from("!H", frame, icmp)[0], struct.unpack_from("!H", out, icmp)[0]
-    s = (~old & 0xFFFF) + (~m & 0xFFFF) + m2
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    out[icmp + 2:icmp + 4] = struct.pack("!H", ~s & 0xFFFF)
+    out[icmp + 2:icmp + 4] = struct.pack("!H", _csum_update(old, m, m2))
+    return bytes(out)
+
+
+def _echo6_reply(frame, ip6, port):
+    """The echo reply made of an echo request to the gateway's link-local
+    address: addresses swapped (the pseudo-header sum is unchanged), the
+    guest's MAC from the gateway's, type 129, the checksum updated."""
+    out = bytearray(frame)
+    out[0:6], out[6:12] = port.mac, port.gw_mac
+    out[22:38], out[38:54] = ip6.dst, ip6.src
+    icmp = 14 + ip6.l4off
+    out[icmp] = 129
+    old = struct.unpack_from("!H", frame, icmp + 2)[0]
+    m, m2 = struct.unpack_from("!H", frame, icmp)[0], struct.unpack_from("!H", out, icmp)[0]
+    out[icmp + 2:icmp + 4] = struct.pack("!H", _csum_update(old, m, m2))
     return bytes(out)
 
 
@@ -283,12 +484,254 @@ def _frag_needed(frame, ip, port):
     return port.mac + port.gw_mac + struct.pack("!H", ETH_P_IP), hdr, icmp
 
 
-def route_lookup(inst, port, dst):
-    """Longest prefix first; a custom entry beats a system one of the same length."""
+def _pseudo6(src, dst, length, nh):
+    return src + dst + struct.pack("!IxxxB", length, nh)
+
+
+def _packet_too_big(frame, ip6, port):
+    """ICMPv6 Packet Too Big from the gateway's link-local address to the
+    guest, with the port MTU, quoting the first 128 bytes of the packet."""
+    quote = frame[14:14 + ICMP6_QUOTE]
+    icmp = struct.pack("!BBHI", 2, 0, 0, port.mtu) + quote
+    ck = csum(_pseudo6(port.gw_ip6, ip6.src, len(icmp), IPPROTO_ICMPV6) + icmp)
+    icmp = icmp[:2] + struct.pack("!H", ck) + icmp[4:]
+    hdr = struct.pack("!IHBB", 6 << 28, len(icmp), IPPROTO_ICMPV6, 255) + port.gw_ip6 + ip6.src
+    return port.mac + port.gw_mac + struct.pack("!H", ETH_P_IPV6) + hdr + icmp
+
+
+def _send4(f):
+    """An IPv4/UDP reply with its lengths and checksums (UDP: 0 is 0xffff)."""
+    f[16:18] = struct.pack("!H", len(f) - 14)
+    f[24:26] = b"\0\0"
+    f[24:26] = struct.pack("!H", csum(bytes(f[14:34])))
+    ulen = len(f) - 34
+    f[38:40] = struct.pack("!H", ulen)
+    f[40:42] = b"\0\0"
+    ck = csum(bytes(f[26:34]) + struct.pack("!BBH", 0, IPPROTO_UDP, ulen) + bytes(f[34:]))
+    f[40:42] = struct.pack("!H", ck or 0xFFFF)
+    return bytes(f)
+
+
+def _send6(f, nh):
+    """An IPv6 reply carrying UDP or ICMPv6, lengths and checksum filled."""
+    plen = len(f) - 54
+    f[18:20] = struct.pack("!H", plen)
+    ck_at = 54 + (6 if nh == IPPROTO_UDP else 2)
+    if nh == IPPROTO_UDP:
+        f[58:60] = struct.pack("!H", plen)
+    f[ck_at:ck_at + 2] = b"\0\0"
+    ck = csum(_pseudo6(bytes(f[22:38]), bytes(f[38:54]), plen, nh) + bytes(f[54:]))
+    if nh == IPPROTO_UDP and ck == 0:
+        ck = 0xFFFF
+    f[ck_at:ck_at + 2] = struct.pack("!H", ck)
+    return bytes(f)
+
+
+def _dhcp4_type(opts):
+    """The DHCP message type (option 53) of the options area, 0 when there
+    is none: pad (0) skipped, end (255) stops, at most 64 options read, each
+    inside the message."""
+    off = 0
+    # SPEC-SILENT: a pad counts as one of the 64 options read (it is an
+    # option, RFC 2132 3.1); an option 53 whose length is not 1 carries
+    # no message type
+    for _ in range(DHCP4_OPTS_MAX):
+        if off >= len(opts):
+            return 0
+        code = opts[off]
+        if code == 255:
+            return 0
+        if code == 0:
+            off += 1
+            continue
+        if off + 2 > len(opts) or off + 2 + opts[off + 1] > len(opts):
+            return 0
+        if code == 53:
+            return opts[off + 2] if opts[off + 1] == 1 else 0
+        off += 2 + opts[off + 1]
+    return 0
+
+
+def _dhcp4_type_at(tmpl):
+    """Where the template's message type (option 53's value) is."""
+    base = 14 + 20 + 8 + 240
+    off = 0
+    opts = tmpl[base:]
+    while off + 2 < len(opts) and opts[off] != 255:
+        if opts[off] == 0:
+            off += 1
+            continue
+        if opts[off] == 53:
+            return base + off + 2
+        off += 2 + opts[off + 1]
+    raise ValueError("DHCPv4 template without a message type")
+
+
+def _dhcp4(res, port, ip):
+    """DHCPv4 to the gateway's server: a broadcast DISCOVER gets an OFFER, a
+    broadcast REQUEST an ACK, both the port's lease; the rest is dropped."""
+    if port.ip is None or ip.dst != BCAST4 or ip.fragmented:
+        return _drop(res, port, "dhcp4", "dhcp4 not a broadcast whole datagram")
+    # SPEC-SILENT: the IP total length bounds the message; the UDP length
+    # field is not consulted
+    bootp = ip.l4[8:]
+    if len(bootp) < 240:
+        return _drop(res, port, "dhcp4", "dhcp4 short")
+    sport = struct.unpack_from("!H", ip.l4)[0]
+    if sport != 68 or bootp[0] != 1 or bootp[1] != 1 or bootp[2] != 6 or \
+            bootp[236:240] != DHCP4_COOKIE:
+        return _drop(res, port, "dhcp4", "dhcp4 header")
+    if bootp[28:34] != port.mac:
+        return _drop(res, port, "spoof", "dhcp4 chaddr")
+    mtype = _dhcp4_type(bootp[240:])
+    if mtype not in (1, 3):
+        return _drop(res, port, "dhcp4", f"dhcp4 type {mtype}")
+    tmpl = port.templates.get(GW_DHCP4)
+    if tmpl is None:
+        return _drop(res, port, "dhcp4", "dhcp4 no template")
+    f = bytearray(tmpl)
+    rb = 14 + 20 + 8                            # the reply's BOOTP
+    f[rb + 4:rb + 8] = bootp[4:8]               # xid
+    f[rb + 10:rb + 12] = bootp[10:12]           # flags
+    f[_dhcp4_type_at(tmpl)] = 2 if mtype == 1 else 5
+    if bootp[10] & 0x80:                        # the client asks for a broadcast reply
+        f[0:6] = b"\xff" * 6
+        f[30:34] = BCAST4
+    return _hairpin(res, port, _send4(f), "dhcp4_replies")
+
+
+def _ndp_answer(port, kind, src):
+    f = bytearray(port.templates[kind])
+    if src != ZERO16:
+        f[38:54] = src
+    else:
+        # from the unspecified address: to all nodes (RFC 4861 6.2.6,
+        # 7.2.4), and an NA that answers no one in particular is not
+        # solicited
+        f[38:54] = ALL_NODES
+        f[0:6] = ALL_NODES_MAC
+        if kind == GW_NA:
+            f[58] &= ~0x40
+    return _send6(f, IPPROTO_ICMPV6)
+
+
+def _dhcp6_iaid_at(tmpl):
+    """Where the IAID of the template's IA_NA is."""
+    off, end = 14 + 40 + 8 + 4, len(tmpl)
+    while off + 4 <= end:
+        code, ln = struct.unpack_from("!HH", tmpl, off)
+        if code == 3:
+            return off + 4
+        off += 4 + ln
+    raise ValueError("DHCPv6 template without an IA_NA")
+
+
+def _dhcp6(res, port, ip6, p):
+    """DHCPv6 to the gateway's server: Solicit -> Advertise (or Reply with
+    Rapid Commit), Request naming this server -> Reply, Confirm -> Reply
+    (status Success); the rest is dropped."""
+    if port.ip6 is None or p.sport != 546 or ip6.dst != ALL_DHCP6:
+        return _drop(res, port, "dhcp6", "dhcp6 not to all servers from 546")
+    # SPEC-SILENT: as for DHCPv4, only a whole datagram is a message the
+    # server reads (a fragment's options may be in another fragment)
+    if ip6.fragmented:
+        return _drop(res, port, "dhcp6", "dhcp6 fragment")
+    msg = ip6.l4[8:]
+    if len(msg) < 4:
+        return _drop(res, port, "dhcp6", "dhcp6 short")
+    client = iaid = None
+    servers, rapid = [], False
+    off = 4
+    for _ in range(DHCP6_OPTS_MAX):
+        if off + 4 > len(msg):
+            break
+        code, ln = struct.unpack_from("!HH", msg, off)
+        if off + 4 + ln > len(msg):
+            break
+        body = msg[off + 4:off + 4 + ln]
+        if code == 1 and client is None:
+            client = msg[off:off + 4 + ln]
+        elif code == 2:
+            servers.append(body)
+        elif code == 3 and ln >= 12 and iaid is None:
+            iaid = body[:4]
+        elif code == 14:
+            rapid = True
+        off += 4 + ln
+    mtype = msg[0]
+    mine = b"\x00\x03\x00\x01" + port.gw_mac     # DUID-LL of the gateway MAC
+    if mtype == 1 and not servers:
+        kind, reply = GW_DHCP6, (7 if rapid else 2)
+    # SPEC-SILENT: a Request is this server's when the Server Identifier it
+    # carries is ours; one naming two servers names no one for sure (RFC
+    # 8415 21.3 allows one), so it is not answered
+    elif mtype == 3 and servers and all(s == mine for s in servers):
+        kind, reply, rapid = GW_DHCP6, 7, False
+    elif mtype == 4:
+        kind, reply, rapid = GW_DHCP6_STATUS, 7, False
+    else:
+        return _drop(res, port, "dhcp6", f"dhcp6 type {mtype}")
+    if client is None or len(client) > DHCP6_CLIENT_ID_MAX:
+        return _drop(res, port, "dhcp6", "dhcp6 client id")
+    tmpl = port.templates.get(kind)
+    if tmpl is None:
+        return _drop(res, port, "dhcp6", "dhcp6 no template")
+    f = bytearray(tmpl)
+    f[62] = reply
+    f[63:66] = msg[1:4]                         # transaction id
+    if kind == GW_DHCP6:
+        at = _dhcp6_iaid_at(tmpl)
+        f[at:at + 4] = iaid or bytes(4)
+    f[38:54] = ip6.src
+    f += client
+    if rapid:
+        f += b"\x00\x0e\x00\x00"
+    return _hairpin(res, port, _send6(f, IPPROTO_UDP), "dhcp6_replies")
+
+
+def _gateway6(res, port, frame, ip6, p):
+    """Link-scoped IPv6 and neighbour discovery from the guest: what the
+    gateway answers, else a drop by reason."""
+    if p.proto == IPPROTO_ICMPV6 and p.has_l4 and not ip6.fragmented and \
+            p.icmp_type == 128 and ip6.dst == port.gw_ip6:
+        if p.icmp_code != 0:
+            return _drop(res, port, "link_local", "echo6 code")
+        # SPEC-SILENT: the guest's source is its own link-local address,
+        # which the port does not record: no anti-spoofing here (the
+        # source MAC was checked)
+        return _hairpin(res, port, _echo6_reply(frame, ip6, port), "icmp_replies")
+    if p.proto == IPPROTO_ICMPV6:
+        if not is_ndp(p):
+            return _drop(res, port, "link_local", "icmp6 not ndp")
+        # RFC 6980 5: neighbour discovery in a packet with a fragment
+        # header (an atomic fragment too) is ignored, never answered
+        if port.ip6 is None or ip6.hlim != 255 or p.icmp_code != 0 or \
+                ip6.frag_offset is not None:
+            return _drop(res, port, "ndp", "ndp invalid")
+        if p.icmp_type == 133:
+            if GW_RA not in port.templates:
+                return _drop(res, port, "ndp", "no RA template")
+            return _hairpin(res, port, _ndp_answer(port, GW_RA, ip6.src), "ndp_replies")
+        if p.icmp_type == 135:
+            target = ip6.l4[8:24]
+            if len(target) < 16 or target != port.gw_ip6 or GW_NA not in port.templates:
+                return _drop(res, port, "ndp", "ns not for the gateway")
+            return _hairpin(res, port, _ndp_answer(port, GW_NA, ip6.src), "ndp_replies")
+        return _drop(res, port, "ndp", f"ndp type {p.icmp_type}")
+    if p.proto == IPPROTO_UDP and p.has_l4 and p.dport == 547:
+        return _dhcp6(res, port, ip6, p)
+    return _drop(res, port, "link_local", "link-scoped")
+
+
+# --- outbound (docs/design.md, "Outbound pipeline": guest -> world) --------------
+
+def route_lookup(inst, port, p):
+    """Longest prefix first in the table of the packet's family; a custom
+    entry beats a system one of the same length."""
     best = None
-    a = ipaddress.IPv4Address(dst)
+    a = ipaddress.IPv4Address(p.dst[12:]) if p.family == 4 else ipaddress.IPv6Address(p.dst)
     for r in inst.routes.get(port.ifindex, []):
-        if a in r.dest:
+        if r.dest.version == p.family and a in r.dest:
             rank = (r.dest.prefixlen, not r.system)
             if best is None or rank > best[0]:
                 best = (rank, r)
@@ -313,104 +756,118 @@ def outbound(inst, ifindex, frame):
         res.count(P, "passthrough_out")
         return res
     if len(frame) < 14:
-        res.reason = "runt"
-        res.count(P, "drop_out_malformed_inner")
-        return res
+        return _drop(res, port, "malformed_inner", "runt")
     etype = struct.unpack_from("!H", frame, 12)[0]
     # 3. anti-spoofing of the source MAC applies to every frame the guest
     # sends, whatever it carries (an operator expects a foreign source MAC
     # never to be answered or forwarded)
     if frame[6:12] != port.mac:
-        res.reason = "spoof mac"
-        res.count(P, "drop_out_spoof")
-        return res
-
-    # 4. gateway: ARP
+        return _drop(res, port, "spoof", "spoof mac")
     if etype == ETH_P_ARP:
-        a = frame[14:42]
-        ok = (len(a) == 28 and a[0:6] == struct.pack("!HHBB", 1, ETH_P_IP, 6, 4)
-              and struct.unpack_from("!H", a, 6)[0] == 1)
-        # the sender fields are the guest's own, as OPTE's gateway requires
-        if ok and (a[8:14] != port.mac or a[14:18] != port.ip):
-            res.reason = "spoof arp"
-            res.count(P, "drop_out_spoof")
-            return res
-        if ok:
-            tpa = a[24:28]
-            # SPEC-SILENT: the guest's own address is not the gateway's to
-            # answer (duplicate address detection must see silence)
-            if tpa == port.gw_ip or (ipaddress.IPv4Address(tpa) in port.subnet and tpa != port.ip):
-                res.verdict, res.retval = "hairpin", TC_ACT_REDIRECT
-                res.out = _arp_reply(frame, port, tpa)
-                res.count(P, "arp_replies")
-                return res
-        res.reason = "arp"
-        res.count(P, "drop_out_arp")
-        return res
-    if etype != ETH_P_IP:
-        # IPv4 only (the IPv6 overlay comes later); VLAN tags are not ours
-        res.reason = f"ethertype {etype:#x}"
-        res.count(P, "drop_out_unsupported")
-        return res
+        return _out_arp(res, port, frame)
+    if etype == ETH_P_IP:
+        return _out4(inst, res, port, frame)
+    if etype == ETH_P_IPV6:
+        return _out6(inst, res, port, frame)
+    # VLAN tags and the rest are not ours
+    return _drop(res, port, "unsupported", f"ethertype {etype:#x}")
+
+
+def _out_arp(res, port, frame):
+    a = frame[14:42]
+    ok = (len(a) == 28 and a[0:6] == struct.pack("!HHBB", 1, ETH_P_IP, 6, 4)
+          and struct.unpack_from("!H", a, 6)[0] == 1)
+    # the sender fields are the guest's own, as OPTE's gateway requires
+    # SPEC-SILENT: a port without IPv4 has no address an ARP sender could
+    # rightly claim, and no IPv4 gateway to answer for
+    if ok and (a[8:14] != port.mac or port.ip is None or a[14:18] != port.ip):
+        return _drop(res, port, "spoof", "spoof arp")
+    if ok:
+        tpa = a[24:28]
+        # SPEC-SILENT: the guest's own address is not the gateway's to
+        # answer (duplicate address detection must see silence)
+        if tpa == port.gw_ip or (ipaddress.IPv4Address(tpa) in port.subnet and tpa != port.ip):
+            return _hairpin(res, port, _arp_reply(frame, port, tpa), "arp_replies")
+    return _drop(res, port, "arp")
+
+
+def _out4(inst, res, port, frame):
     ip = parse_ip4(frame[14:])
     if ip is None:
-        res.reason = "bad ipv4"
-        res.count(P, "drop_out_malformed_ipv4")
-        return res
-    # 6. gateway: echo to the gateway IP (only a whole datagram carries an
-    # ICMP header the gateway can answer: a fragment is not an echo request)
+        return _drop(res, port, "malformed_ipv4", "bad ipv4")
+    p = ip.pkt()
+    # the gateway's DHCPv4 server, before anti-spoofing: a client asking
+    # for an address has none yet
+    if ip.proto == IPPROTO_UDP and p.has_l4 and p.dport == 67 and ip.dst in (BCAST4, port.gw_ip):
+        return _dhcp4(res, port, ip)
+    # anti-spoofing, part 2
+    if port.ip is None or ip.src != port.ip:
+        return _drop(res, port, "spoof", "spoof")
+    # gateway echo to the gateway IP (only a whole datagram carries an ICMP
+    # header the gateway can answer: a fragment is not an echo request)
     if ip.dst == port.gw_ip and ip.proto == IPPROTO_ICMP and not ip.fragmented \
             and len(ip.l4) >= 8 and ip.l4[0] == 8 and ip.l4[1] == 0:
-        # 5. anti-spoofing applies to what the gateway answers, too
-        if ip.src != port.ip:
-            res.reason = "spoof"
-            res.count(P, "drop_out_spoof")
-            return res
-        res.verdict, res.retval = "hairpin", TC_ACT_REDIRECT
-        res.out = _echo_reply(frame, ip, port)
-        res.count(P, "icmp_replies")
-        return res
-    # 5. anti-spoofing
-    if ip.src != port.ip:
-        res.reason = "spoof"
-        res.count(P, "drop_out_spoof")
-        return res
-    # 7. firewall
-    if not firewall(inst, res, port, "out", ip, port.vni):
-        res.reason = "firewall"
-        res.count(P, "drop_out_firewall")
-        return res
-    # 8. MTU (checked before routing, so the guest learns it whatever the
+        return _hairpin(res, port, _echo_reply(frame, ip, port), "icmp_replies")
+    # firewall
+    if not firewall(inst, res, port, "out", p, port.vni):
+        return _drop(res, port, "firewall")
+    # MTU (checked before routing, so the guest learns it whatever the
     # destination): larger than the port MTU is dropped (counted), and with
     # DF the guest gets "fragmentation needed" back, never a silent drop
     if ip.total > port.mtu:
         res.reason = "mtu"
-        res.count(P, "drop_out_mtu")
+        res.count(port.ifindex, "drop_out_mtu")
         if ip.df:
             eth, hdr, icmp = _frag_needed(frame, ip, port)
             res.verdict, res.retval = "hairpin", TC_ACT_REDIRECT
             res.encap = {"frag_needed": (eth, hdr, icmp)}
-            res.count(P, "mtu_icmp_sent")
+            res.count(port.ifindex, "mtu_icmp_sent")
         return res
-    # 9. router
-    r = route_lookup(inst, port, ip.dst)
+    return _route_out(inst, res, port, frame, p, ip.tos)
+
+
+def _out6(inst, res, port, frame):
+    ip6 = parse_ip6(frame[14:])
+    if ip6 is None:
+        return _drop(res, port, "malformed_ipv6", "bad ipv6")
+    p = ip6.pkt()
+    # link-local, multicast and neighbour discovery stay on the port's link:
+    # the gateway answers what it serves and drops the rest
+    if link_scoped(ip6.src) or link_scoped(ip6.dst) or is_ndp(p):
+        return _gateway6(res, port, frame, ip6, p)
+    if port.ip6 is None or ip6.src != port.ip6:
+        return _drop(res, port, "spoof", "spoof6")
+    if not firewall(inst, res, port, "out", p, port.vni):
+        return _drop(res, port, "firewall")
+    # MTU: IPv6 is never fragmented on the way, so too big is always
+    # answered with Packet Too Big (RFC 8201), unless the packet is too
+    # short to quote 128 bytes of
+    if ip6.total > port.mtu:
+        res.reason = "mtu"
+        res.count(port.ifindex, "drop_out_mtu")
+        if ip6.total >= ICMP6_QUOTE:
+            res.verdict, res.retval = "hairpin", TC_ACT_REDIRECT
+            res.out = _packet_too_big(frame, ip6, port)
+            res.count(port.ifindex, "mtu_icmp_sent")
+        return res
+    return _route_out(inst, res, port, frame, p, ip6.tc)
+
+
+def _route_out(inst, res, port, frame, p, tos):
+    """Router, V2P and the overlay (or same-host delivery)."""
+    P = port.ifindex
+    r = route_lookup(inst, port, p)
     if r is None:
-        res.reason = "no route"
-        res.count(P, "drop_out_no_route")
-        return res
+        return _drop(res, port, "no_route", "no route")
     if r.target == "drop":
-        res.reason = "router drop"
-        res.count(P, "drop_out_router")
-        return res
+        return _drop(res, port, "router", "router drop")
     if r.target == "ig":
         vni, inner_mac, dst6 = port.bsvc_vni, BSVC_MAC, port.bsvc_addr
     else:
-        look = ip.dst if r.target == "sub4" else r.addr
+        look = p.dst if r.target in ("sub4", "sub6") else r.addr
         m = inst.v2p.get((port.vni, look))
         if m is None:
-            res.reason = "no v2p"
-            res.count(P, "drop_out_no_v2p")
-            return res
+            return _drop(res, port, "no_v2p", "no v2p")
         vni, (inner_mac, dst6) = port.vni, m
     inner = inner_mac + frame[6:]
     # same host (docs/design.md, "Same-host delivery"): straight into the
@@ -418,25 +875,27 @@ def outbound(inst, ifindex, frame):
     if dst6 == inst.underlay_addr:
         target = inst.port_by(vni, inner_mac)
         if target is None:
-            res.reason = "no local port"
-            res.count(P, "drop_out_no_port_local")
-            return res
+            return _drop(res, port, "no_port_local", "no local port")
         # nothing is encapsulated: no encap/decap counted
-        return _deliver(inst, res, target, inner, ip, vni, tc=True)
+        return _deliver(inst, res, target, inner, p, vni, tc=True)
     res.verdict, res.retval = "underlay", TC_ACT_REDIRECT
     res.count(P, "encap")
     res.encap = {"inner": inner, "vni": vni, "dst": dst6, "src": inst.underlay_addr,
-                 "tc": ip.tos}
+                 "tc": tos}
+    if inst.hash_seed is not None:
+        h = flow_hash(p, inst.hash_seed)
+        res.encap["label"] = h & 0xFFFFF
+        res.encap["sport"] = 0xC000 | ((h >> 16) & 0x3FFF)
     return res
 
 
 # --- inbound (docs/design.md, "Inbound pipeline": world -> guest) ----------------
 
-def _deliver(inst, res, port, inner, ip, vni, tc=False):
+def _deliver(inst, res, port, inner, p, vni, tc=False):
     """Inbound steps 6 and 7: firewall, then the inner frame, with the gateway
     MAC as its source, into the port."""
     P = port.ifindex
-    if ip is not None and not firewall(inst, res, port, "in", ip, vni):
+    if p is not None and not firewall(inst, res, port, "in", p, vni):
         res.verdict, res.retval = "drop", TC_ACT_SHOT if tc else XDP_DROP
         res.reason = "firewall"
         res.count(P, "drop_in_firewall")
@@ -460,6 +919,12 @@ def _pass(res):
 def _malformed(res, kind):
     res.verdict, res.retval, res.reason = "drop", XDP_DROP, kind
     res.count("g", kind)
+    return res
+
+
+def _drop_in(res, port, reason, why=""):
+    res.verdict, res.retval, res.reason = "drop", XDP_DROP, why or reason
+    res.count(port.ifindex, f"drop_in_{reason}")
     return res
 
 
@@ -524,13 +989,25 @@ def inbound(inst, frame):
         res.verdict, res.retval = "drop", XDP_DROP
         res.count("g", "drop_in_no_port")
         return res
-    P = port.ifindex
-    # 5. the inner frame must be IPv4
-    ip = parse_ip4(inner[14:]) if ietype == ETH_P_IP else None
-    if ip is None:
-        res.verdict, res.retval, res.reason = "drop", XDP_DROP, "inner not IPv4"
-        res.count(P, "drop_in_malformed_ipv4" if ietype == ETH_P_IP else "drop_in_unsupported")
-        return res
+    # 5. the inner frame must be IPv4 or IPv6
+    if ietype == ETH_P_IP:
+        ip = parse_ip4(inner[14:])
+        if ip is None:
+            return _drop_in(res, port, "malformed_ipv4", "inner not IPv4")
+        p = ip.pkt()
+    elif ietype == ETH_P_IPV6:
+        ip6 = parse_ip6(inner[14:])
+        if ip6 is None:
+            return _drop_in(res, port, "malformed_ipv6", "inner not IPv6")
+        p = ip6.pkt()
+        # neighbour discovery and link-scoped traffic never cross the
+        # gateway: the guest's link ends at it
+        if is_ndp(p):
+            return _drop_in(res, port, "ndp", "ndp from the overlay")
+        if link_scoped(ip6.src) or link_scoped(ip6.dst):
+            return _drop_in(res, port, "link_local", "link-scoped from the overlay")
+    else:
+        return _drop_in(res, port, "unsupported", "inner not IP")
     # 6. firewall (External: from outside the VPC, matches no vni= filter),
     # then 7. delivery
-    return _deliver(inst, res, port, inner, ip, VNI_EXTERNAL if external else vni)
+    return _deliver(inst, res, port, inner, p, VNI_EXTERNAL if external else vni)

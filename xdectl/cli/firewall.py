@@ -12,8 +12,8 @@ def add_fw_rule(ctx: typer.Context, port: str,
                 direction: str = typer.Option(..., "--dir", help="in or out."),
                 action: str = typer.Option(..., help="allow (stateful) or deny."),
                 priority: str = typer.Option(..., help="0..65535, lower first."),
-                hosts: str = typer.Option("any", help="any, ip=ADDR, subnet=CIDR or vni=N."),
-                protocol: str = typer.Option("any", help="any, tcp, udp, icmp[:type[,code]], arp."),
+                hosts: str = typer.Option("any", help="any, ip=ADDR, subnet=CIDR (IPv4 or IPv6) or vni=N."),
+                protocol: str = typer.Option("any", help="any, tcp, udp, icmp[:type[,code]], icmp6[:type[,code]], arp."),
                 ports: str = typer.Option("any", help="any or a list: 22,80.")):
     """Add a firewall rule to PORT; prints its id."""
     from ..fw import add_rule, parse_rule

@@ -8,7 +8,7 @@ from .common import JSON, app, columns, out, print_table, root
 
 @app.command("set-v2p")
 def set_v2p(ctx: typer.Context, vpc_ip: str, vpc_mac: str, underlay_ip: str, vni: str):
-    """Map (VNI, VPC_IP) to VPC_MAC on the host at UNDERLAY_IP."""
+    """Map (VNI, VPC_IP) to VPC_MAC on the host at UNDERLAY_IP (VPC_IP: IPv4 or IPv6)."""
     from ..overlay import set_v2p as do
     do(root(ctx), vpc_ip, vpc_mac, underlay_ip, vni)
 
@@ -22,7 +22,7 @@ def clear_v2p(ctx: typer.Context, vpc_ip: str, vpc_mac: str, underlay_ip: str, v
 
 @app.command("dump-v2p")
 def dump_v2p(ctx: typer.Context, as_json: bool = JSON):
-    """List the V2P mappings."""
+    """List the V2P mappings (by VNI, IPv4 before IPv6)."""
     from ..overlay import dump_v2p as do
     out(do(root(ctx)), as_json, lambda rows: print_table(
         ["VNI", "VPC IP", "VPC MAC", "UNDERLAY"],
@@ -39,7 +39,8 @@ def load_v2p(ctx: typer.Context,
 
 @app.command("add-router-entry")
 def add_router_entry(ctx: typer.Context, port: str, dest: str, target: str):
-    """Route DEST (IPv4 CIDR) on PORT to TARGET: drop, ig, ip4=ADDR, sub4=CIDR."""
+    """Route DEST (IPv4 or IPv6 CIDR) on PORT to TARGET: drop, ig, ip4=ADDR,
+    sub4=CIDR (IPv4 DEST), ip6=ADDR, sub6=CIDR (IPv6 DEST)."""
     from ..overlay import add_router_entry as do
     do(root(ctx), port, dest, target)
 
@@ -54,6 +55,6 @@ def del_router_entry(ctx: typer.Context, port: str, dest: str,
 
 @app.command("dump-router")
 def dump_router(ctx: typer.Context, port: str, as_json: bool = JSON):
-    """List PORT's routes, longest prefix first."""
+    """List PORT's routes: IPv4, then IPv6, each longest prefix first."""
     from ..overlay import dump_router as do
     out(do(root(ctx), port), as_json, columns(["dest", "target", "kind"]))

@@ -10,20 +10,20 @@ from .common import JSON, app, out, print_table, root
 
 
 def _create(ctx, name, underlays, mac, ip, gateway_mac, gateway_ip, boundary_services,
-            boundary_vni, vni, underlay_addr, vpc_subnet, passthrough):
+            boundary_vni, vni, underlay_addr, vpc_subnet, passthrough, **family6):
     from ..ports import PortSpec, create
     if len(underlays) != 2:
         raise XdeError(f"a port needs exactly two underlay devices, got {len(underlays)}")
     create(root(ctx), PortSpec(name, underlays[0], underlays[1], mac, ip, gateway_mac,
                                gateway_ip, boundary_services, boundary_vni, vni,
-                               underlay_addr, vpc_subnet, passthrough))
+                               underlay_addr, vpc_subnet, passthrough, **family6))
 
 
 @app.command()
 def create(ctx: typer.Context, name: str,
            underlay: List[str] = typer.Option(..., help="Underlay device; give it twice."),
            mac: str = typer.Option(..., help="Guest (overlay) MAC."),
-           ip: str = typer.Option(..., help="Guest IPv4 address."),
+           ip: Optional[str] = typer.Option(None, help="Guest IPv4 address (this, --ip6 or both)."),
            gateway_mac: str = typer.Option(..., help="Virtual gateway MAC."),
            gateway_ip: str = typer.Option(..., help="Virtual gateway IPv4 address."),
            boundary_services: str = typer.Option(..., help="Boundary services underlay IPv6."),
@@ -31,10 +31,17 @@ def create(ctx: typer.Context, name: str,
            vni: str = typer.Option(..., help="VPC VNI."),
            underlay_addr: str = typer.Option(..., help="This host's underlay IPv6 address."),
            vpc_subnet: Optional[str] = typer.Option(None, help="VPC IPv4 subnet (default: the /24 of --ip)."),
+           ip6: Optional[str] = typer.Option(None, help="Guest IPv6 address (global or unique-local)."),
+           vpc_subnet6: Optional[str] = typer.Option(None, help="VPC IPv6 subnet (default: the /64 of --ip6)."),
+           dns: List[str] = typer.Option([], help="DNS server the gateway offers by DHCP; repeat "
+                                         "for more (at most 3 per family)."),
+           hostname: Optional[str] = typer.Option(None, help="Host name offered by DHCPv4."),
+           domain: Optional[str] = typer.Option(None, help="Domain offered by DHCPv4 and DHCPv6."),
            passthrough: bool = typer.Option(False, help="Bypass the pipeline: frames pass unchanged.")):
     """Create a port."""
     _create(ctx, name, underlay, mac, ip, gateway_mac, gateway_ip, boundary_services,
-            boundary_vni, vni, underlay_addr, vpc_subnet, passthrough)
+            boundary_vni, vni, underlay_addr, vpc_subnet, passthrough, ip6=ip6,
+            vpc_subnet6=vpc_subnet6, dns=dns, hostname=hostname, domain=domain)
 
 
 @app.command("xde-create")
@@ -61,9 +68,9 @@ def xde_delete(ctx: typer.Context, name: str):
 
 
 def _ports_table(ports):
-    cols = ["name", "mode", "mac", "ip", "vni", "underlays", "state"]
-    rows = [[p[c] if c != "underlays" else ",".join(str(u) for u in p[c]) for c in cols]
-            for p in ports]
+    cols = ["name", "mode", "mac", "ip", "ip6", "vni", "underlays", "state"]
+    rows = [[",".join(str(u) for u in p[c]) if c == "underlays" else
+             "-" if p[c] is None else p[c] for c in cols] for p in ports]
     print_table([c.upper() for c in cols], rows)
 
 
