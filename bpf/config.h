@@ -79,6 +79,16 @@ static __always_inline __u64 xde_now(void)
 	return bpf_ktime_get_coarse_ns();
 }
 
+/* Does the port carry this EtherType's family (IPv4 or IPv6)? */
+static __always_inline int port_has_family(struct port_cfg *pc, __be16 proto)
+{
+	if (proto == bpf_htons(ETH_P_IP))
+		return pc->flags & PORT_F_IP4;
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return pc->flags & PORT_F_IP6;
+	return 0;
+}
+
 static __always_inline struct xde_cfg *xde_config(void)
 {
 	__u32 k = CFG_KEY;

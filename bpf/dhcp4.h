@@ -91,8 +91,7 @@ static __always_inline int dhcp4_serve(struct __sk_buff *skb, struct port_cfg *p
 		__builtin_memset(f, 0xff, ETH_ALEN);
 		__builtin_memset(f + GW_OFF_IP4_DST, 0xff, 4);
 	}
-	stat_add(st, P_dhcp4_replies, 1);
-	return gw_send4(skb, sc, len, port);
+	return gw_send4(skb, sc, len, port, st, P_dhcp4_replies);
 }
 
 #endif

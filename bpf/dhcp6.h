@@ -88,7 +88,7 @@ static __always_inline int dhcp6_serve(struct __sk_buff *skb, struct port_cfg *p
 		reply = r.rapid ? DHCP6_REPLY : DHCP6_ADVERTISE;
 	else if (type == DHCP6_REQUEST && r.servers && !r.foreign)
 		r.rapid = 0;
-	else if (type == DHCP6_CONFIRM)
+	else if (type == DHCP6_CONFIRM && !r.servers)  /* RFC 8415: discarded */
 		kind = GW_DHCP6_STATUS, r.rapid = 0;
 	else
 		return tc_drop(port, DIR_OUT, DROP_dhcp6);
@@ -100,7 +100,7 @@ static __always_inline int dhcp6_serve(struct __sk_buff *skb, struct port_cfg *p
 	if (!sc)
 		return tc_drop(port, DIR_OUT, DROP_no_scratch);
 	__u32 len = gw_start(sc, port, kind);
-	if (!len || len > GW_TMPL_MAX)
+	if (!len || len > GW_TMPL_MAX)  /* (gw_start's bound, again for the verifier) */
 		return tc_drop(port, DIR_OUT, DROP_dhcp6);
 	__u8 *f = sc->reply;
 	((__u8 *)&head)[0] = reply;
@@ -117,8 +117,7 @@ static __always_inline int dhcp6_serve(struct __sk_buff *skb, struct port_cfg *p
 		__builtin_memcpy(f + bound(len, 0x3ff), rc, 4);
 		len += 4;
 	}
-	stat_add(st, P_dhcp6_replies, 1);
-	return gw_send6(skb, sc, len, port, IPPROTO_UDP);
+	return gw_send6(skb, sc, len, port, IPPROTO_UDP, st, P_dhcp6_replies);
 }
 
 #endif

@@ -43,8 +43,11 @@ static __always_inline int deliver_local(struct __sk_buff *skb, struct xde_cfg *
 		return tc_drop(port, DIR_OUT, DROP_no_port_local);
 	__u32 d = dpc->ifindex;
 	struct port_stats *dst_st = port_stats_get(d);
-	/* the destination port's inbound firewall, as if it came off the wire */
-	int v = firewall(dpc, dst_st, DIR_IN, p, vni, skb->len, cfg, now);
+	/* as if it came off the wire: a family the port does not have is not
+	 * the guest's, and then the destination port's inbound firewall */
+	if (!(dpc->flags & (addr_v4mapped(p->src) ? PORT_F_IP4 : PORT_F_IP6)))
+		return tc_drop(d, DIR_IN, DROP_unsupported);
+	int v = firewall(dpc, dst_st, DIR_IN, p, vni, skb->len, cfg, now, STAGE_TC_LOCAL_IN);
 	if (v == VERDICT_PENDING)
 		return tc_fw_call(skb, d, DIR_IN);
 	if (v == VERDICT_DENY)

@@ -24,13 +24,13 @@
  * first; tail-call PROG_FW_EVAL (fw_job.h). */
 enum fw_verdict { VERDICT_DENY = 0, VERDICT_PASS = 1, VERDICT_PENDING = 2 };
 
-/* p going dir through the port pc, len bytes, at time now. st: the port's
- * counters, or NULL when this packet's verdict here was counted in an
- * earlier run of the pipeline (then neither the port nor the flow counts
- * it again). */
+/* p going dir through the port pc, len bytes, at time now, checked by
+ * stage (fw_job.h). st: the port's counters, or NULL when this packet's
+ * verdict here was counted in an earlier run of the pipeline (then neither
+ * the port nor the flow counts it again). */
 static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, __u32 dir,
 				    struct pkt *p, __u32 vni, __u32 len, struct xde_cfg *cfg,
-				    __u64 now)
+				    __u64 now, __u32 stage)
 {
 	__u32 port = pc->ifindex, epoch = pc->fw_epoch;
 	struct flow_key k;
@@ -45,19 +45,20 @@ static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, 
 	if (f && now - f->last_ns <= flow_ttl(f, p->proto, cfg)) {
 		int reeval = f->epoch != epoch, ok = 1;
 		if (reeval) {
-			/* rules changed: judge the flow again where it started */
-			stat_add(st, P_flow_reevaluated, 1);
-			/* judged as it was first: in its first direction
+			/* rules changed: judge the flow again where it
+			 * started, as it was first: in its first direction
 			 * (p turned around for that, and back), with the
 			 * VNI it came in */
 			int turn = f->origin != dir;
 			if (turn)
 				pkt_reverse(p);
-			int answered = fw_rules_verdict(port, f->origin, p, f->vni, &rule, &ok);
+			int answered = fw_rules_verdict(port, f->origin, p, f->vni, epoch, stage,
+							&rule, &ok);
 			if (turn)
 				pkt_reverse(p);
 			if (!answered)
 				return VERDICT_PENDING;
+			stat_add(st, P_flow_reevaluated, 1);
 			f->epoch = epoch;
 		}
 		if (ok) {
@@ -76,7 +77,7 @@ static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, 
 		flow_delete(&k);
 	}
 	int allow;
-	if (!fw_rules_verdict(port, dir, p, vni, &rule, &allow))
+	if (!fw_rules_verdict(port, dir, p, vni, epoch, stage, &rule, &allow))
 		return VERDICT_PENDING;
 	stat_add(st, P_flow_misses, 1);
 	if (!allow) {

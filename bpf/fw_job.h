@@ -20,6 +20,8 @@ struct fw_job {
 	__u32 port;
 	__u32 dir;
 	__u32 vni;
+	__u32 stage;              /* enum fw_stage: which firewall check posted it */
+	__u32 epoch;              /* the port's rules it is judged by (port_cfg.fw_epoch) */
 	__u32 state;              /* enum fw_job_state */
 	__u32 action;             /* the answer: enum fw_action, 0 when no rule matched */
 	__u32 rule_id;
@@ -38,16 +40,27 @@ static __always_inline struct fw_job *fw_job_get(void)
 	return fw_job.lookup(&zero);
 }
 
-/* Which run of the pipeline this is: the first (0), or one resuming after
- * a rule evaluation for the direction it names (FW_RESUMED_OUT or _IN). */
-#define FW_RESUMED_OUT 1
-#define FW_RESUMED_IN 2
-static __always_inline int fw_resumed(void)
+/* The firewall checks a pipeline makes, in the order they come: an answer
+ * is taken only by the check that asked, and a TC run resuming after the
+ * walk of STAGE_TC_LOCAL_IN knows that its outbound check was counted in
+ * an earlier run. */
+enum fw_stage { STAGE_XDP_IN = 1, STAGE_TC_OUT = 2, STAGE_TC_LOCAL_IN = 3 };
+
+/* Which TC run this is: 0 the first, else the stage whose walk it resumes
+ * after. */
+static __always_inline __u32 fw_tc_resumed(struct fw_job *j)
 {
-	struct fw_job *j = fw_job_get();
-	if (!j || j->state != JOB_DONE)
+	if (!j || j->state != JOB_DONE || j->stage == STAGE_XDP_IN)
 		return 0;
-	return j->dir == DIR_OUT ? FW_RESUMED_OUT : FW_RESUMED_IN;
+	return j->stage;
+}
+
+/* A TC run that returns (no tail call) ends its packet's pipeline: no
+ * answer may stay behind for another packet to take. */
+static __always_inline void fw_job_end(struct fw_job *j)
+{
+	if (j && j->state != JOB_IDLE)
+		j->state = JOB_IDLE;
 }
 
 static __always_inline int same_pkt(struct pkt *a, struct pkt *b)
@@ -56,17 +69,19 @@ static __always_inline int same_pkt(struct pkt *a, struct pkt *b)
 	       a->dport == b->dport && a->proto == b->proto;
 }
 
-/* The rules' verdict on p going dir through port: 1 with *allow set when the
- * eval program has answered, 0 after posting the question. */
+/* The rules' verdict on p going dir through port, judged by the rules of
+ * epoch, asked by stage: 1 with *allow set when the eval program has
+ * answered, 0 after posting the question. */
 static __always_inline int fw_rules_verdict(__u32 port, __u32 dir, struct pkt *p, __u32 vni,
-					    __u32 *rule_id, int *allow)
+					    __u32 epoch, __u32 stage, __u32 *rule_id, int *allow)
 {
 	struct fw_job *j = fw_job_get();
 	if (!j) {
 		*allow = 0;
 		return 1;
 	}
-	if (j->state == JOB_DONE && j->port == port && j->dir == dir && same_pkt(&j->p, p)) {
+	if (j->state == JOB_DONE && j->port == port && j->dir == dir && j->stage == stage &&
+	    j->epoch == epoch && same_pkt(&j->p, p)) {
 		j->state = JOB_IDLE;
 		__u32 id = j->rule_id;
 		*rule_id = id;
@@ -84,6 +99,8 @@ static __always_inline int fw_rules_verdict(__u32 port, __u32 dir, struct pkt *p
 	j->port = port;
 	j->dir = dir;
 	j->vni = vni;
+	j->stage = stage;
+	j->epoch = epoch;
 	j->state = JOB_PENDING;
 	return 0;
 }

@@ -53,9 +53,33 @@ static __always_inline int gateway_arp(struct __sk_buff *skb, struct port_cfg *p
 	return hairpin(skb);
 }
 
-/* ICMP echo request to the gateway IP: turned into the reply in place.
- * Swapping the addresses leaves the IP checksum as it is; the ICMP checksum
- * moves by the type change only. Returns -1 when the frame is not one. */
+/* An echo request (type req) turned into the reply (type rep) in place,
+ * back to the guest: the addresses (alen bytes each, the source at aoff)
+ * swapped, which leaves any checksum over them as it was, the MACs
+ * guest <- gateway, the type changed and the ICMP checksum with it. */
+static __always_inline int echo_in_place(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
+					 struct port_stats *st, const void *src, const void *dst,
+					 const int alen, __u32 aoff, __u32 l4off, __u8 req, __u8 rep)
+{
+	__u8 addrs[32];
+	__builtin_memcpy(addrs, dst, alen);
+	__builtin_memcpy(addrs + alen, src, alen);
+	__u8 macs[12];
+	__builtin_memcpy(macs, pc->mac, ETH_ALEN);
+	__builtin_memcpy(macs + 6, pc->gw_mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, aoff, addrs, 2 * alen, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
+	if (bpf_l4_csum_replace(skb, l4off + 2, bpf_htons(req << 8), bpf_htons(rep << 8), 2) < 0)
+		return tc_drop(port, DIR_OUT, DROP_csum_failed);
+	if (bpf_skb_store_bytes(skb, l4off, &rep, 1, 0) < 0)
+		return tc_drop(port, DIR_OUT, DROP_store_failed);
+	stat_add(st, P_icmp_replies, 1);
+	return hairpin(skb);
+}
+
+/* ICMP echo request to the gateway IP: the reply. Returns -1 when the
+ * frame is not one. */
 static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
 					struct port_stats *st,
 					struct iphdr *ip, __u32 l4off)
@@ -68,21 +92,9 @@ static __always_inline int gateway_icmp(struct __sk_buff *skb, struct port_cfg *
 	if (bpf_skb_load_bytes(skb, l4off, &icmp, sizeof(icmp)) < 0 ||
 	    icmp.type != ICMP_ECHO || icmp.code != 0)
 		return -1;
-	__be32 addrs[2] = { ip->daddr, ip->saddr };
-	__u8 macs[12];
-	__builtin_memcpy(macs, pc->mac, ETH_ALEN);
-	__builtin_memcpy(macs + 6, pc->gw_mac, ETH_ALEN);
-	__u8 reply = ICMP_ECHOREPLY;
-	if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), addrs, 8, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
-		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	if (bpf_l4_csum_replace(skb, l4off + offsetof(struct icmphdr, checksum),
-				bpf_htons(ICMP_ECHO << 8), bpf_htons(ICMP_ECHOREPLY << 8), 2) < 0)
-		return tc_drop(port, DIR_OUT, DROP_csum_failed);
-	if (bpf_skb_store_bytes(skb, l4off, &reply, 1, 0) < 0)
-		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	stat_add(st, P_icmp_replies, 1);
-	return hairpin(skb);
+	__be32 src = ip->saddr, dst = ip->daddr;
+	return echo_in_place(skb, pc, port, st, &src, &dst, 4,
+			     ETH_HLEN + offsetof(struct iphdr, saddr), l4off, ICMP_ECHO, ICMP_ECHOREPLY);
 }
 
 #endif

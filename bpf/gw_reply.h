@@ -11,6 +11,7 @@
 #include "counters.h"
 #include "scratch.h"
 #include "csum.h"
+#include "gateway.h"
 
 enum gw_reply {
 	GW_DHCP4 = 0,             /* OFFER/ACK: the lease (DHCP message type patched) */
@@ -21,6 +22,7 @@ enum gw_reply {
 };
 #define GW_TMPL_MAX 512           /* longest template frame */
 #define GW_ECHO_MAX 136           /* appended: Client Identifier (DUID up to 128), Rapid Commit */
+#define GW_REPLY_MAX (GW_TMPL_MAX + GW_ECHO_MAX)
 
 /* Frame offsets of what the datapath fills in (Ethernet, IPv4 or IPv6, UDP
  * or ICMPv6 as the template has them). */
@@ -30,8 +32,7 @@ enum gw_reply {
 #define GW_OFF_DHCP4_TYPE (14 + 20 + 8 + 240 + 2)  /* option 53 comes first */
 #define GW_OFF_IP6_DST (14 + 24)
 #define GW_OFF_NA_FLAGS (14 + 40 + 4)
-#define GW_OFF_DHCP6_TYPE (14 + 40 + 8)
-#define GW_OFF_DHCP6_XID (14 + 40 + 8 + 1)
+#define GW_OFF_DHCP6_TYPE (14 + 40 + 8)        /* and the transaction id, 3 bytes */
 #define GW_OFF_DHCP6_IAID (14 + 40 + 8 + 4 + 14 + 4)  /* server id (DUID-LL) first, then IA_NA */
 
 struct gw_tmpl_key {
@@ -70,23 +71,24 @@ static __always_inline __u32 gw_start(struct scratch *sc, __u32 port, __u32 kind
 	return t->len;
 }
 
-/* The reply replaces the request's frame and goes back to the guest. */
+/* The reply replaces the request's frame and goes back to the guest,
+ * counted (event) as it goes. The callers keep len within GW_REPLY_MAX. */
 static __always_inline int gw_emit(struct __sk_buff *skb, struct scratch *sc, __u32 len,
-				   __u32 port)
+				   __u32 port, struct port_stats *st, enum port_event event)
 {
-	if (len < ETH_HLEN || len > GW_TMPL_MAX + GW_ECHO_MAX + 4)
-		return tc_drop(port, DIR_OUT, DROP_resize_failed);
 	if (bpf_skb_change_tail(skb, len, 0) < 0)
 		return tc_drop(port, DIR_OUT, DROP_resize_failed);
 	if (bpf_skb_store_bytes(skb, 0, sc->reply, SIZE_1_TO(len, 1023), 0) < 0)
 		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	return bpf_redirect(skb->ifindex, 0);
+	stat_add(st, event, 1);
+	return hairpin(skb);
 }
 
 /* Lengths and checksums of an IPv4/UDP reply of len bytes, then send it. */
 static __always_inline int gw_send4(struct __sk_buff *skb, struct scratch *sc, __u32 len,
-				    __u32 port)
+				    __u32 port, struct port_stats *st, enum port_event event)
 {
+	/* a template xdectl wrote wrong: not a reply (not for the verifier alone) */
 	if (len < ETH_HLEN + sizeof(struct iphdr) + sizeof(struct udphdr) || len > GW_TMPL_MAX)
 		return tc_drop(port, DIR_OUT, DROP_resize_failed);
 	struct iphdr *ip = (void *)(sc->reply + ETH_HLEN);
@@ -107,15 +109,16 @@ static __always_inline int gw_send4(struct __sk_buff *skb, struct scratch *sc, _
 		return tc_drop(port, DIR_OUT, DROP_csum_failed);
 	__u16 c = fold_csum(s);
 	udp->check = c ? c : 0xffff;
-	return gw_emit(skb, sc, len, port);
+	return gw_emit(skb, sc, len, port, st, event);
 }
 
 /* The same for an IPv6 reply carrying UDP or ICMPv6 (proto). */
 static __always_inline int gw_send6(struct __sk_buff *skb, struct scratch *sc, __u32 len,
-				    __u32 port, __u8 proto)
+				    __u32 port, __u8 proto, struct port_stats *st,
+				    enum port_event event)
 {
 	__u32 l4 = ETH_HLEN + sizeof(struct ipv6hdr);
-	if (len < l4 + 8 || len > GW_TMPL_MAX + GW_ECHO_MAX + 4)
+	if (len < l4 + 8 || len > GW_REPLY_MAX)
 		return tc_drop(port, DIR_OUT, DROP_resize_failed);
 	struct ipv6hdr *ip6 = (void *)(sc->reply + ETH_HLEN);
 	__u32 plen = len - l4;
@@ -137,7 +140,7 @@ static __always_inline int gw_send6(struct __sk_buff *skb, struct scratch *sc, _
 		return tc_drop(port, DIR_OUT, DROP_csum_failed);
 	__u16 c = fold_csum(s);
 	*check = proto == IPPROTO_UDP && !c ? 0xffff : c;
-	return gw_emit(skb, sc, len, port);
+	return gw_emit(skb, sc, len, port, st, event);
 }
 
 #endif

@@ -11,6 +11,7 @@
 #include "counters.h"
 #include "pkt.h"
 #include "gw_reply.h"
+#include "gateway.h"
 
 #define NDP_RS 133
 #define NDP_NS 135
@@ -19,8 +20,8 @@
 
 /* Reply of kind to the solicitation from src: unicast back, or to all
  * nodes when it came from the unspecified address (RFC 4861 6.2.6, 7.2.4). */
-static __always_inline int ndp_answer(struct __sk_buff *skb, __u32 port, __u32 kind,
-				      const __be32 *src)
+static __always_inline int ndp_answer(struct __sk_buff *skb, __u32 port, struct port_stats *st,
+				      __u32 kind, const __be32 *src)
 {
 	struct scratch *sc = scratch_get();
 	if (!sc)
@@ -39,7 +40,7 @@ static __always_inline int ndp_answer(struct __sk_buff *skb, __u32 port, __u32 k
 		if (kind == GW_NA)
 			f[GW_OFF_NA_FLAGS] &= ~NA_FLAG_SOLICITED;
 	}
-	return gw_send6(skb, sc, len, port, IPPROTO_ICMPV6);
+	return gw_send6(skb, sc, len, port, IPPROTO_ICMPV6, st, P_ndp_replies);
 }
 
 /* ICMPv6 from the guest within its link (ip6: the header, l4off: where
@@ -54,8 +55,7 @@ static __always_inline int ndp_serve(struct __sk_buff *skb, struct port_cfg *pc,
 	    (p->fragment & PKT_FRAG_HDR))
 		return tc_drop(port, DIR_OUT, DROP_ndp);
 	if (p->icmp_type == NDP_RS) {
-		stat_add(st, P_ndp_replies, 1);
-		return ndp_answer(skb, port, GW_RA, p->src);
+		return ndp_answer(skb, port, st, GW_RA, p->src);
 	}
 	if (p->icmp_type == NDP_NS) {
 		__be32 target[4];
@@ -63,37 +63,20 @@ static __always_inline int ndp_serve(struct __sk_buff *skb, struct port_cfg *pc,
 		if (l4off + 8 + 16 > end || bpf_skb_load_bytes(skb, l4off + 8, target, 16) < 0 ||
 		    !addr_eq(target, pc->gw_ip6))
 			return tc_drop(port, DIR_OUT, DROP_ndp);
-		stat_add(st, P_ndp_replies, 1);
-		return ndp_answer(skb, port, GW_NA, p->src);
+		return ndp_answer(skb, port, st, GW_NA, p->src);
 	}
 	return tc_drop(port, DIR_OUT, DROP_ndp);
 }
 
-/* Echo request to the gateway's address: the reply, made in place. Swapping
- * the addresses leaves the checksum's pseudo-header sum as it was; the
- * type changes it. */
+/* Echo request to the gateway's address: the reply, made in place. */
 static __always_inline int gateway_echo6(struct __sk_buff *skb, struct port_cfg *pc, __u32 port,
 					 struct port_stats *st, struct pkt *p, __u32 l4off)
 {
 	if (p->icmp_code)
 		return tc_drop(port, DIR_OUT, DROP_link_local);
-	__be32 addrs[8];
-	addr_copy(addrs, p->dst);
-	addr_copy(addrs + 4, p->src);
-	__u8 macs[12];
-	__builtin_memcpy(macs, pc->mac, ETH_ALEN);
-	__builtin_memcpy(macs + 6, pc->gw_mac, ETH_ALEN);
-	__u8 reply = ICMPV6_ECHO_REPLY;
-	if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), addrs, 32, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
-		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	if (bpf_l4_csum_replace(skb, l4off + 2, bpf_htons(ICMPV6_ECHO_REQUEST << 8),
-				bpf_htons(ICMPV6_ECHO_REPLY << 8), 2) < 0)
-		return tc_drop(port, DIR_OUT, DROP_csum_failed);
-	if (bpf_skb_store_bytes(skb, l4off, &reply, 1, 0) < 0)
-		return tc_drop(port, DIR_OUT, DROP_store_failed);
-	stat_add(st, P_icmp_replies, 1);
-	return bpf_redirect(skb->ifindex, 0);
+	return echo_in_place(skb, pc, port, st, p->src, p->dst, 16,
+			     ETH_HLEN + offsetof(struct ipv6hdr, saddr), l4off,
+			     ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
 }
 
 #endif

@@ -47,11 +47,13 @@ static __always_inline int addr_eq(const __be32 *a, const __be32 *b)
 	return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]));
 }
 
-/* fe80::/10, and ff00::/8 (every multicast scope: none leaves the port) */
+/* Addresses that never leave the port's link: fe80::/10, ff00::/8 (every
+ * multicast scope), and :: and ::1 (unspecified, loopback). */
 static __always_inline int ip6_link_scoped(const __be32 *a)
 {
 	__u32 w = bpf_ntohl(a[0]);
-	return (w >> 22) == (0xfe80 >> 6) || (w >> 24) == 0xff;
+	return (w >> 22) == (0xfe80 >> 6) || (w >> 24) == 0xff ||
+	       !(a[0] | a[1] | a[2] | (a[3] & ~bpf_htonl(1)));
 }
 
 #define NDP_FIRST 133             /* router solicitation .. */

@@ -8,7 +8,9 @@
 
 #define ICMP_QUOTE_MAX 68         /* largest IPv4 header (60) + 8 bytes */
 #define ICMP6_QUOTE 128           /* what a Packet Too Big quotes of the packet */
-#define GW_BUF 1280               /* a reply frame, with room for the checksum's last words */
+/* a gateway reply being built (at most 648 bytes): the verifier bounds an
+ * offset masked with 0x3ff, plus a 256-byte checksum chunk, inside it */
+#define GW_BUF 1280
 struct scratch {
 	struct bpf_fib_lookup fib;
 	__u8 quote[ICMP6_QUOTE];

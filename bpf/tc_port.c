@@ -32,9 +32,8 @@ static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg
 	return bpf_redirect(out, 0);
 }
 
-/* Firewall, MTU, router, overlay: the pipeline past the gateway and
- * anti-spoofing, for both families (mtu: -1 when the packet fits, else the
- * verdict mtu_check gave). */
+/* Router and overlay: the pipeline past the firewall and MTU, for both
+ * families. */
 static __always_inline int route_out(struct __sk_buff *skb, struct xde_cfg *cfg,
 				     struct port_cfg *pc, __u32 port, struct port_stats *st,
 				     __u32 family, struct pkt *pkt, __u8 tos, __u64 now)
@@ -64,7 +63,7 @@ static __always_inline int firewall_out(struct __sk_buff *skb, struct xde_cfg *c
 					struct port_cfg *pc, __u32 port, struct port_stats *st,
 					struct pkt *pkt, __u64 now)
 {
-	int fw = firewall(pc, st, DIR_OUT, pkt, pc->vni, skb->len, cfg, now);
+	int fw = firewall(pc, st, DIR_OUT, pkt, pc->vni, skb->len, cfg, now, STAGE_TC_OUT);
 	if (fw == VERDICT_PENDING)
 		return tc_fw_call(skb, port, DIR_OUT);
 	if (fw == VERDICT_DENY)
@@ -161,7 +160,8 @@ int tc_port_out(struct __sk_buff *skb)
 	if (!pc)
 		return tc_drop(0, DIR_OUT, DROP_unknown_port);
 	struct port_stats *st = port_stats_get(port);
-	int resumed = fw_resumed();
+	struct fw_job *job = fw_job_get();
+	__u32 resumed = fw_tc_resumed(job);
 	if (!resumed) {  /* counted on the first run, not after a rule evaluation */
 		stat_add(st, P_tx_packets, 1);
 		stat_add(st, P_tx_bytes, skb->len);
@@ -173,7 +173,9 @@ int tc_port_out(struct __sk_buff *skb)
 		return passthrough_out(skb, cfg, st);
 	/* after the walk of a same-host destination's inbound rules, the
 	 * outbound verdict (a flow hit now) was counted in an earlier run */
-	return overlay_out(skb, cfg, pc, port, st, resumed == FW_RESUMED_IN);
+	int rc = overlay_out(skb, cfg, pc, port, st, resumed == STAGE_TC_LOCAL_IN);
+	fw_job_end(job);
+	return rc;
 }
 
 /* The firewall's rule walk (fw_job.h): answer, then run the pipeline again. */
@@ -182,6 +184,7 @@ int tc_fw_eval(struct __sk_buff *skb)
 	__u32 dir;
 	__u32 port = fw_answer(&dir);
 	tc_progs.call(skb, PROG_MAIN);
+	fw_job_end(fw_job_get());
 	return tc_drop(port, dir, DROP_tail_call);
 }
 
@@ -218,7 +221,7 @@ int tc_gateway(struct __sk_buff *skb)
 	/* the gateway answers whole packets only; neighbour discovery with a
 	 * fragment header, even an atomic one, is ignored (RFC 6980) */
 	if (pkt.proto == IPPROTO_ICMPV6 && pkt.icmp_type == ICMPV6_ECHO_REQUEST &&
-	    addr_eq(pkt.dst, pc->gw_ip6)) {
+	    addr_eq(pkt.dst, pc->gw_ip6) && (pc->flags & PORT_F_IP6)) {
 		if (pkt.fragment & PKT_FRAGMENT)
 			return tc_drop(port, DIR_OUT, DROP_link_local);
 		return gateway_echo6(skb, pc, port, st, &pkt, l4);

@@ -41,10 +41,13 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 
 	struct pkt pkt;
 	void *l3 = inner + 1;
+	/* a family the port does not have is not the guest's */
+	if (!port_has_family(pc, inner->h_proto))
+		return xdp_drop(p, DIR_IN, DROP_unsupported);
 	if (inner->h_proto == bpf_htons(ETH_P_IP)) {
 		if (!ip4_valid(l3, data_end, data_end - l3) || !pkt_parse4(l3, data_end, &pkt))
 			return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
-	} else if (inner->h_proto == bpf_htons(ETH_P_IPV6)) {
+	} else {
 		if (!ip6_valid(l3, data_end, data_end - l3) || !pkt_parse6(l3, data_end, &pkt))
 			return xdp_drop(p, DIR_IN, DROP_malformed_ipv6);
 		/* neighbour discovery and link-local traffic never cross the gateway */
@@ -52,12 +55,10 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 			return xdp_drop(p, DIR_IN, DROP_ndp);
 		if (ip6_link_scoped(pkt.src) || ip6_link_scoped(pkt.dst))
 			return xdp_drop(p, DIR_IN, DROP_link_local);
-	} else {
-		return xdp_drop(p, DIR_IN, DROP_unsupported);
 	}
 	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	int v = firewall(pc, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
-			 data_end - (void *)inner, cfg, xde_now());
+			 data_end - (void *)inner, cfg, xde_now(), STAGE_XDP_IN);
 	if (v == VERDICT_PENDING) {
 		xdp_progs.call(ctx, PROG_FW_EVAL);
 		return xdp_drop(p, DIR_IN, DROP_tail_call);

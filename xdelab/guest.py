@@ -17,7 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from pyroute2 import netns
+
 from xdectl.errors import XdeError
+from xdectl.netdev import sysctl
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "dhclient-script"
@@ -59,13 +62,17 @@ def _check_apparmor():
 
 def prepare(ns, ifname):
     """The guest's interface up, as a host (not a router) that takes its
-    IPv6 default route from router advertisements."""
-    for key, value in (("net.ipv6.conf.all.forwarding", 0), (f"net.ipv6.conf.{ifname}.forwarding", 0),
-                       (f"net.ipv6.conf.{ifname}.accept_ra", 1),
-                       (f"net.ipv6.conf.{ifname}.accept_ra_defrtr", 1),
-                       (f"net.ipv6.conf.{ifname}.accept_ra_mtu", 1)):
-        subprocess.run([*_nsenter(ns), "sysctl", "-qw", f"{key}={value}"], check=True,
-                       capture_output=True, timeout=10)
+    IPv6 default route from router advertisements. (The sysctls are
+    written from inside the namespace, by this process: a minimal machine
+    has no sysctl command.)"""
+    netns.pushns(ns)
+    try:
+        for key, value in (("all/forwarding", 0), (f"{ifname}/forwarding", 0),
+                           (f"{ifname}/accept_ra", 1), (f"{ifname}/accept_ra_defrtr", 1),
+                           (f"{ifname}/accept_ra_mtu", 1)):
+            sysctl(f"net/ipv6/conf/{key}", value)
+    finally:
+        netns.popns()
     subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True, timeout=10)
 
 
