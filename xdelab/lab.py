@@ -128,6 +128,19 @@ class Lab:
             print("lab: already up")
             return
         self.down(quiet=True)
+        try:
+            self._build()
+        except BaseException:
+            # half a lab would pass for one ("already up") next time
+            self.down(quiet=True)
+            raise
+        named = ", ".join(f"{g} {' '.join(a for a in (c['ip'], c['ip6']) if a)}"
+                          + (f" (VNI {c['vni']})" if c["vni"] != VNI else "")
+                          for g, c in GUESTS.items())
+        print(f"lab: up (sleds sled1, sled2; guests {named}, addresses by DHCP; "
+              f"boundary services {BSVC_ADDR})")
+
+    def _build(self):
         self.state.mkdir(parents=True, exist_ok=True)
         for n in self.namespaces:
             netns.create(n)
@@ -146,11 +159,6 @@ class Lab:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         (self.state / "bsvc.pid").write_text(str(proc.pid))
         self.configure_guests(GUESTS)
-        named = ", ".join(f"{g} {' '.join(a for a in (c['ip'], c['ip6']) if a)}"
-                          + (f" (VNI {c['vni']})" if c["vni"] != VNI else "")
-                          for g, c in GUESTS.items())
-        print(f"lab: up (sleds sled1, sled2; guests {named}, addresses by DHCP; "
-              f"boundary services {BSVC_ADDR})")
 
     def _underlay(self):
         """Each host links to both switches; ECMP routes to every other host."""
