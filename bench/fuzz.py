@@ -3,7 +3,8 @@
 docs/design.md) against the real programs, run with BPF_PROG_TEST_RUN in a
 lab of its own, on --cases generated cases (valid, edge and malformed guest
 frames of both families, DHCPv4, DHCPv6 and neighbour discovery, Geneve
-frames, non-Geneve underlay traffic, and short stateful sequences).
+frames, non-Geneve underlay traffic, and short stateful sequences, some
+with a change to the port's rules between two frames).
 Reports mismatches by kind, the counters the model moved (what the run
 covered) and what it never reached; goal: 0 outside the known datapath
 bugs (tests/model/gen.py known_bug, listed apart by the frames they made
@@ -33,7 +34,7 @@ from model.harness import SledRunner, next_hops, run_case
 # kernel refuses a frame shorter than Ethernet)
 COVER = ["encap", "decap", "rx_packets", "tx_packets", "arp_replies", "icmp_replies",
          "mtu_icmp_sent", "dhcp4_replies", "dhcp6_replies", "ndp_replies", "flow_hits",
-         "flow_misses", "fw_allowed", "fw_denied", "passed_to_host"] + \
+         "flow_misses", "flow_reevaluated", "fw_allowed", "fw_denied", "passed_to_host"] + \
     [f"drop_out_{r}" for r in ("malformed_ipv4", "malformed_ipv6",
                                "unsupported", "spoof", "arp", "ndp", "dhcp4", "dhcp6",
                                "link_local", "firewall", "mtu", "router", "no_v2p",
@@ -95,7 +96,7 @@ def main():
             if a.guest == "g3":
                 steps = gen.as_port(steps)
             per_kind[f"{d}/{k}"] += 1
-            frames += len(steps)
+            frames += sum(d != "fw" for d, _ in steps)      # a rule change is no frame
             bad = run_case(runner, inst, steps, hops, port, seen)
             for i, ms, res in bad:
                 bug = gen.known_bug(*steps[i])

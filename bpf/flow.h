@@ -105,6 +105,7 @@ static __always_inline void flow_sync(struct flow_key *k, struct flow_val *f, __
 	r->state = f->state;
 	r->fin = f->fin;
 	r->epoch = f->epoch;
+	r->rule = f->rule;
 	r->last_ns = now;
 }
 

@@ -60,6 +60,7 @@ static __always_inline int firewall(struct port_cfg *pc, struct port_stats *st, 
 				return VERDICT_PENDING;
 			stat_add(st, P_flow_reevaluated, 1);
 			f->epoch = epoch;
+			f->rule = rule;   /* what decides it now (flow_sync tells the other entry) */
 		}
 		if (ok) {
 			if (st) {

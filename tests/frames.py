@@ -35,6 +35,19 @@ def ip6(a):
     return ipaddress.IPv6Address(a).packed
 
 
+def link_local(mac_s):
+    """The EUI-64 link-local address of a MAC (RFC 4291 2.5.1 and appendix
+    A: the U/L bit flipped, ff:fe in the middle), as a guest's kernel makes
+    its own. Written here, not taken from xdectl, so that the model's
+    generators (tests/model/gen.py) stay free of product code."""
+    m = mac(mac_s)
+    iid = bytes((m[0] ^ 0x02,)) + m[1:3] + b"\xff\xfe" + m[3:]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+
+
+G1_LL = link_local(G1_MAC)                      # g1's own link-local address
+
+
 # --- from the guest ------------------------------------------------------------
 
 def g1_frame(l4, dst=G2_IP, tos=0, src_mac=G1_MAC, src=G1_IP, **ip):

@@ -6,6 +6,7 @@ its own with two veth underlays (tests/netns.py: names `xt<hex>`, roots
 
 Also here: the systemd units that run `apply` at boot and the exporter.
 """
+import dataclasses
 import json
 import re
 import shutil
@@ -534,6 +535,17 @@ def test_gateway_settings_change_in_place_addresses_replace(old, new, expect):
     got = [a.line() for a in apply_mod.plan(applied(apply_mod.parse(FILE_D)),
                                             apply_mod.parse(text))]
     assert got == expect
+
+
+def test_unreadable_gateway_templates_are_rewritten():
+    """list shows a port whose templates it cannot read with dns, hostname
+    and domain None: apply rewrites them in place, nothing else."""
+    want = apply_mod.parse(FILE_D)
+    cur = applied(want)
+    cur.ports["xde0"] = dataclasses.replace(cur.ports["xde0"], dns=None, hostname=None,
+                                            domain=None)
+    assert [a.line() for a in apply_mod.plan(cur, want)] == \
+        ["~ set-gateway xde0 (templates unreadable, rewritten)"]
 
 
 @pytest.mark.parametrize("extra,words", [

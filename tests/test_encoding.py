@@ -9,6 +9,7 @@ import pytest
 from cmaps import fake_maps
 
 from xdectl import abi, fw, gateway, overlay, ports
+from xdectl.errors import XdeError
 from xdectl.maps import V4_MAPPED, addr16, addr_str, port_ips
 
 PORT = 7
@@ -193,14 +194,16 @@ class NoUndo:
         pass
 
 
-def overlay_port(s):
+def overlay_port(s, root_underlay=None, undo=None):
+    """maps holding the overlay state of port s; the config map's underlay
+    address is root_underlay (default: s's)."""
     maps = fake_maps(*OVERLAY_MAPS)
     cfg = maps["config"].Leaf()
-    cfg.underlay_addr[:] = list(v6(s.underlay_addr))
+    cfg.underlay_addr[:] = list(v6(root_underlay or s.underlay_addr))
     maps["config"].set(maps["config"].Key(0), cfg)
     pc = ports.port_cfg(maps["ports"].Leaf(), s, PORT, 1500)
     maps["ports"].set(maps["ports"].Key(PORT), pc)
-    ports._overlay_state(maps, PORT, pc, s, NoUndo())
+    ports._overlay_state(maps, PORT, pc, s, undo or NoUndo())
     return maps, pc
 
 
@@ -264,6 +267,19 @@ def test_own_v2p_changed_since_create_is_kept():
     assert [addr_str(k.ip) for k in maps["v2p"].keys()] == ["fd10::1"]
 
 
+def test_rollback_removes_own_v2p_whatever_underlay_address_the_root_holds():
+    """A create that fails after the port's overlay state is written, on a
+    root whose ports are all gone: the config map still holds the underlay
+    address of the root's earlier ports (the new one is written later, at
+    underlay.attach), yet the rollback removes the port's own mappings."""
+    undo = ports.Undo()
+    maps, pc = overlay_port(spec(), root_underlay="fd00:1::9", undo=undo)
+    assert {bytes(v.underlay) for _, v in maps["v2p"].items()} == {v6("fd00:1::1")}
+    undo.run()
+    left = {n: len(maps[n].keys()) for n in OVERLAY_MAPS if n not in ("ports", "config", "fw_hits")}
+    assert left == {n: 0 for n in left}
+
+
 def test_gateway_settings_rewritten_in_place():
     maps, pc = overlay_port(spec())
     before = dict(maps["gw_tmpl"].data)
@@ -272,6 +288,46 @@ def test_gateway_settings_rewritten_in_place():
                                                    "domain": "other.example"}
     assert set(maps["gw_tmpl"].data) == set(before)   # the same kinds, new frames
     assert maps["gw_tmpl"].data != before
+
+
+def test_a_failed_rewrite_puts_back_every_previous_reply(monkeypatch):
+    """All templates are built first; a write that fails part-way puts the
+    previous frames back: no mix of old and new replies."""
+    maps, pc = overlay_port(spec())
+    m = maps["gw_tmpl"]
+    before, real, writes = dict(m.data), m.set, []
+
+    def failing_set(key, value, flags=0):
+        writes.append(key)
+        if len(writes) == 3:           # the DHCPv4 reply and the RA are written by then
+            raise OSError(12, "Cannot allocate memory")
+        real(key, value, flags)
+    monkeypatch.setattr(m, "set", failing_set)
+    with pytest.raises(OSError):
+        ports._write_gateway(maps, PORT, pc, ["10.0.0.54"], None, "other.example")
+    assert m.data == before
+    # a refused setting writes nothing at all
+    writes.clear()
+    with pytest.raises(XdeError):
+        ports._write_gateway(maps, PORT, pc, [], None, "d" * 64)
+    assert writes == [] and m.data == before
+
+
+def test_unreadable_templates_are_reported_not_raised():
+    """One port's malformed template must not stop list (or apply) for the
+    whole root: its settings read as None, with the reason."""
+    maps, pc = overlay_port(spec())
+    assert ports._readable_gateway(maps, PORT) == {
+        "dns": ["10.0.0.53", "fd10::53"], "hostname": "web1", "domain": "vpc.example",
+        "gateway_error": None}
+    m = maps["gw_tmpl"]
+    k = ports._tmpl_key(m, PORT, abi.GW_DHCP6)
+    v = m.get(k)
+    v.len = 20
+    m.set(k, v)
+    got = ports._readable_gateway(maps, PORT)
+    assert (got["dns"], got["hostname"], got["domain"]) == (None, None, None)
+    assert "malformed" in got["gateway_error"] and "\n" not in got["gateway_error"]
 
 
 def test_passthrough_port_reads_no_gateway_settings():

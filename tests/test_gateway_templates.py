@@ -24,6 +24,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils6 import in6_mactoifaceid
 
+from model.xde import csum
 from xdectl import abi, gateway
 from xdectl.errors import XdeError
 
@@ -101,24 +102,15 @@ def valid(g):
 
 # --- the checksums the datapath computes, in plain Python --------------------
 
-def inet_csum(data):
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def finish4(f):
     """Lengths and checksums of an IPv4/UDP frame, as gw_send4 makes them."""
     f = bytearray(f)
     ulen = len(f) - 34
     struct.pack_into("!H", f, 16, len(f) - 14)
     struct.pack_into("!H", f, 24, 0)
-    struct.pack_into("!H", f, 24, inet_csum(bytes(f[14:34])))
+    struct.pack_into("!H", f, 24, csum(bytes(f[14:34])))
     struct.pack_into("!HH", f, 38, ulen, 0)
-    c = inet_csum(bytes(f[26:34]) + struct.pack("!BBH", 0, 17, ulen) + bytes(f[34:]))
+    c = csum(bytes(f[26:34]) + struct.pack("!BBH", 0, 17, ulen) + bytes(f[34:]))
     struct.pack_into("!H", f, 40, c or 0xFFFF)
     return bytes(f)
 
@@ -132,7 +124,7 @@ def finish6(f):
     if nh == 17:
         struct.pack_into("!H", f, 58, plen)
     struct.pack_into("!H", f, check, 0)
-    c = inet_csum(bytes(f[22:54]) + struct.pack("!I3xB", plen, nh) + bytes(f[54:]))
+    c = csum(bytes(f[22:54]) + struct.pack("!I3xB", plen, nh) + bytes(f[54:]))
     if nh == 17 and c == 0:
         c = 0xFFFF                               # UDP: 0 would mean none
     struct.pack_into("!H", f, check, c)
@@ -429,7 +421,8 @@ def test_dhcp6_offsets(g, dst, mtype, xid, iaid):
     assert (msg.msgtype, msg.trid, msg[DHCP6OptIA_NA].iaid) == (mtype, xid, iaid)
     assert ipaddress.IPv6Address(p[IPv6].dst) == ipaddress.IPv6Address(dst)
     assert ipaddress.IPv6Address(msg[DHCP6OptIAAddress].addr) == ipaddress.IPv6Address(g.ip6)
-    s = Ether(patch(t[abi.GW_DHCP6_STATUS], to, (abi.GW_OFF_DHCP6_XID, head[1:])))
+    # the transaction id follows the type: the datapath writes both at GW_OFF_DHCP6_TYPE
+    s = Ether(patch(t[abi.GW_DHCP6_STATUS], to, (abi.GW_OFF_DHCP6_TYPE + 1, head[1:])))
     assert (s[DHCP6_Reply].trid, s[DHCP6OptStatusCode].statuscode) == (xid, 0)
 
 
@@ -541,6 +534,26 @@ def test_settings_refuses_a_truncated_template():
         gateway.settings({abi.GW_DHCP4: end[:-1]})
 
 
+def _one_line(fn, *args):
+    with pytest.raises(XdeError) as exc:
+        fn(*args)
+    msg = str(exc.value)
+    assert msg and "\n" not in msg and "malformed" in msg, msg
+    return msg
+
+
+def test_settings_refuses_any_unreadable_template_with_one_line():
+    """Not a struct or decoding error: XdeError, so that list can report it."""
+    t = gateway.templates(port())
+    four, six = t[abi.GW_DHCP4], t[abi.GW_DHCP6]
+    at = four.index(b"web-1")
+    _one_line(gateway.settings, {abi.GW_DHCP4: four[:at] + b"w\xe9b-1" + four[at + 5:]})
+    _one_line(gateway.settings, {abi.GW_DHCP6: six[:gateway.DHCP6_OPTS - 1]})
+    _one_line(gateway.settings, {abi.GW_DHCP6: six[:20]})
+    at = six.index(b"oxide")
+    _one_line(gateway.settings, {abi.GW_DHCP6: six[:at] + b"\xffxide" + six[at + 5:]})
+
+
 # --- check(): the operator's input ------------------------------------------------
 
 def refused(dns=(), hostname=None, domain=None, says=""):
@@ -631,6 +644,23 @@ def test_the_template_limit_at_its_boundary():
     refused(domain=g.domain, says=str(abi.GW_TMPL_MAX))
     with pytest.raises(XdeError):
         gateway.templates(g)
+
+
+def test_check_fits_the_replies_of_the_port_families_only():
+    """A domain too long for a DHCPv4 reply but not for a DHCPv6 one is
+    refused for a port with IPv4, taken for an IPv6-only port."""
+    name = domain_of(243)
+    g = port(ip=None, dns=["fd10::53"], hostname=None, domain=name)
+    assert dhcp4_size(g) == 571 and dhcp6_size(g) <= abi.GW_TMPL_MAX
+    assert gateway.check(["fd10::53"], None, name, (6,)) == (["fd10::53"], None, name)
+    assert len(gateway.templates(g)[abi.GW_DHCP6]) == dhcp6_size(g)
+    assert gateway.settings(gateway.templates(g))["domain"] == name
+    for families in ((4,), (4, 6)):
+        with pytest.raises(XdeError, match="DHCPv4 reply 571 bytes"):
+            gateway.check([], None, name, families)
+    refused(["fd10::53"], None, name, says="DHCPv4 reply 571 bytes")   # by default: both
+    with pytest.raises(XdeError, match="DHCPv4 reply 571 bytes"):
+        gateway.templates(port(dns=["fd10::53"], hostname=None, domain=name))
 
 
 @FAST

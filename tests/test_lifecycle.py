@@ -345,6 +345,119 @@ def test_dual_stack_port_made_listed_and_removed(shared):
     assert _own_state(hv, root, None)["templates"] == []
 
 
+def _templates(root):
+    """{(port index, kind): frame} of the root's gateway templates."""
+    from xdectl.datapath import Datapath
+    dp = Datapath(root.path)
+    try:
+        return {(k.port, k.kind): bytes(v.frame[:v.len]) for k, v in dp.maps()["gw_tmpl"].items()}
+    finally:
+        dp.close()
+
+
+def _told(root):
+    """{port: (dns, hostname, domain, gateway_error)} as list --json shows them."""
+    return {p["name"]: (p["dns"], p["hostname"], p["domain"], p["gateway_error"])
+            for p in root.ports()}
+
+
+def _links_and_pins(hv, root):
+    """snapshot() but the routes: the guest ends stay in hv, whose kernel
+    takes the gateway's router advertisement whenever it solicits one."""
+    snap = snapshot(hv, root, ["u1", "u2"])
+    del snap["routes"]
+    return snap
+
+
+LONG_DOMAIN = ".".join(["d" * 60] * 4)     # 243 characters: a 571-byte DHCPv4 reply
+
+SET_GATEWAY_BAD = [
+    ("p0", ["--dns", "10.1.0.300"], "10.1.0.300"),
+    ("p0", ["--dns", "fd10::53", "--dns", "fd10::53"], "twice"),
+    ("p0", ["--dns", "fd10::1", "--dns", "fd10::2", "--dns", "fd10::3", "--dns", "fd10::4"],
+     "at most 3"),
+    ("p0", ["--hostname", "web.one"], "web.one"),
+    ("p0", ["--domain", "bad_domain.example"], "bad_domain.example"),
+    ("p0", ["--domain", LONG_DOMAIN], "571 bytes"),
+    ("p6", ["--dns", "10.1.0.53"], "no --ip"),
+    ("p6", ["--hostname", "web6"], "only DHCPv4"),
+    ("pt", ["--dns", "10.1.0.53"], "passthrough"),
+    ("nosuch0", [], "no port nosuch0"),
+]
+
+
+def test_set_gateway_changes_what_a_live_port_tells_its_guest(shared):
+    """set-gateway replaces a port's DNS servers, host name and domain (no
+    option: clears them), read back by list --json, in place: the port's
+    other settings, links and the other ports' templates stay. Bad input is
+    one line and changes nothing; so is a template list cannot read, and
+    set-gateway repairs it."""
+    hv, root = shared
+    xdectl(hv, root, *create_args("p0", **DUAL))
+    xdectl(hv, root, *create_args("p6", **dict(DUAL, mac="02:00:00:00:00:0B", ip=None,
+                                                vpc_subnet=None, ip6="fd10::1:6", hostname=None,
+                                                dns=["fd10::53"])))
+    xdectl(hv, root, *create_args("pt", mac="A8:40:25:ff:00:0c", passthrough=True))
+    ports = {p["name"]: p for p in root.ports()}
+    before = _links_and_pins(hv, root)
+
+    xdectl(hv, root, "set-gateway", "p0", "--dns", "fd10::54", "--dns", "10.1.0.54",
+           "--domain", "other.example.")
+    want = dict(_told(root), p0=(["10.1.0.54", "fd10::54"], None, "other.example", None))
+    assert _told(root) == want
+    for p in root.ports():     # nothing else about any port changed
+        assert {k: v for k, v in p.items() if k not in ("dns", "hostname", "domain")} == \
+            {k: v for k, v in ports[p["name"]].items() if k not in ("dns", "hostname", "domain")}
+    assert _links_and_pins(hv, root) == before
+    xdectl(hv, root, "set-gateway", "p0", "--hostname", "web2")
+    assert _told(root)["p0"] == ([], "web2", None, None)
+    xdectl(hv, root, "set-gateway", "p0")
+    assert _told(root)["p0"] == ([], None, None, None)
+    # an IPv6-only port takes a domain only a DHCPv4 reply could not hold
+    xdectl(hv, root, "set-gateway", "p6", "--domain", LONG_DOMAIN)
+    assert _told(root)["p6"] == ([], None, LONG_DOMAIN, None)
+
+    told, tmpls = _told(root), _templates(root)
+    for port, args, words in SET_GATEWAY_BAD:
+        line = one_error_line(xdectl(hv, root, "set-gateway", port, *args, check=False))
+        assert words.lower() in line.lower(), (port, args, line)
+        assert _told(root) == told and _templates(root) == tmpls, (port, args)
+    assert _links_and_pins(hv, root) == before
+
+    # A template list cannot read: that port's settings show as null with
+    # the reason, the others as usual; set-gateway writes it anew.
+    from xdectl import abi
+    from xdectl.datapath import Datapath
+    [p0] = {i for i, kind in tmpls if kind == abi.GW_DHCP4}    # the one port with IPv4
+    dp = Datapath(root.path)
+    try:
+        m = dp.maps()["gw_tmpl"]
+        k = m.Key()
+        k.port, k.kind = p0, abi.GW_DHCP6
+        v = m.get(k)
+        v.len = 20
+        m.set(k, v)
+    finally:
+        dp.close()
+    got = {p["name"]: p for p in xdectl_json(hv, root, "list")}
+    assert (got["p0"]["dns"], got["p0"]["hostname"], got["p0"]["domain"]) == (None, None, None)
+    assert "malformed" in got["p0"]["gateway_error"]
+    assert _told(root)["p6"] == told["p6"] and got["pt"]["gateway_error"] is None
+    p = xdectl(hv, root, "list")
+    assert [line.split()[0] for line in p.stdout.splitlines()[1:]] == ["p0", "p6", "pt"]
+    assert p.stderr.count("\n") == 1 and "p0" in p.stderr and "malformed" in p.stderr
+    xdectl(hv, root, "set-gateway", "p0", "--dns", "10.1.0.53")
+    assert _told(root)["p0"] == (["10.1.0.53"], None, None, None)
+
+
+def test_set_gateway_on_an_absent_root_makes_nothing(clean_host):
+    absent = Root(clean_host)
+    line = one_error_line(xdectl(clean_host, absent, "set-gateway", "p0", "--dns", "10.0.0.53",
+                                 check=False))
+    assert "p0" in line and "nothing is loaded" in line
+    assert not absent.exists()
+
+
 def test_ipv6_port_needs_an_mtu_of_1280(shared):
     """An underlay that leaves a port under IPv6's minimum MTU takes an IPv4
     port but refuses an IPv6 one, in one line, leaving nothing behind."""
@@ -362,6 +475,29 @@ def test_ipv6_port_needs_an_mtu_of_1280(shared):
     finally:
         for u in ("u1", "u2"):
             hv.ip("link", "set", u, "mtu", "1500")
+
+
+def test_failed_create_on_an_emptied_root_removes_its_own_v2p(shared):
+    """A root whose last port is gone keeps that port's underlay address in
+    its config until the next port attaches the underlays. A create with
+    another address that fails at that step (the underlays carry another
+    root's XDP program) must still take back the V2P mappings it added."""
+    hv, root = shared
+    xdectl(hv, root, *create_args("p0", **OVERLAY))
+    xdectl(hv, root, "delete", "p0")
+    assert xdectl_json(hv, root, "dump-v2p") == []
+    other = Root(hv)
+    try:
+        xdectl(hv, other, *create_args("q0", passthrough=True))
+        before = snapshot(hv, root, ["u1", "u2"])
+        p = xdectl(hv, root, *create_args("p1", **dict(OVERLAY, ip6="fd10::1:5",
+                                                       underlay_addr="fd00:1::2")), check=False)
+        assert "xdp" in one_error_line(p).lower()
+        assert xdectl_json(hv, root, "dump-v2p") == []
+        assert _own_state(hv, root, None)["templates"] == []
+        assert root.ports() == [] and snapshot(hv, root, ["u1", "u2"]) == before
+    finally:
+        other.cleanup()
 
 
 def test_delete_last_port_detaches_underlays(shared):

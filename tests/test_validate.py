@@ -277,6 +277,22 @@ def test_spec_gateway_settings_normalised():
     assert (v.hostname, v.domain) == ("web-1", "vpc.example")
 
 
+def test_gateway_settings_fit_the_replies_the_port_has():
+    """A 243-character domain makes a 571-byte DHCPv4 reply, too long for a
+    template, but a DHCPv6 reply that fits: an IPv6-only port takes it."""
+    from xdectl.ports import check_gateway
+    domain = ".".join(["d" * 60] * 4)
+    assert len(domain) == 243
+    assert check_gateway(None, "fd10::1", ["fd10::53"], None, domain) == \
+        (["fd10::53"], None, domain)
+    v = overlay_spec(ip=None, dns=["fd10::53"], domain=domain).validated()
+    assert (v.ip, v.ip6, v.domain) == (None, "fd10::1", domain)
+    for ip, ip6 in (("10.0.0.1", "fd10::1"), ("10.0.0.1", None)):
+        with pytest.raises(XdeError, match="DHCPv4 reply 571 bytes") as exc:
+            check_gateway(ip, ip6, [], None, domain)
+        assert "\n" not in str(exc.value)
+
+
 BAD_DUAL = [
     (dict(ip=None, ip6=None), "--ip, --ip6"),
     (dict(ip6="fe80::1"), "fe80::1"),

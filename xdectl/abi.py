@@ -35,6 +35,5 @@ GW_OFF_DHCP4_FLAGS = 14 + 20 + 8 + 10
 GW_OFF_DHCP4_TYPE = 14 + 20 + 8 + 240 + 2
 GW_OFF_IP6_DST = 14 + 24
 GW_OFF_NA_FLAGS = 14 + 40 + 4
-GW_OFF_DHCP6_TYPE = 14 + 40 + 8
-GW_OFF_DHCP6_XID = 14 + 40 + 8 + 1
+GW_OFF_DHCP6_TYPE = 14 + 40 + 8     # and the transaction id after it, 3 bytes
 GW_OFF_DHCP6_IAID = 14 + 40 + 8 + 4 + 14 + 4

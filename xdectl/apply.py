@@ -335,10 +335,13 @@ def plan(cur, want):
             deletes.append(Action("delete-port", name, "replaced: " + ", ".join(diff), (name,)))
             own_v2p_removed(have)
             fresh.add(name)
-        elif _changed(GATEWAY_FIELDS, have, w.spec):
+        elif (have.dns is None and not have.passthrough) or \
+                _changed(GATEWAY_FIELDS, have, w.spec):
+            # dns None: list could not read the port's templates; rewrite them
             s = w.spec
-            later.append(Action("set-gateway", name, ", ".join(_changed(GATEWAY_FIELDS, have, s)),
-                                (name, s.dns, s.hostname, s.domain)))
+            detail = ("templates unreadable, rewritten" if have.dns is None
+                      else ", ".join(_changed(GATEWAY_FIELDS, have, s)))
+            later.append(Action("set-gateway", name, detail, (name, s.dns, s.hostname, s.domain)))
     fresh |= set(want.ports) - set(cur.ports)
     for name in sorted(fresh):
         s = want.ports[name].spec

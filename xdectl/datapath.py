@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import libbpf
 from .errors import XdeError
-from .maps import open_maps
+from .maps import find_port, open_maps
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_ROOT = "/sys/fs/bpf/xde"
@@ -232,6 +232,16 @@ class Datapath:
             meta = self._read_meta()
             self._maps = open_maps(meta, self.maps_dir)
         return self._maps
+
+    def port(self, name):
+        """(datapath ifindex, port_cfg) of port NAME; XdeError, one line, when
+        nothing is loaded under the root or it has no such port."""
+        if not self.exists():
+            raise XdeError(f"no port {name}: nothing is loaded under {self.root}")
+        index, pc = find_port(self.maps(), name)
+        if index is None:
+            raise XdeError(f"no port {name} on {self.root}")
+        return index, pc
 
     def interrupted(self):
         """Pinned, but its first load was killed before it wrote meta."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from . import abi, counters, validate
 from .datapath import Datapath, session
 from .errors import XdeError
-from .maps import V4_MAPPED, addr16, addr_order, addr_str, find_port, prefix_mask16, set_bytes
+from .maps import V4_MAPPED, addr16, addr_order, addr_str, prefix_mask16, set_bytes
 
 DIRS = {"out": abi.DIR_OUT, "in": abi.DIR_IN}
 ACTIONS = {"allow": abi.FW_ALLOW, "deny": abi.FW_DENY}
@@ -261,12 +261,7 @@ def remove_port_state(maps, port):
 # --- commands ---------------------------------------------------------------
 
 def _port(dp, name):
-    if not dp.exists():
-        raise XdeError(f"no port {name}: nothing is loaded under {dp.root}")
-    index, _ = find_port(dp.maps(), name)
-    if index is None:
-        raise XdeError(f"no port {name} on {dp.root}")
-    return index
+    return dp.port(name)[0]
 
 
 def add_rule(root, port, rule):
@@ -302,7 +297,8 @@ def set_rules(root, port, lines):
             except XdeError as e:
                 raise XdeError(f"line {n}: {e}") from None
     with session(root) as (dp, _):
-        write_rules(dp.maps(), _port(dp, port), rules)
+        index = _port(dp, port)
+        write_rules(dp.maps(), index, rules)
     return len(rules)
 
 

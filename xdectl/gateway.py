@@ -187,7 +187,7 @@ def _server_id(g):
 def _dhcp6(g, dns6, domain):
     iaaddr = _opt6(O6_IAADDR, ipaddress.IPv6Address(g.ip6).packed
                    + struct.pack("!II", INFINITE, INFINITE))
-    msg = bytes(4)                              # type and xid: patched
+    msg = bytes(4)                              # type, transaction id: GW_OFF_DHCP6_TYPE
     msg += _server_id(g)                        # first: GW_OFF_DHCP6_IAID follows it
     msg += _opt6(O6_IA_NA, struct.pack("!III", 0, INFINITE, INFINITE) + iaaddr)
     if dns6:
@@ -237,7 +237,9 @@ def templates(g):
     ip6, mtu, dns, hostname, domain. DHCPv4 only with an IPv4 address; RA,
     NA and the DHCPv6 replies only with an IPv6 address. XdeError (one line)
     if the operator's settings are refused (see check())."""
-    check(getattr(g, "dns", None), getattr(g, "hostname", None), getattr(g, "domain", None))
+    families = tuple(v for v, a in ((4, g.ip), (6, getattr(g, "ip6", None))) if a)
+    check(getattr(g, "dns", None), getattr(g, "hostname", None), getattr(g, "domain", None),
+          families)
     out = _build(g)
     _fit(out)
     return out
@@ -246,7 +248,7 @@ def templates(g):
 # --- reading back ----------------------------------------------------------
 
 def _malformed(what):
-    return XdeError(f"gateway template ({what}) is malformed; recreate the port")
+    return XdeError(f"gateway template ({what}) is malformed; rewrite it with set-gateway")
 
 
 def _dhcp4_read(frame):
@@ -267,6 +269,8 @@ def _dhcp4_read(frame):
 
 
 def _dhcp6_read(frame):
+    if len(frame) < DHCP6_OPTS:
+        raise _malformed("DHCPv6: shorter than its headers")
     end = DHCP6_MSG + struct.unpack_from("!H", frame, ETH_LEN + IP6_LEN + 4)[0] - UDP_LEN
     if end > len(frame):
         raise _malformed("DHCPv6 length")
@@ -293,7 +297,7 @@ def _names(wire):
         elif n > 63 or i + 1 + n > len(wire):
             raise _malformed("DHCPv6 domain list")
         else:
-            labels.append(wire[i + 1:i + 1 + n].decode("ascii"))
+            labels.append(_text(wire[i + 1:i + 1 + n], "DHCPv6 domain list"))
         i += 1 + n
     if labels:
         raise _malformed("DHCPv6 domain list")
@@ -306,17 +310,25 @@ def _addrs(raw, size):
     return [str(ipaddress.ip_address(raw[i:i + size])) for i in range(0, len(raw), size)]
 
 
+def _text(raw, what):
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise _malformed(what) from None
+
+
 def settings(tmpls):
     """What the guest is told, read back from a port's templates:
     {"dns": [IPv4 servers..., IPv6 servers...], "hostname": str|None,
     "domain": str|None}. IPv4 servers and the host name come from the
-    DHCPv4 reply, IPv6 servers from the DHCPv6 one, the domain from either."""
+    DHCPv4 reply, IPv6 servers from the DHCPv6 one, the domain from either.
+    XdeError (one line) for a template that cannot be read."""
     dns4, dns6, hostname, domain = [], [], None, None
     if abi.GW_DHCP4 in tmpls:
         o = _dhcp4_read(bytes(tmpls[abi.GW_DHCP4]))
         dns4 = _addrs(o.get(O4_DNS, b""), 4)
-        hostname = o[O4_HOSTNAME].decode("ascii") if O4_HOSTNAME in o else None
-        domain = o[O4_DOMAIN].decode("ascii") if O4_DOMAIN in o else None
+        hostname = _text(o[O4_HOSTNAME], "DHCPv4 host name") if O4_HOSTNAME in o else None
+        domain = _text(o[O4_DOMAIN], "DHCPv4 domain") if O4_DOMAIN in o else None
     if abi.GW_DHCP6 in tmpls:
         o = _dhcp6_read(bytes(tmpls[abi.GW_DHCP6]))
         dns6 = _addrs(o.get(O6_DNS, b""), 16)
@@ -327,11 +339,15 @@ def settings(tmpls):
 
 # --- validation ------------------------------------------------------------
 
-def check(dns, hostname, domain):
+def check(dns, hostname, domain, families=(4, 6)):
     """Checks what the operator wants the guest told; XdeError with one line
     naming the first thing refused. Returns the normalised (dns, hostname,
     domain): servers as ipaddress spells them, IPv4 ones first (the order
-    settings() reads them back in), the domain without a trailing dot."""
+    settings() reads them back in), the domain without a trailing dot.
+
+    families are the address families of the port (4, 6 or both): the
+    replies of those must fit a template (GW_TMPL_MAX). Which family may
+    carry which setting is the caller's (ports.check_gateway)."""
     dns = list(dns or ())
     seen = []
     for a in dns:
@@ -364,5 +380,7 @@ def check(dns, hostname, domain):
             raise XdeError(f"domain {domain!r} is {len(name)} characters, more than 253")
         domain = name
     norm = ([str(a) for a in dns4 + dns6], hostname, domain)
-    _fit(_build(SimpleNamespace(**_DUMMY, dns=norm[0], hostname=hostname, domain=domain)))
+    port = dict(_DUMMY, ip=_DUMMY["ip"] if 4 in families else None,
+                ip6=_DUMMY["ip6"] if 6 in families else None)
+    _fit(_build(SimpleNamespace(**port, dns=norm[0], hostname=hostname, domain=domain)))
     return norm

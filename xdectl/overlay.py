@@ -11,7 +11,7 @@ from . import validate
 from .abi import ROUTE_KEY_BITS, RT_DROP, RT_IG, RT_IP4, RT_IP6, RT_SUB4, RT_SUB6
 from .datapath import Datapath, session
 from .errors import XdeError
-from .maps import (addr16, addr_order, addr_str, find_port, ip6_str, mac_bytes, mac_str,
+from .maps import (addr16, addr_order, addr_str, ip6_str, mac_bytes, mac_str,
                    mapped_prefixlen, set_bytes)
 
 TARGET_NAMES = {RT_DROP: "drop", RT_IG: "ig", RT_IP4: "ip4", RT_SUB4: "sub4", RT_IP6: "ip6",
@@ -162,16 +162,14 @@ def put_route(maps, port, dest, target, system=False):
 
 
 def _port(dp, name):
-    index, pc = find_port(_loaded(dp), name)
-    if index is None:
-        raise XdeError(f"no port {name} on {dp.root}")
-    return index
+    return dp.port(name)[0]
 
 
 def add_router_entry(root, port, dest, target):
     parse_route(dest, target)
     with session(root) as (dp, _):
-        put_route(dp.maps(), _port(dp, port), dest, target)
+        index = _port(dp, port)
+        put_route(dp.maps(), index, dest, target)
 
 
 def del_router_entry(root, port, dest, target=None):
@@ -224,9 +222,8 @@ def port_routes(maps, index):
 
 def dump_router(root, port):
     dp = Datapath(root)
-    if not dp.exists():
-        raise XdeError(f"no port {port}: nothing is loaded under {root}")
-    return port_routes(dp.maps(), _port(dp, port))
+    index = _port(dp, port)
+    return port_routes(dp.maps(), index)
 
 
 def remove_port_routes(maps, index):

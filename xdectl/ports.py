@@ -117,8 +117,10 @@ def _check_passthrough(spec):
 def check_gateway(ip, ip6, dns, hostname, domain):
     """What the gateway tells the guest, normalised (gateway.check), for a
     port with these addresses: DHCPv4 carries the IPv4 servers and the host
-    name, DHCPv6 the IPv6 servers; the domain goes in both."""
-    dns, hostname, domain = gateway.check(dns, hostname, domain)
+    name, DHCPv6 the IPv6 servers; the domain goes in both. Only the replies
+    of the port's families must fit their templates."""
+    families = tuple(v for v, a in ((4, ip), (6, ip6)) if a)
+    dns, hostname, domain = gateway.check(dns, hostname, domain, families)
     for server in dns:
         version = ipaddress.ip_address(server).version
         if (ip, ip6)[version == 6] is None:
@@ -317,7 +319,10 @@ def _overlay_state(maps, index, pc, spec, undo):
     """What an overlay port starts with, as OPTE makes it: its own V2P
     mappings, the system routes of each family, the default firewall rules
     and the gateway's replies."""
-    undo.add(_remove_overlay_state, maps, index, pc)
+    # The mappings carry the spec's underlay address: on a root whose ports
+    # are all gone, the config map may still hold an older one until
+    # underlay.attach writes this one.
+    undo.add(_remove_overlay_state, maps, index, pc, spec.underlay_addr)
     for ip in spec.addrs():
         overlay.put_v2p(maps, ip, spec.mac, spec.underlay_addr, spec.vni)
     for subnet, sub, default in ((spec.vpc_subnet, "sub4", "0.0.0.0/0"),
@@ -329,9 +334,10 @@ def _overlay_state(maps, index, pc, spec, undo):
     _write_gateway(maps, index, pc, spec.dns, spec.hostname, spec.domain)
 
 
-def _remove_overlay_state(maps, index, pc):
-    """Undo _overlay_state (own V2P mappings only if unchanged since)."""
-    _clear_own_v2p(maps, pc)
+def _remove_overlay_state(maps, index, pc, underlay_addr=None):
+    """Undo _overlay_state (own V2P mappings only if unchanged since: those
+    at underlay_addr, by default the root's)."""
+    _clear_own_v2p(maps, pc, underlay_addr)
     overlay.remove_port_routes(maps, index)
     fw.remove_port_state(maps, index)
     _remove_gateway(maps, index)
@@ -350,20 +356,40 @@ def _tmpl_key(m, index, kind):
 
 def _write_gateway(maps, index, pc, dns, hostname, domain):
     """The port's reply templates, for what its guest is to be told; a kind
-    the port has no use for is removed."""
+    the port has no use for is removed. All are built before any is
+    written, and if a write fails the previous ones are put back: the
+    port never answers with a mix of old and new replies."""
     ip, ip6 = port_ips(pc)
     tmpls = gateway.templates(SimpleNamespace(
         mac=mac_str(pc.mac), gw_mac=mac_str(pc.gw_mac), ip=ip, gw_ip=ip4_str(pc.gw_ip), ip6=ip6,
         mtu=pc.mtu, dns=dns, hostname=hostname, domain=domain))
     m = maps["gw_tmpl"]
-    for kind in GW_KINDS:
-        if kind not in tmpls:
-            m.delete(_tmpl_key(m, index, kind))
-            continue
-        v = m.Leaf()
-        v.len = len(tmpls[kind])
-        set_bytes(v.frame, tmpls[kind])
-        m.set(_tmpl_key(m, index, kind), v)
+    before = {kind: m.get(_tmpl_key(m, index, kind)) for kind in GW_KINDS}
+    try:
+        for kind in GW_KINDS:
+            if kind not in tmpls:
+                m.delete(_tmpl_key(m, index, kind))
+                continue
+            v = m.Leaf()
+            v.len = len(tmpls[kind])
+            set_bytes(v.frame, tmpls[kind])
+            m.set(_tmpl_key(m, index, kind), v)
+    except BaseException:
+        _put_templates(m, index, before)
+        raise
+
+
+def _put_templates(m, index, frames):
+    """Put back {kind: gw_tmpl value or None (no template)}; best effort,
+    every kind tried."""
+    for kind, v in frames.items():
+        try:
+            if v is None:
+                m.delete(_tmpl_key(m, index, kind))
+            else:
+                m.set(_tmpl_key(m, index, kind), v)
+        except Exception:  # noqa: BLE001 - keep restoring the other kinds
+            pass
 
 
 def _remove_gateway(maps, index):
@@ -374,7 +400,8 @@ def _remove_gateway(maps, index):
 
 def gateway_settings(maps, index):
     """{dns, hostname, domain} the port's gateway tells its guest, read back
-    from its templates (none for a passthrough port)."""
+    from its templates (none for a passthrough port); XdeError if one of
+    them cannot be read."""
     m = maps["gw_tmpl"]
     tmpls = {}
     for kind in GW_KINDS:
@@ -388,16 +415,11 @@ def set_gateway(root, name, dns, hostname, domain):
     """Change what the gateway of port NAME tells its guest, in place: the
     guest learns it at its next DHCP exchange."""
     with session(root) as (dp, _):
-        if not dp.exists():
-            raise XdeError(f"no port {name}: nothing is loaded under {root}")
-        maps = dp.maps()
-        index, pc = find_port(maps, name)
-        if index is None:
-            raise XdeError(f"no port {name} on {root}")
+        index, pc = dp.port(name)
         if pc.flags & PORT_F_PASSTHROUGH:
             raise XdeError(f"port {name} is a passthrough port: it has no gateway")
         ip, ip6 = port_ips(pc)
-        _write_gateway(maps, index, pc, *check_gateway(ip, ip6, dns, hostname, domain))
+        _write_gateway(dp.maps(), index, pc, *check_gateway(ip, ip6, dns, hostname, domain))
 
 
 MAX_PORT_MTU = 1500
@@ -436,14 +458,10 @@ def _set_passthru(maps, slot, value):
 
 def delete(root, name):
     with session(root) as (dp, nd):
-        if not dp.exists():
-            raise XdeError(f"no port {name}: nothing is loaded under {root}")
-        maps = dp.maps()
-        _remove_orphans(nd, maps)
-        index, pc = find_port(maps, name)
-        if index is None:
-            raise XdeError(f"no port {name} on {root}")
-        _delete(maps, nd, index, pc)
+        if dp.exists():
+            _remove_orphans(nd, dp.maps())
+        index, pc = dp.port(name)
+        _delete(dp.maps(), nd, index, pc)
 
 
 def _delete(maps, nd, index, pc):
@@ -492,17 +510,22 @@ def _remove_orphans(nd, maps):
     _release_underlays_if_unused(maps, nd)
 
 
-def _clear_own_v2p(maps, pc):
-    """Remove the mappings create added, unless they have been changed since."""
+def _clear_own_v2p(maps, pc, underlay_addr=None):
+    """Remove the mappings create added (to the port's MAC at underlay_addr,
+    by default the root's underlay address), unless they have been changed
+    since."""
     m = maps["v2p"]
-    _, cfg = _config(maps)
+    if underlay_addr is None:
+        underlay = bytes(_config(maps)[1].underlay_addr)
+    else:
+        underlay = ipaddress.IPv6Address(underlay_addr).packed
     for ip in port_ips(pc):
         if ip is None:
             continue
         k = overlay.v2p_key(m, pc.vni, ip)
         cur = m.get(k)
         if cur is not None and bytes(cur.mac) == bytes(pc.mac) and \
-                bytes(cur.underlay) == bytes(cfg.underlay_addr):
+                bytes(cur.underlay) == underlay:
             m.delete(k)
 
 
@@ -528,7 +551,7 @@ def list_ports(root):
                 "gateway_ip": ip4_str(pc.gw_ip),
                 "vpc_subnet": f"{ip4_str(pc.subnet)}/{pc.subnet_len}" if ip else None,
                 "vpc_subnet6": f"{addr_str(pc.subnet6)}/{pc.subnet6_len}" if ip6 else None,
-                **gateway_settings(maps, k.value),
+                **_readable_gateway(maps, k.value),
                 "boundary_services": ip6_str(pc.bsvc_addr),
                 "boundary_vni": pc.bsvc_vni,
                 "underlay_addr": ip6_str(cfg.underlay_addr),
@@ -539,6 +562,16 @@ def list_ports(root):
         return out
     finally:
         nd.close()
+
+
+def _readable_gateway(maps, index):
+    """gateway_settings, or for templates that cannot be read every setting
+    None and gateway_error saying why: one such port must not stop `list`
+    or `apply` for the whole root (set-gateway rewrites them)."""
+    try:
+        return {**gateway_settings(maps, index), "gateway_error": None}
+    except XdeError as e:
+        return {"dns": None, "hostname": None, "domain": None, "gateway_error": str(e)}
 
 
 def _state(nd, dp_index):

@@ -157,19 +157,15 @@ def trace(root, port, direction, frame, vni=None, external=False, as_is=False):
     from . import libbpf
     from .datapath import Datapath
     from .errors import XdeError
-    from .maps import find_port, ip6_str
+    from .maps import ip6_str
 
     if direction not in ("in", "out"):
         raise XdeError(f"--dir '{direction}' is not in or out")
     if len(frame) < 14:
         raise XdeError(f"FRAME is {len(frame)} bytes: shorter than an Ethernet header")
     dp = Datapath(root)
-    if not dp.exists():
-        raise XdeError(f"no port {port}: nothing is loaded under {root}")
+    index, pc = dp.port(port)
     maps = dp.maps()
-    index, pc = find_port(maps, port)
-    if index is None:
-        raise XdeError(f"no port {port} on {root}")
     cfg = maps["config"].get(maps["config"].Key(0))
     passthrough = bool(pc.flags & PORT_F_PASSTHROUGH)
     notes = []

@@ -119,3 +119,29 @@ def compare(res, frame, rc, out, delta, next_hops=()):
             bad.append(f"output {res.verdict} (length {len(out)} vs {len(res.out)}, first "
                        f"difference at byte {at})")
     return bad
+
+
+def compare_flows(model, datapath, ports):
+    """Mismatch kinds of the datapath's flow table (harness.SledRunner.flows)
+    against the model's, on the model's ports: the same entries, each of
+    the same epoch, first direction, VNI, rule, packets, bytes and TCP
+    state."""
+    want = {k: (f.epoch, f.origin, f.vni, f.rule, f.packets, f.bytes, f.state)
+            for k, f in model.items() if k[0] in ports}
+    got = {k: v for k, v in datapath.items() if k[0] in ports}
+    if got == want:
+        return []
+    fields = ("epoch", "origin", "vni", "rule", "packets", "bytes", "state")
+
+    def name(k):
+        return f"{k[1]} proto {k[2]} {k[3].hex()} -> {k[4].hex()} ports {k[5]},{k[6]}"
+    bad = []
+    for k in sorted(set(got) | set(want), key=str):
+        if k not in got:
+            bad.append(f"flow missing in the datapath: {name(k)}")
+        elif k not in want:
+            bad.append(f"flow the model has not: {name(k)} {dict(zip(fields, got[k]))}")
+        elif got[k] != want[k]:
+            diff = {f: (a, b) for f, a, b in zip(fields, got[k], want[k]) if a != b}
+            bad.append(f"flow {name(k)} (datapath, model) {diff}")
+    return bad

@@ -22,7 +22,8 @@ from scapy.packet import Raw
 
 from frames import BSVC_ADDR as BSVC6
 from frames import BSVC_MAC as BSVC_MAC_S
-from frames import G1_IP, G1_IP6, G1_MAC, G2_IP, G2_IP6, G2_MAC, G3, GW_IP, GW_LL, GW_MAC, OXIDE
+from frames import (G1_IP, G1_IP6, G1_LL, G1_MAC, G2_IP, G2_IP6, G2_MAC, G3, GW_IP, GW_LL, GW_MAC,
+                    OXIDE, link_local)
 from frames import U1_ADDR as U1
 from frames import U2_ADDR as U2
 from frames import geneve, geneve_opt
@@ -42,7 +43,6 @@ DESTS6 = [G2_IP6, G2_IP6, "fd00:10::44", "fd00:10::33", "fd00:10::77", "fd00:10:
           "fd00:10::8000:0:0:5", G1_IP6, "2001:db8:dead::1", "2001:db8:dead:beef::1",
           "2001:db8:1::1", "2001:db8:2::1", "fd00:11::5", "fd00:11::6", "2001:4860::8888",
           "::1", "::", "::ffff:10.0.0.2", "64:ff9b::a00:2", "fd00:99::1"]
-G1_LL = "fe80::aa40:25ff:feff:1"                # g1's own link-local address
 LINK_SCOPED = ["fe80::1", GW_LL, "ff02::1", "ff02::2", "ff02::1:2", "ff02::16", "ff05::1:3",
                "ff02::1:ff00:1", "ff0e::101", "fe80::aa40:25ff:feff:2", "febf::1"]
 ALL_DHCP6 = "ff02::1:2"
@@ -58,7 +58,8 @@ IN_KINDS = ["geneve", "geneve", "geneve", "geneve_options", "geneve_options", "t
             "bad_lengths", "bad_header", "inner_odd", "not_geneve", "random", "random_udp",
             "trailing", "geneve6", "geneve6", "geneve6", "inner6_odd"]
 SEQ_KINDS = ["reply_in", "reply_external", "repeat_out", "in_then_out", "reply_in6",
-             "in_then_out6", "repeat_out6", "mapped_alias"]
+             "in_then_out6", "repeat_out6", "mapped_alias", "reeval_in_then_out",
+             "reeval_in_then_out", "reeval_out_then_in", "reeval_same_host", "reeval_same_host"]
 KINDS = [("out", k) for k in OUT_KINDS] + [("in", k) for k in IN_KINDS] + \
     [("seq", k) for k in SEQ_KINDS]
 
@@ -1038,11 +1039,157 @@ def seq_mapped_alias(r):
     return steps
 
 
+# --- sequences that change the rules between frames ------------------------------------
+#
+# A ("fw", lines) step changes the port's rules between two frames: its
+# rules as they were before the case plus these set-fw-rules lines (none:
+# the same rules again, only the epoch moves). The harness makes the change
+# through xdectl and puts the rules back after the case
+# (tests/model/harness.py).
+
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
+
+
+def flow_frame(family, src, dst, proto, sp, dp, flags="S", reply=False, src_mac=G1_MAC,
+               dst_mac=GW_MAC, payload=b"flow"):
+    """One packet of a flow: UDP or TCP sp -> dp, or an ICMP(v6) echo
+    request (reply: an echo reply) with identifier sp (an echo flow's
+    identifier stands for both ports: dp is sp)."""
+    if family == 4:
+        if proto == 17:
+            l4 = UDP(sport=sp, dport=dp) / Raw(payload)
+        elif proto == 6:
+            l4 = TCP(sport=sp, dport=dp, flags=flags, seq=1) / Raw(payload)
+        else:
+            l4 = ICMP(type=0 if reply else 8, id=sp, seq=1) / Raw(payload)
+        return bytes(Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=dst) / l4)
+    if proto == 17:
+        l4 = udp6(src, dst, sp, dp, payload)
+    elif proto == 6:
+        l4 = _l4_csum6(src, dst, 6, struct.pack("!HHIIBBHHH", sp, dp, 1, 0, 5 << 4,
+                                                TCP_FLAGS[flags], 65535, 0, 0) + payload, 16)
+    else:
+        l4 = icmp6(src, dst, 129 if reply else 128, 0, struct.pack("!HH", sp, 1) + payload)
+    return eth6(ip6_packet(src, dst, proto, l4), src=src_mac, dst=dst_mac)
+
+
+def from_overlay(r, inner, external=False, vni=10):
+    return ("in", underlay(r, geneve(vni=vni, opts=geneve_opt(OXIDE, 0x00) if external else b"")
+                           + inner))
+
+
+def _rule_change(r, remote, proto, service, origin):
+    """Lines for a rule change that may or may not touch a flow with this
+    remote host, protocol and local service port (the destination port of
+    the flow's first packet), first seen going `origin`."""
+    pname = PROTO_NAMES[proto]
+    other = "in" if origin == "out" else "out"
+    ports = f" ports={service}" if proto in (6, 17) else ""
+    choices = [
+        [],                                                             # the epoch only
+        ["dir=out action=deny priority=1 hosts=ip=198.51.100.99"],      # touches nothing here
+        [f"dir={origin} action=deny priority=1 hosts=ip={remote}"],     # now denied where it began
+        [f"dir={other} action=deny priority=1 hosts=ip={remote}"],      # denied the other way only
+        [f"dir={origin} action=deny priority=1 protocol={pname}{ports}"],
+        [f"dir={other} action=deny priority=1 protocol={pname}{ports}"],
+        [f"dir={origin} action=allow priority=2 hosts=ip={remote}"],    # allowed by another rule
+        [f"dir=in action=deny priority=1 hosts=ip={remote}",
+         f"dir=out action=deny priority=1 hosts=ip={remote}"],          # denied both ways
+        [f"dir={origin} action=deny priority=1 hosts=ip={remote}",
+         f"dir={origin} action=allow priority=0 hosts=ip={remote} protocol={pname}"],
+    ]
+    return ("fw", tuple(r.choice(choices)))
+
+
+def seq_reeval_in_then_out(r):
+    """A flow a peer starts (from g2 in VNI 10, or from outside the VPC),
+    g1's reply, a rule change, then g1's reply again (judged again by the
+    inbound rules, where the flow began), and maybe more of it."""
+    family = r.choice([4, 6])
+    proto = r.choice([17, 17, 6, 1 if family == 4 else 58])
+    local, remote = (G1_IP, r.choice([G2_IP, G2_IP, "192.0.2.1"])) if family == 4 else \
+        (G1_IP6, r.choice([G2_IP6, G2_IP6, "2001:db8::1"]))
+    external = not remote.startswith(("10.", "fd00:10:")) and r.random() < 0.9
+    sp = r.randrange(1024, 65536)
+    dp = sp if proto in (1, 58) else r.choice([80, 443, 53, r.randrange(1, 65536)])
+
+    def peer(flags="S"):
+        return from_overlay(r, flow_frame(family, remote, local, proto, sp, dp, flags,
+                                          src_mac=G2_MAC, dst_mac=G1_MAC), external)
+
+    def reply(flags="SA"):
+        return ("out", flow_frame(family, local, remote, proto, dp, sp, flags, reply=True))
+    steps = [peer()]
+    if r.random() < 0.6:
+        steps.append(reply())
+    steps.append(_rule_change(r, remote, proto, dp, "in"))
+    steps.append(reply(r.choice(["SA", "A", "PA"])))
+    if r.random() < 0.6:
+        steps.append(peer(r.choice(["A", "PA", "S"])))
+    if r.random() < 0.3:
+        steps += [_rule_change(r, remote, proto, dp, "in"), reply("A")]
+    return steps
+
+
+def seq_reeval_out_then_in(r):
+    """A flow g1 starts (to g2, or out of the VPC), a rule change, the
+    peer's reply (judged again by the outbound rules, in g1's VNI), and
+    maybe more of it."""
+    family = r.choice([4, 6])
+    proto = r.choice([17, 17, 6, 1 if family == 4 else 58])
+    local, remote = (G1_IP, r.choice([G2_IP, G2_IP, "8.8.8.8"])) if family == 4 else \
+        (G1_IP6, r.choice([G2_IP6, G2_IP6, "2001:4860::8888"]))
+    external = not remote.startswith(("10.", "fd00:10:")) and r.random() < 0.9
+    sp = r.randrange(1024, 65536)
+    dp = sp if proto in (1, 58) else r.choice([80, 443, 9, r.randrange(1, 65536)])
+
+    def out(flags="S"):
+        return ("out", flow_frame(family, local, remote, proto, sp, dp, flags))
+
+    def peer(flags="SA"):
+        return from_overlay(r, flow_frame(family, remote, local, proto, dp, sp, flags, reply=True,
+                                          src_mac=G2_MAC, dst_mac=G1_MAC), external)
+    steps = [out()]
+    if r.random() < 0.5:
+        steps.append(peer())
+    steps.append(_rule_change(r, remote, proto, dp, "out"))
+    steps.append(peer(r.choice(["SA", "A"])))
+    if r.random() < 0.6:
+        steps.append(out(r.choice(["A", "PA"])))
+    return steps
+
+
+def seq_reeval_same_host(r):
+    """g1 to its own address: same-host delivery, judged by xde0's outbound
+    rules and then its inbound ones; a rule change; more of the flow
+    (either way), each entry judged again where its flow began."""
+    family = r.choice([4, 6])
+    proto = r.choice([17, 17, 6, 1 if family == 4 else 58])
+    me = G1_IP if family == 4 else G1_IP6
+    sp = r.randrange(1024, 65536)
+    dp = sp if proto in (1, 58) else r.choice([sp, 80, r.randrange(1, 65536)])
+
+    def pkt(back=False, flags="S"):
+        a, b = (dp, sp) if back else (sp, dp)
+        return ("out", flow_frame(family, me, me, proto, a, b, flags, reply=back))
+    steps = [pkt()]
+    if r.random() < 0.5:
+        steps.append(pkt(True, "SA"))
+    steps.append(_rule_change(r, me, proto, dp, r.choice(["out", "in"])))
+    steps.append(pkt(r.random() < 0.5, r.choice(["A", "PA"])))
+    if r.random() < 0.5:
+        steps.append(pkt(r.random() < 0.5, "A"))
+    return steps
+
+
 SEQ6 = {
     "reply_in6": seq_reply_in6,
     "in_then_out6": seq_in_then_out6,
     "repeat_out6": lambda r: out_ipv6(r) * r.randrange(2, 4),
     "mapped_alias": seq_mapped_alias,
+    "reeval_in_then_out": seq_reeval_in_then_out,
+    "reeval_out_then_in": seq_reeval_out_then_in,
+    "reeval_same_host": seq_reeval_same_host,
 }
 
 
@@ -1056,17 +1203,15 @@ def known_bug(direction, frame):
 
 # --- the same frames from another port -----------------------------------------------
 
-def _ll(mac_s):
-    m = _mac(mac_s)
-    return b"\xfe\x80" + bytes(6) + bytes((m[0] ^ 2,)) + m[1:3] + b"\xff\xfe" + m[3:]
-
-
-def as_port(steps, mac_s=G3["mac"], ip6=G3["ip6"]):
+def as_port(steps, mac_s=G3["mac"], ip6=G3["ip6"], ip4=None):
     """A case's outbound frames as another guest would send them: g1's MAC,
-    IPv6 address and link-local address replaced by that guest's wherever
-    they occur (checksums are not fixed: neither the datapath nor the model
-    checks them). Inbound steps are left out."""
-    subs = [(_mac(G1_MAC), _mac(mac_s)), (a6(G1_IP6), a6(ip6)), (_ll(G1_MAC), _ll(mac_s))]
+    IPv6 address and link-local address (and IPv4 address, given ip4)
+    replaced by that guest's wherever they occur (checksums are not fixed:
+    neither the datapath nor the model checks them). Inbound steps and rule
+    changes are left out."""
+    subs = [(_mac(G1_MAC), _mac(mac_s)), (a6(G1_IP6), a6(ip6)), (a6(G1_LL), a6(link_local(mac_s)))]
+    if ip4:
+        subs.append((ipaddress.IPv4Address(G1_IP).packed, ipaddress.IPv4Address(ip4).packed))
     out = []
     for d, f in steps:
         if d != "out":

@@ -9,14 +9,19 @@ the caller's namespace.
 import ipaddress
 
 from progrun import ProgRun
-from xdectl import counters, libbpf
-from xdectl.datapath import Datapath
+from xdectl import abi, counters, fw, libbpf
+from xdectl.datapath import Datapath, session
 
 from .xde import V4_MAPPED, FwRule, Instance, Port, Route
 
 
 def _ip4(be):
     return int(be).to_bytes(4, "little")
+
+
+def _be16(v):
+    """A __be16 field as read (host order, little-endian) -> its value."""
+    return int.from_bytes(int(v).to_bytes(2, "little"), "big")
 
 
 def _net(raw16, bits):
@@ -30,6 +35,7 @@ def _net(raw16, bits):
 
 TARGETS = {1: "drop", 2: "ig", 3: "ip4", 4: "sub4", 5: "ip6", 6: "sub6"}
 PORT_F_PASSTHROUGH, PORT_F_IP4, PORT_F_IP6 = 1, 2, 4
+DIRS = {abi.DIR_OUT: "out", abi.DIR_IN: "in"}
 ROUTE_KEY_BITS = 64
 
 
@@ -41,6 +47,7 @@ class SledRunner:
         self.sled = sled
         self.root = lab.root(sled)
         self.progs = ProgRun(lab, sled)
+        self.saved_rules = {}   # ifindex -> its rules before a case changed them
         with lab.inside(sled):
             self.dp = Datapath(self.root)
             self.maps = self.dp.maps()
@@ -67,10 +74,8 @@ class SledRunner:
                 ip6=bytes(pc.ip6)[:16] if has6 else None,
                 subnet6=ipaddress.IPv6Network((bytes(pc.subnet6)[:16], pc.subnet6_len))
                 if has6 else None,
-                gw_ip6=bytes(pc.gw_ip6)[:16])
-        for k, v in m["gw_tmpl"].items():
-            if k.port in inst.ports:
-                inst.ports[k.port].templates[k.kind] = bytes(v.frame)[:v.len]
+                gw_ip6=bytes(pc.gw_ip6)[:16], fw_epoch=pc.fw_epoch)
+        self.read_templates(inst)
         for k, v in m["v2p"].items():
             inst.v2p[(k.vni, bytes(k.ip)[:16])] = (bytes(v.mac)[:6], bytes(v.underlay)[:16])
         for table, system in (("routes", False), ("routes_sys", True)):
@@ -79,8 +84,22 @@ class SledRunner:
                 assert net.version == k.family, (net, k.family)
                 inst.routes.setdefault(k.port, []).append(
                     Route(net, TARGETS[v.target], bytes(v.addr)[:16], v.len, system))
-        for k, v in m["fw_rules"].items():
-            d = "in" if k.dir == 1 else "out"
+        self.read_rules(inst)
+        return inst
+
+    def read_templates(self, inst):
+        """The gateway's reply templates into the model's ports."""
+        for p in inst.ports.values():
+            p.templates.clear()
+        for k, v in self.maps["gw_tmpl"].items():
+            if k.port in inst.ports:
+                inst.ports[k.port].templates[k.kind] = bytes(v.frame)[:v.len]
+
+    def read_rules(self, inst):
+        """The ports' firewall rules and epochs into the model."""
+        inst.rules.clear()
+        for k, v in self.maps["fw_rules"].items():
+            d = DIRS[k.dir]
             for i in range(v.count):
                 r = v.r[i]
                 inst.rules.setdefault((k.port, d), []).append(FwRule(
@@ -88,7 +107,48 @@ class SledRunner:
                     proto=r.proto, host=bytes(r.host)[:16], host_mask=bytes(r.host_mask)[:16],
                     vni=r.vni, vni_mask=r.vni_mask, icmp=r.icmp, icmp_mask=r.icmp_mask,
                     ports=list(r.ports[:r.nports])))
-        return inst
+        for k, pc in self.maps["ports"].items():
+            if k.value in inst.ports:
+                inst.ports[k.value].fw_epoch = pc.fw_epoch
+
+    def change_rules(self, inst, ifindex, lines):
+        """Add `lines` (set-fw-rules lines) to the port's rules, each through
+        `xdectl add-fw-rule` (the other rules keep their ids); no lines: the
+        same rules written again, only the epoch moves. The model follows;
+        restore_rules() puts the rules back as they were before the case,
+        ids and all."""
+        name = inst.ports[ifindex].name
+        with self.lab.inside(self.sled):
+            if ifindex not in self.saved_rules:
+                self.saved_rules[ifindex] = fw.read_rules(self.maps, ifindex)
+            if not lines:
+                self._write_rules(ifindex, fw.read_rules(self.maps, ifindex))
+            for line in lines:
+                fw.add_rule(self.root, name, fw.parse_line(line))
+        self.read_rules(inst)
+
+    def _write_rules(self, ifindex, rules):
+        with session(self.root) as (dp, _):
+            fw.write_rules(dp.maps(), ifindex, rules)
+
+    def restore_rules(self, inst):
+        with self.lab.inside(self.sled):
+            for ifindex, rules in self.saved_rules.items():
+                self._write_rules(ifindex, rules)
+        self.saved_rules.clear()
+        self.read_rules(inst)
+
+    def flows(self):
+        """The flow table as the model keeps it: {key: (epoch, origin, vni,
+        rule, packets, bytes, state)}."""
+        out = {}
+        for k, v in self.maps["flows"].items():
+            key = (k.port, DIRS[k.dir], k.proto, bytes(k.src)[:16], bytes(k.dst)[:16],
+                   _be16(k.sport), _be16(k.dport))
+            # a VNI is 24 bits: anything larger is no VNI (External)
+            out[key] = (v.epoch, DIRS[v.origin], v.vni if v.vni <= 0xFFFFFF else None, v.rule,
+                        v.packets, v.bytes, v.state)
+        return out
 
     def clear_flows(self):
         f = self.maps["flows"]
@@ -140,34 +200,53 @@ def next_hops(lab, sled="sled1"):
     return out
 
 
-def run_case(runner, inst, steps, hops, port, seen=None):
+def run_case(runner, inst, steps, hops, port, seen=None, log=None):
     """Run the steps of one case on the datapath and the model from an empty
     flow table; a list of (step index, mismatch kinds) that disagreed.
-    seen (a Counter), if given, counts the counters the model moved: what
-    the case covered.
+    A step is (direction, frame), or ("fw", set-fw-rules lines): the port's
+    rules changed between two frames (SledRunner.change_rules), put back
+    when the case ends. seen (a Counter), if given, counts the counters the
+    model moved: what the case covered. log (a list), if given, gets the
+    (step index, model Result, counter deltas, flow table) of each frame
+    the datapath ran, of the last run of the case.
 
     The programs stay attached while we test-run them, so the lab's own
     traffic (neighbour discovery on the underlay, reaching the real XDP
     hook) can move a counter between our two reads: a case that disagrees
     is run once more, and only a disagreement seen twice is reported."""
-    bad = _run_case(runner, inst, steps, hops, port, seen)
-    return bad and _run_case(runner, inst, steps, hops, port)
+    bad = _run_case(runner, inst, steps, hops, port, seen, log)
+    return bad and _run_case(runner, inst, steps, hops, port, log=log)
 
 
-def _run_case(runner, inst, steps, hops, port, seen=None):
+def _run_case(runner, inst, steps, hops, port, seen=None, log=None):
     from . import xde
-    from .compare import compare
+    from .compare import compare, compare_flows
     runner.clear_flows()
     inst.flows.clear()
     bad = []
-    for i, (direction, frame) in enumerate(steps):
-        rc, out, delta = runner.run(direction, frame, port, ports=list(inst.ports))
-        if rc is None:
-            continue        # the kernel would not build a test packet from it
-        res = xde.outbound(inst, port, frame) if direction == "out" else xde.inbound(inst, frame)
-        m = compare(res, frame, rc, out, delta, hops)
-        if seen is not None:
-            seen.update(name for (_, name), n in res.counters.items() if n)
-        if m:
-            bad.append((i, m, res))
+    if log is not None:
+        log.clear()
+    try:
+        for i, (direction, frame) in enumerate(steps):
+            if direction == "fw":
+                # a change to the port's rules between two frames
+                runner.change_rules(inst, port, frame)
+                continue
+            rc, out, delta = runner.run(direction, frame, port, ports=list(inst.ports))
+            if rc is None:
+                continue        # the kernel would not build a test packet from it
+            res = (xde.outbound(inst, port, frame) if direction == "out"
+                   else xde.inbound(inst, frame))
+            m = compare(res, frame, rc, out, delta, hops)
+            flows = runner.flows()
+            m += compare_flows(inst.flows, flows, set(inst.ports))
+            if log is not None:
+                log.append((i, res, delta, flows))
+            if seen is not None:
+                seen.update(name for (_, name), n in res.counters.items() if n)
+            if m:
+                bad.append((i, m, res))
+    finally:
+        if runner.saved_rules:
+            runner.restore_rules(inst)
     return bad

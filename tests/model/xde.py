@@ -2,12 +2,13 @@
 docs/design.md ("The datapath", "The gateway", "Firewall and flow table",
 "Counters and drop reasons"), not from the C in bpf/.
 
-Given one instance's state (underlay address, ports, V2P, routes, firewall
-rules, flows, the gateway's reply templates) and a frame arriving either
-from a port's guest ("out", the TC program on the port's datapath end) or
-from an underlay NIC ("in", the XDP program), `outbound()` / `inbound()`
-return a Result: the verdict, the counter deltas by name, and the output
-frame where it is determined.
+Given one instance's state (underlay address, ports and their firewall
+epochs, V2P, routes, firewall rules, flows, the gateway's reply templates)
+and a frame arriving either from a port's guest ("out", the TC program on
+the port's datapath end) or from an underlay NIC ("in", the XDP program),
+`outbound()` / `inbound()` return a Result: the verdict, the counter
+deltas by name, and the output frame where it is determined; the flow
+table changes as the datapath's must.
 
 Where docs/design.md is silent the model follows the spec's intent (what an
 operator of a production overlay would expect); each such decision is
@@ -71,8 +72,10 @@ def a16(addr):
 
 
 def link_scoped(a):
-    """fe80::/10 or any multicast (ff00::/8): never leaves the port's link."""
-    return (a[0] == 0xFE and a[1] & 0xC0 == 0x80) or a[0] == 0xFF
+    """fe80::/10, any multicast (ff00::/8), the unspecified or the loopback
+    address (::/127): never leaves the port's link."""
+    return (a[0] == 0xFE and a[1] & 0xC0 == 0x80) or a[0] == 0xFF or a[:15] == ZERO16[:15] and \
+        a[15] <= 1
 
 
 def _csum_update(old_ck, old_word, new_word):
@@ -103,6 +106,7 @@ class Port:
     subnet6: ipaddress.IPv6Network | None = None
     gw_ip6: bytes = ZERO16    # the gateway's link-local address (EUI-64 of gw_mac)
     templates: dict = field(default_factory=dict)   # GW_* kind -> frame
+    fw_epoch: int = 0         # bumped by every change to the port's rules
 
 
 @dataclass
@@ -136,7 +140,7 @@ class Instance:
     v2p: dict = field(default_factory=dict)       # (vni, 16-byte ip) -> (mac, underlay)
     routes: dict = field(default_factory=dict)    # ifindex -> [Route] (both families)
     rules: dict = field(default_factory=dict)     # (ifindex, 'in'|'out') -> [FwRule]
-    flows: dict = field(default_factory=dict)     # (ifindex, dir, proto, src, dst, sport, dport) -> verdict
+    flows: dict = field(default_factory=dict)     # (ifindex, dir, proto, src, dst, sport, dport) -> Flow
     hash_seed: int | None = None                  # keys the flow hash; None: not predicted
 
     def port_by(self, vni, mac):
@@ -367,6 +371,28 @@ def flow_hash(p, seed):
 
 # --- firewall (docs/design.md, "Firewall and flow table") ------------------------
 
+TCPF_FIN, TCPF_SYN, TCPF_RST, TCPF_ACK = 0x01, 0x02, 0x04, 0x10
+TCP_NONE, TCP_SYN_SENT, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_CLOSED = range(5)
+DIRS = ("out", "in")
+
+
+@dataclass
+class Flow:
+    """One direction's entry of an allowed flow: the verdict cached, the
+    port's epoch it was reached in, the direction and VNI the flow's first
+    packet was judged in, the rule that allowed it (0: the default), the
+    packets and bytes that went this way, and the TCP state both entries
+    share."""
+    epoch: int
+    origin: str
+    vni: int | None
+    rule: int
+    packets: int = 0
+    bytes: int = 0
+    state: int = TCP_NONE
+    fin: int = 0              # a bit per direction (out 1, in 2) that sent a FIN
+
+
 def _rule_matches(r, p, remote, vni):
     if r.proto == 0xFE:                       # arp: never an IP packet
         return False
@@ -390,32 +416,102 @@ def _rule_matches(r, p, remote, vni):
     return True
 
 
-def firewall(inst, res, port, direction, p, vni):
-    """True when the packet may pass (docs/design.md,
-    "Firewall and flow table"). Counts flow hits/misses and the verdict. The
-    flow table is keyed by (port, direction, protocol, addresses, ports or
-    ICMP id)."""
-    key = (port.ifindex, direction, p.proto, p.src, p.dst, p.sport, p.dport)
-    hit = inst.flows.get(key)
-    if hit is not None:
-        res.count(port.ifindex, "flow_hits")
-        return hit
-    res.count(port.ifindex, "flow_misses")
+def _rules_verdict(inst, port, direction, p, vni):
+    """(allowed, rule id) of the port's rules of one direction: the first
+    match decides; none: outbound allow, inbound deny (rule 0)."""
     remote = p.dst if direction == "out" else p.src
-    verdict = None
     for r in inst.rules.get((port.ifindex, direction), []):
         if _rule_matches(r, p, remote, vni):
-            verdict = r.action == "allow"
-            break
-    if verdict is None:
-        verdict = direction == "out"          # default: out stateful allow, in deny
-    res.count(port.ifindex, "fw_allowed" if verdict else "fw_denied")
-    if verdict:
-        # stateful: this direction and the reply's
-        inst.flows[key] = True
-        rdir = "in" if direction == "out" else "out"
-        inst.flows[(port.ifindex, rdir, p.proto, p.dst, p.src, p.dport, p.sport)] = True
-    return verdict
+            return r.action == "allow", r.id
+    return direction == "out", 0
+
+
+def _flow_key(port, direction, p):
+    return (port.ifindex, direction, p.proto, p.src, p.dst, p.sport, p.dport)
+
+
+def _reverse_key(key):
+    ifindex, direction, proto, src, dst, sport, dport = key
+    return (ifindex, "in" if direction == "out" else "out", proto, dst, src, dport, sport)
+
+
+def _turned(p):
+    """p as its flow's other direction carries it: addresses and ports
+    swapped, its ICMP type and TCP flags its own."""
+    return Pkt(p.family, p.dst, p.src, p.proto, p.dport, p.sport, p.icmp_type, p.icmp_code,
+               p.tcp_flags, p.has_l4)
+
+
+def _bare_syn(p):
+    return p.proto == IPPROTO_TCP and p.tcp_flags & (TCPF_SYN | TCPF_ACK) == TCPF_SYN
+
+
+def _tcp_track(f, direction, flags):
+    """TCP state from a packet's flags (docs/design.md): RST closes, a FIN
+    each way closes (one way: FIN_WAIT), an ACK from the side that did not
+    open the flow establishes it."""
+    if flags & TCPF_RST:
+        f.state = TCP_CLOSED
+    elif flags & TCPF_FIN:
+        f.fin |= 1 << DIRS.index(direction)
+        f.state = TCP_CLOSED if f.fin == 3 else TCP_FIN_WAIT
+    elif f.state == TCP_SYN_SENT and direction != f.origin and flags & TCPF_ACK:
+        f.state = TCP_ESTABLISHED
+
+
+def firewall(inst, res, port, direction, p, vni, length):
+    """True when the packet may pass (docs/design.md, "Firewall and flow
+    table"). Counts flow hits/misses, re-evaluations and the verdict; an
+    entry's packets and bytes (length: the frame as the guest sends or
+    receives it). The flow table is keyed by (port, direction, protocol,
+    addresses, ports or ICMP id)."""
+    P = port.ifindex
+    key = _flow_key(port, direction, p)
+    f = inst.flows.get(key)
+    # a new connection on the 4-tuple of a closed one starts afresh
+    if f is not None and p.proto == IPPROTO_TCP and f.state == TCP_CLOSED and _bare_syn(p):
+        f = None
+    if f is not None:
+        ok = True
+        reeval = f.epoch != port.fw_epoch
+        if reeval:
+            # the rules changed: the flow is judged again, once, by the
+            # rules of the direction it started in, in the VNI it was
+            # first judged in
+            res.count(P, "flow_reevaluated")
+            q = p if f.origin == direction else _turned(p)
+            ok, rule = _rules_verdict(inst, port, f.origin, q, f.vni)
+        rkey = _reverse_key(key)
+        r = inst.flows.get(rkey)
+        if ok:
+            res.count(P, "flow_hits")
+            f.packets += 1
+            f.bytes += length
+            if reeval:
+                # refreshed: both entries of the flow take the new epoch
+                # and name the rule that allows it now
+                f.epoch, f.rule = port.fw_epoch, rule
+            if p.proto == IPPROTO_TCP:
+                _tcp_track(f, direction, p.tcp_flags)
+            if r is not None:
+                r.epoch, r.rule, r.state, r.fin = f.epoch, f.rule, f.state, f.fin
+            return True
+        # now denied: both entries go, and the packet is judged as new
+        inst.flows.pop(key, None)
+        inst.flows.pop(rkey, None)
+    res.count(P, "flow_misses")
+    allowed, rule = _rules_verdict(inst, port, direction, p, vni)
+    res.count(P, "fw_allowed" if allowed else "fw_denied")
+    if allowed:
+        # stateful: an entry for this direction and one for the reply's
+        f = Flow(port.fw_epoch, direction, vni, rule, 1, length)
+        if p.proto == IPPROTO_TCP:
+            f.state = TCP_SYN_SENT if _bare_syn(p) else TCP_ESTABLISHED
+            _tcp_track(f, direction, p.tcp_flags)
+        inst.flows[key] = f
+        inst.flows[_reverse_key(key)] = Flow(f.epoch, f.origin, f.vni, f.rule, 0, 0, f.state,
+                                             f.fin)
+    return allowed
 
 
 # --- the gateway (docs/design.md, "The gateway") ---------------------------------
@@ -445,9 +541,9 @@ def _echo_reply(frame, ip, port):
     out = bytearray(frame)
     out[0:6], out[6:12] = frame[6:12], port.gw_mac
     ipo = 14
+    # in place: the addresses swapped leave the header's sum, and so its
+    # checksum, as they were
     out[ipo + 12:ipo + 16], out[ipo + 16:ipo + 20] = ip.dst, ip.src
-    out[ipo + 10:ipo + 12] = b"\0\0"
-    out[ipo + 10:ipo + 12] = struct.pack("!H", csum(bytes(out[ipo:ipo + ip.ihl])))
     icmp = ipo + ip.ihl
     out[icmp] = 0
     # the checksum updated for the changed word (RFC 1624, eqn. 3): a valid
@@ -628,8 +724,8 @@ def _dhcp6_iaid_at(tmpl):
 
 def _dhcp6(res, port, ip6, p):
     """DHCPv6 to the gateway's server: Solicit -> Advertise (or Reply with
-    Rapid Commit), Request naming this server -> Reply, Confirm -> Reply
-    (status Success); the rest is dropped."""
+    Rapid Commit), Request naming this server -> Reply, Confirm naming no
+    server -> Reply (status Success); the rest is dropped."""
     if port.ip6 is None or p.sport != 546 or ip6.dst != ALL_DHCP6:
         return _drop(res, port, "dhcp6", "dhcp6 not to all servers from 546")
     # SPEC-SILENT: as for DHCPv4, only a whole datagram is a message the
@@ -667,7 +763,8 @@ def _dhcp6(res, port, ip6, p):
     # 8415 21.3 allows one), so it is not answered
     elif mtype == 3 and servers and all(s == mine for s in servers):
         kind, reply, rapid = GW_DHCP6, 7, False
-    elif mtype == 4:
+    # a Confirm carrying a Server Identifier is discarded (RFC 8415 16.5)
+    elif mtype == 4 and not servers:
         kind, reply, rapid = GW_DHCP6_STATUS, 7, False
     else:
         return _drop(res, port, "dhcp6", f"dhcp6 type {mtype}")
@@ -694,8 +791,9 @@ def _gateway6(res, port, frame, ip6, p):
     gateway answers, else a drop by reason."""
     if p.proto == IPPROTO_ICMPV6 and p.has_l4 and not ip6.fragmented and \
             p.icmp_type == 128 and ip6.dst == port.gw_ip6:
-        if p.icmp_code != 0:
-            return _drop(res, port, "link_local", "echo6 code")
+        # a port without IPv6 has no IPv6 gateway to answer
+        if p.icmp_code != 0 or port.ip6 is None:
+            return _drop(res, port, "link_local", "echo6 code or no IPv6")
         # SPEC-SILENT: the guest's source is its own link-local address,
         # which the port does not record: no anti-spoofing here (the
         # source MAC was checked)
@@ -809,7 +907,7 @@ def _out4(inst, res, port, frame):
             and len(ip.l4) >= 8 and ip.l4[0] == 8 and ip.l4[1] == 0:
         return _hairpin(res, port, _echo_reply(frame, ip, port), "icmp_replies")
     # firewall
-    if not firewall(inst, res, port, "out", p, port.vni):
+    if not firewall(inst, res, port, "out", p, port.vni, len(frame)):
         return _drop(res, port, "firewall")
     # MTU (checked before routing, so the guest learns it whatever the
     # destination): larger than the port MTU is dropped (counted), and with
@@ -837,7 +935,7 @@ def _out6(inst, res, port, frame):
         return _gateway6(res, port, frame, ip6, p)
     if port.ip6 is None or ip6.src != port.ip6:
         return _drop(res, port, "spoof", "spoof6")
-    if not firewall(inst, res, port, "out", p, port.vni):
+    if not firewall(inst, res, port, "out", p, port.vni, len(frame)):
         return _drop(res, port, "firewall")
     # MTU: IPv6 is never fragmented on the way, so too big is always
     # answered with Packet Too Big (RFC 8201), unless the packet is too
@@ -876,6 +974,12 @@ def _route_out(inst, res, port, frame, p, tos):
         target = inst.port_by(vni, inner_mac)
         if target is None:
             return _drop(res, port, "no_port_local", "no local port")
+        # as if it came off the wire: a family the port does not have is
+        # not its guest's
+        if not _has_family(target, p.family):
+            res.verdict, res.retval, res.reason = "drop", TC_ACT_SHOT, "family"
+            res.count(target.ifindex, "drop_in_unsupported")
+            return res
         # nothing is encapsulated: no encap/decap counted
         return _deliver(inst, res, target, inner, p, vni, tc=True)
     res.verdict, res.retval = "underlay", TC_ACT_REDIRECT
@@ -891,11 +995,15 @@ def _route_out(inst, res, port, frame, p, tos):
 
 # --- inbound (docs/design.md, "Inbound pipeline": world -> guest) ----------------
 
+def _has_family(port, family):
+    return (port.ip if family == 4 else port.ip6) is not None
+
+
 def _deliver(inst, res, port, inner, p, vni, tc=False):
     """Inbound steps 6 and 7: firewall, then the inner frame, with the gateway
     MAC as its source, into the port."""
     P = port.ifindex
-    if p is not None and not firewall(inst, res, port, "in", p, vni):
+    if p is not None and not firewall(inst, res, port, "in", p, vni, len(inner)):
         res.verdict, res.retval = "drop", TC_ACT_SHOT if tc else XDP_DROP
         res.reason = "firewall"
         res.count(P, "drop_in_firewall")
@@ -989,7 +1097,10 @@ def inbound(inst, frame):
         res.verdict, res.retval = "drop", XDP_DROP
         res.count("g", "drop_in_no_port")
         return res
-    # 5. the inner frame must be IPv4 or IPv6
+    # 5. the inner frame must be IPv4 or IPv6, of a family the port has
+    if ietype not in (ETH_P_IP, ETH_P_IPV6) or not _has_family(port, 4 if ietype == ETH_P_IP
+                                                                 else 6):
+        return _drop_in(res, port, "unsupported", "inner not IP, or not the port's family")
     if ietype == ETH_P_IP:
         ip = parse_ip4(inner[14:])
         if ip is None:
@@ -1006,8 +1117,6 @@ def inbound(inst, frame):
             return _drop_in(res, port, "ndp", "ndp from the overlay")
         if link_scoped(ip6.src) or link_scoped(ip6.dst):
             return _drop_in(res, port, "link_local", "link-scoped from the overlay")
-    else:
-        return _drop_in(res, port, "unsupported", "inner not IP")
     # 6. firewall (External: from outside the VPC, matches no vni= filter),
     # then 7. delivery
     return _deliver(inst, res, port, inner, p, VNI_EXTERNAL if external else vni)

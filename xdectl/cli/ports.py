@@ -1,5 +1,5 @@
 """Port and instance commands: create (and the seed's xde-create), delete,
-list, stats, reload, unload."""
+set-gateway, list, stats, reload, unload."""
 import sys
 from typing import List, Optional
 
@@ -67,11 +67,28 @@ def xde_delete(ctx: typer.Context, name: str):
     delete(ctx, name)
 
 
+@app.command("set-gateway")
+def set_gateway(ctx: typer.Context, port: str,
+                dns: List[str] = typer.Option([], help="DNS server the gateway offers by DHCP; "
+                                              "repeat for more (at most 3 per family)."),
+                hostname: Optional[str] = typer.Option(None, help="Host name offered by DHCPv4."),
+                domain: Optional[str] = typer.Option(None, help="Domain offered by DHCPv4 and "
+                                                     "DHCPv6.")):
+    """Replace what the gateway of a live port tells its guest (DNS servers,
+    host name, domain); no option clears them all. The guest learns it at
+    its next DHCP exchange."""
+    from ..ports import set_gateway as do
+    do(root(ctx), port, dns, hostname, domain)
+
+
 def _ports_table(ports):
     cols = ["name", "mode", "mac", "ip", "ip6", "vni", "underlays", "state"]
     rows = [[",".join(str(u) for u in p[c]) if c == "underlays" else
              "-" if p[c] is None else p[c] for c in cols] for p in ports]
     print_table([c.upper() for c in cols], rows)
+    for p in ports:
+        if p.get("gateway_error"):
+            print(f"note: port {p['name']}: {p['gateway_error']}", file=sys.stderr)
 
 
 @app.command("list")
