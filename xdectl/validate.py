@@ -21,48 +21,44 @@ def mac(value, what="MAC"):
     return ":".join(f"{o:02x}" for o in octets)
 
 
-def ipv4(value, what="IPv4 address"):
+def _address(parse, family, value, what):
     try:
-        return str(ipaddress.IPv4Address(value))
+        return str(parse(value))
     except ValueError:
-        raise XdeError(f"{what} {value!r} is not an IPv4 address") from None
+        raise XdeError(f"{what} {value!r} is not an {family} address") from None
+
+
+def _network(parse, family, value, what):
+    try:
+        return parse(value, strict=True)
+    except ValueError as e:
+        raise XdeError(f"{what} {value!r} is not an {family} CIDR: {e}") from None
+
+
+def ipv4(value, what="IPv4 address"):
+    return _address(ipaddress.IPv4Address, "IPv4", value, what)
 
 
 def ipv6(value, what="IPv6 address"):
-    try:
-        return str(ipaddress.IPv6Address(value))
-    except ValueError:
-        raise XdeError(f"{what} {value!r} is not an IPv6 address") from None
-
-
-def cidr4(value, what="subnet"):
-    try:
-        return ipaddress.IPv4Network(value, strict=True)
-    except ValueError as e:
-        raise XdeError(f"{what} {value!r} is not an IPv4 CIDR: {e}") from None
-
-
-def cidr6(value, what="subnet"):
-    try:
-        return ipaddress.IPv6Network(value, strict=True)
-    except ValueError as e:
-        raise XdeError(f"{what} {value!r} is not an IPv6 CIDR: {e}") from None
+    return _address(ipaddress.IPv6Address, "IPv6", value, what)
 
 
 def ip_any(value, what="address"):
     """An IPv4 or IPv6 address, normalised."""
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise XdeError(f"{what} {value!r} is not an IPv4 or IPv6 address") from None
+    return _address(ipaddress.ip_address, "IPv4 or IPv6", value, what)
+
+
+def cidr4(value, what="subnet"):
+    return _network(ipaddress.IPv4Network, "IPv4", value, what)
+
+
+def cidr6(value, what="subnet"):
+    return _network(ipaddress.IPv6Network, "IPv6", value, what)
 
 
 def cidr_any(value, what="subnet"):
     """An IPv4 or IPv6 CIDR (host bits must be zero)."""
-    try:
-        return ipaddress.ip_network(value, strict=True)
-    except ValueError as e:
-        raise XdeError(f"{what} {value!r} is not an IPv4 or IPv6 CIDR: {e}") from None
+    return _network(ipaddress.ip_network, "IPv4 or IPv6", value, what)
 
 
 # IPv4 lives here in the datapath's 16-byte addresses (bpf/pkt.h): an IPv6
