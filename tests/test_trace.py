@@ -22,8 +22,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from frames import (G1_IP, G1_MAC, G2_IP, G2_MAC, GW_IP, GW_MAC, U1_ADDR, U2_ADDR, VNI, geneve,
-                    underlay_frame)
+from frames import (G1_IP, G1_IP6, G1_MAC, G2_IP, G2_IP6, G2_MAC, GW_IP, GW_MAC, U1_ADDR, U2_ADDR,
+                    VNI, geneve, underlay_frame)
 from lab_fixture import XDECTL, LabT
 
 ETH_P_ALL = 0x0003
@@ -198,6 +198,29 @@ def test_firewall_deny_names_the_rule(tl):
                                f"dst='{G2_IP}')/UDP(sport=7000,dport=7777)")
         assert "TC_ACT_SHOT" in text and "drop_out_firewall +1" in text, text
         assert f"firewall rule {rid} (dir=out action=deny" in text and "hits +1" in text, text
+    finally:
+        tl.xd("rm-fw-rule", "xde0", rid, "--dir", "out")
+
+
+def test_ipv6_frames_traced(tl):
+    """An IPv6 flow from g1 to g2 is encapsulated (its inner addresses in
+    the summary), and an icmp6 rule for g2's IPv6 address denies an echo
+    request by name."""
+    for sw in (1, 2):
+        tl.run("sled1", "ping", "-6", "-c", "1", "-w", "5", f"fd10:1:{sw}::2")
+    r = tl.trace_json("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IPv6(src='{G1_IP6}',"
+                             f"dst='{G2_IP6}')/UDP(sport=45355,dport=45356)/Raw(b'six')")
+    assert r["verdict"] == "TC_ACT_REDIRECT" and r["counters"]["xde0"]["encap"] == 1, r
+    out = Ether(bytes.fromhex(r["output"]))
+    assert out[IPv6].src == U1_ADDR and out[IPv6].dst == U2_ADDR and out[UDP].dport == 6081
+    assert f"{G1_IP6}" in r["output_summary"] and f"{G2_IP6}" in r["output_summary"], r
+    rid = tl.xd("add-fw-rule", "xde0", "--dir", "out", "--action", "deny", "--priority", "5",
+                "--hosts", f"ip={G2_IP6}", "--protocol", "icmp6:128").stdout.strip()
+    try:
+        text = tl.trace("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IPv6(src='{G1_IP6}',"
+                               f"dst='{G2_IP6}')/ICMPv6EchoRequest(id=9)")
+        assert "TC_ACT_SHOT" in text and "drop_out_firewall +1" in text, text
+        assert f"firewall rule {rid} (dir=out action=deny" in text, text
     finally:
         tl.xd("rm-fw-rule", "xde0", rid, "--dir", "out")
 
