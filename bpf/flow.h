@@ -58,13 +58,7 @@ static __always_inline void flow_key_of(struct flow_key *k, __u32 port, __u32 di
  * place: a second 44-byte key would not fit XDP's stack beside the rest. */
 static __always_inline void flow_key_reverse(struct flow_key *k)
 {
-	__be32 a[4];
-	addr_copy(a, k->src);
-	addr_copy(k->src, k->dst);
-	addr_copy(k->dst, a);
-	__be16 port = k->sport;
-	k->sport = k->dport;
-	k->dport = port;
+	swap_ends(k->src, k->dst, &k->sport, &k->dport);
 	k->dir = !k->dir;
 }
 

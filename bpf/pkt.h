@@ -186,16 +186,21 @@ static __always_inline __u32 pkt_parse6(struct ipv6hdr *ip6, void *data_end, str
 	return off;
 }
 
-/* p as the other direction of its flow sees it. */
-static __always_inline void pkt_reverse(struct pkt *p)
+/* A 5-tuple's ends swapped, as the other direction of its flow sees them. */
+static __always_inline void swap_ends(__be32 *src, __be32 *dst, __be16 *sport, __be16 *dport)
 {
 	__be32 a[4];
-	addr_copy(a, p->src);
-	addr_copy(p->src, p->dst);
-	addr_copy(p->dst, a);
-	__be16 port = p->sport;
-	p->sport = p->dport;
-	p->dport = port;
+	addr_copy(a, src);
+	addr_copy(src, dst);
+	addr_copy(dst, a);
+	__be16 port = *sport;
+	*sport = *dport;
+	*dport = port;
+}
+
+static __always_inline void pkt_reverse(struct pkt *p)
+{
+	swap_ends(p->src, p->dst, &p->sport, &p->dport);
 }
 
 static __always_inline __u32 rotl32(__u32 x, int r)
