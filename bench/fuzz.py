@@ -3,15 +3,18 @@
 docs/design.md) against the real programs, run with BPF_PROG_TEST_RUN in a
 lab of its own, on --cases generated cases (valid, edge and malformed guest
 frames of both families, DHCPv4, DHCPv6 and neighbour discovery, Geneve
-frames, non-Geneve underlay traffic, and short stateful sequences, some
-with a change to the port's rules between two frames).
+frames, non-Geneve underlay traffic, short stateful sequences, some
+with a change to the port's rules between two frames, and NAT: g1's
+traffic with the internet through its SNAT IPs, its replies, ICMP errors,
+unsolicited and stale traffic, exhaustion, changes of its external
+addresses; with --guest g2, g2's through its floating IPs).
 Reports mismatches by kind, the counters the model moved (what the run
 covered) and what it never reached; goal: 0 outside the known datapath
 bugs (tests/model/gen.py known_bug, listed apart by the frames they made
 disagree).
 
     sudo .venv/bin/python bench/fuzz.py --cases 100000 [--seed N] [--json out.json]
-        [--kinds dhcp6,ndp] [--guest g3]
+        [--kinds dhcp6,ndp] [--guest g3|g2]
 """
 import argparse
 import collections
@@ -32,18 +35,25 @@ from model.harness import SledRunner, next_hops, run_case
 # the lab's routes (never no_route: both families have a default route),
 # through BPF_PROG_TEST_RUN (never malformed_inner from the guest: the
 # kernel refuses a frame shorter than Ethernet)
+# (NAT: never nat_table_full, which needs 131,072 translations)
 COVER = ["encap", "decap", "rx_packets", "tx_packets", "arp_replies", "icmp_replies",
          "mtu_icmp_sent", "dhcp4_replies", "dhcp6_replies", "ndp_replies", "flow_hits",
-         "flow_misses", "flow_reevaluated", "fw_allowed", "fw_denied", "passed_to_host"] + \
+         "flow_misses", "flow_reevaluated", "fw_allowed", "fw_denied", "passed_to_host",
+         "nat_out", "nat_in", "snat_allocated", "snat_reclaimed"] + \
     [f"drop_out_{r}" for r in ("malformed_ipv4", "malformed_ipv6",
                                "unsupported", "spoof", "arp", "ndp", "dhcp4", "dhcp6",
                                "link_local", "firewall", "mtu", "router", "no_v2p",
-                               "no_port_local")] + \
+                               "no_port_local", "no_external_ip", "nat_exhausted",
+                               "nat_untranslatable", "no_nat")] + \
     [f"drop_in_{r}" for r in ("malformed_truncated", "malformed_version", "malformed_options",
                               "malformed_critical_option", "malformed_protocol",
                               "malformed_inner", "malformed_ipv4", "malformed_ipv6",
                               "unsupported", "arp_in_geneve", "no_port", "ndp", "link_local",
-                              "firewall")]
+                              "firewall", "no_nat", "nat_untranslatable")]
+# g2 (--guest g2): its floating IPs only, both ways
+COVER_G2 = ["encap", "decap", "rx_packets", "tx_packets", "flow_hits", "flow_misses",
+            "fw_allowed", "fw_denied", "nat_out", "nat_in", "drop_out_nat_untranslatable",
+            "drop_in_firewall", "drop_in_no_nat", "drop_in_nat_untranslatable"]
 
 
 def kind_of(mismatch):
@@ -60,18 +70,20 @@ def main():
     ap.add_argument("--examples", type=int, default=3, help="examples kept per mismatch kind")
     ap.add_argument("--kinds", help="only these generator kinds (comma-separated, e.g. "
                     "ndp,dhcp6 or out/ipv6)")
-    ap.add_argument("--guest", choices=("g1", "g3"), default="g1",
+    ap.add_argument("--guest", choices=("g1", "g3", "g2"), default="g1",
                     help="g1: sled1's dual-stack xde0, every kind (default); g3: sled2's "
-                    "IPv6-only xde3, the outbound cases as g3 sends them")
+                    "IPv6-only xde3, the outbound cases as g3 sends them; g2: sled2's xde0, "
+                    "the NAT kinds through its floating IPs")
     a = ap.parse_args()
-    kinds_run = gen.KINDS
+    kinds_run = gen.KINDS if a.guest != "g2" else [("nat2", k) for k in gen.NAT2_KINDS]
     if a.kinds:
         want = set(a.kinds.split(","))
         kinds_run = [(d, k) for d, k in gen.KINDS if k in want or f"{d}/{k}" in want]
         assert kinds_run, f"no generator kind in {a.kinds}"
     t0 = time.monotonic()
     # next hops resolved, so encapsulated frames carry real outer MACs
-    sled, pname = ("sled1", "xde0") if a.guest == "g1" else ("sled2", "xde3")
+    sled, pname = {"g1": ("sled1", "xde0"), "g2": ("sled2", "xde0"), "g3": ("sled2", "xde3")}[
+        a.guest]
     if a.guest == "g3":
         kinds_run = [(d, k) for d, k in kinds_run if d == "out"]
     with common.lab("d", a.prefix) as lab:
@@ -80,6 +92,8 @@ def main():
         else:
             for g in ("g2", "g3"):      # sled2's counters must move by our frames only
                 setup._quiet(lab, g)
+            if a.guest == "g2":
+                setup.give_external(lab, "sled2", "xde0", setup.EXTERNAL_G2)
         runner = SledRunner(lab, sled)
         inst = runner.instance()
         port = next(i for i, p in inst.ports.items() if p.name == pname)
@@ -96,7 +110,7 @@ def main():
             if a.guest == "g3":
                 steps = gen.as_port(steps)
             per_kind[f"{d}/{k}"] += 1
-            frames += sum(d != "fw" for d, _ in steps)      # a rule change is no frame
+            frames += sum(d in ("in", "out") for d, _ in steps)   # a rule or address change is none
             bad = run_case(runner, inst, steps, hops, port, seen)
             for i, ms, res in bad:
                 bug = gen.known_bug(*steps[i])
@@ -133,11 +147,13 @@ def main():
         print("known datapath bugs exercised (frames that disagreed):")
         for k, v in known.most_common():
             print(f"  {v:7d}  {k}")
-    cover = COVER if a.guest == "g1" else [  # outbound only, and no IPv4 to answer
+    cover = COVER if a.guest == "g1" else COVER_G2 if a.guest == "g2" else [
+        # outbound only, and no IPv4 to answer
         c for c in COVER if c.startswith(("drop_out", "encap", "tx_", "icmp", "mtu", "dhcp6",
                                           "ndp", "flow", "fw_"))
         and c not in ("drop_out_arp", "drop_out_router", "drop_out_no_port_local",
-                      "drop_out_firewall", "fw_denied")]
+                      "drop_out_firewall", "fw_denied", "drop_out_nat_exhausted",
+                      "drop_out_no_nat")]
     never = [c for c in cover if not seen[c]]
     print("covered: " + ", ".join(f"{c} {seen[c]}" for c in cover if seen[c]))
     if never:

@@ -226,13 +226,13 @@ class Bench:
         except Exception as e:     # e.g. the pinned datapath no longer matches this xdectl
             print(f"lab down failed ({e}); removing by hand", file=sys.stderr)
             import shutil
-            from xdelab.lab import SLEDS
+            from xdelab.lab import ROOTS
             for n in self.lab.namespaces:
                 if os.path.exists(f"/run/netns/{n}"):
                     netns.remove(n)           # takes its links, XDP and filters with it
-            for sled in SLEDS:
-                shutil.rmtree(self.lab.root(sled), ignore_errors=True)
-            self.lab._stop_bsvc()
+            for host in ROOTS:
+                shutil.rmtree(self.lab.root(host), ignore_errors=True)
+            self.lab._stop_servers()
             if self.lab.state.exists():
                 self.lab.state.rmdir()
 

@@ -48,8 +48,10 @@ Paths, with N = 0, 16, 256, 1024 rules that do not match the frame:
   hit_out6   hit_out for an IPv6 flow (g1 -> 2001:db8::9, a drop route), N = 0.
 and with the default rules: encap (tc_port_out, g1 -> g2 UDP, cached
 flow, Geneve-encapsulated, TC_ACT_REDIRECT), encap6 (the same over IPv6),
-decap (= hit_in at N=0 with the default rules), gateway ARP reply and
-gateway echo reply (tc_port_out).
+decap (= hit_in at N=0 with the default rules), encap_nat and decap_nat
+(the same for a flow g1 opened to the internet through its SNAT IP: NAT
+on both sides, each by tail call), gateway ARP reply and gateway echo
+reply (tc_port_out).
 Goals (docs/design.md, "How it is proved"): the hit path flat in N; every
 path within 3x the empty program.
 """
@@ -60,18 +62,21 @@ import time
 import common  # noqa: F401  (first: the checkout's xdectl, the tests' frames)
 from cases import BY_NAME, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_REDIRECT
 from common import REPO, Programs, write_result
-from frames import G1_IP6, G1_MAC, G2_IP, G2_IP6, GW_MAC, g1_frame, geneve, inner_udp, underlay_frame
-from scapy.layers.inet import UDP
+from frames import (BSVC_ADDR, BSVC_MAC, G1_IP6, G1_MAC, G2_IP, G2_IP6, GW_MAC, OXIDE, g1_frame,
+                    geneve, geneve_opt, inner_udp, underlay_frame)
+from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from xdectl import fw, overlay
-from xdelab.lab import VNI
+from xdelab.lab import GUESTS, VNI
 
 RULE_COUNTS = (0, 16, 256, 1024)
 DROP_NET = "203.0.113.0/24"
 DROP_NET6 = "2001:db8::/32"
+NAT_PEER = "198.18.0.1"           # on the internet (the default route, `ig`)
+SNAT_IP = GUESTS["g1"]["external"].snat_ips[0]
 PAYLOAD = b"b" * 64
 
 
@@ -110,6 +115,14 @@ class Bench:
 
     def stats(self):
         return self.progs.stats()
+
+    def snat_port(self, peer):
+        """The external port of g1's flow to peer."""
+        with self.lab.inside("sled1"):
+            flows = fw.dump_flows(self.root, "xde0")
+        nat = [f["nat"] for f in flows if f["dir"] == "out" and f["dst"] == peer and f["nat"]]
+        assert nat, f"no translation for g1's flow to {peer}: {flows}"
+        return int(nat[0]["external"].rsplit(":", 1)[1])
 
     def run(self, prog, frame, repeat=1):
         return self.progs.run_in(prog, frame, repeat)
@@ -256,6 +269,21 @@ def bench_all(b):
     b.run("tc_port_out", encap6)
     b.measure("encap6", "tc_port_out", encap6, 2, "single", TC_ACT_REDIRECT, check=hits,
               note="cached IPv6 flow g1 -> g2, Geneve encap, fib lookup, redirect")
+    # NAT: a flow g1 opened to the internet through its SNAT IP (a drop-free
+    # destination: the route to DROP_NET is `drop`), and the reply to it
+    nat_out = from_g1(UDP(sport=40007, dport=40008), NAT_PEER)
+    rc, _, _ = b.run("tc_port_out", nat_out)            # first packet: a SNAT port
+    assert rc == TC_ACT_REDIRECT, rc
+    ext_port = b.snat_port(NAT_PEER)
+    b.measure("encap_nat", "tc_port_out", nat_out, 2, "single", TC_ACT_REDIRECT, check=hits,
+              note="cached flow g1 -> internet: NAT (tc_nat, by tail call), encap toward "
+                   "boundary services")
+    reply = underlay_frame(geneve(opts=geneve_opt(OXIDE, 0)) + bytes(
+        Ether(dst=G1_MAC, src=BSVC_MAC) / IP(src=NAT_PEER, dst=SNAT_IP) /
+        UDP(sport=40008, dport=ext_port) / Raw(PAYLOAD)), src=BSVC_ADDR, chksum=0)
+    b.measure("decap_nat", "xdp_underlay", reply, 2, "single", XDP_REDIRECT, check=hits,
+              note="the internet's reply to g1's SNAT IP: NAT (xdp_nat, by tail call, "
+                   "then the pipeline again), decap")
     # the gateway's replies: frames and verdicts from the fixture table
     for path, case in (("gw_arp", BY_NAME["gw_arp_gateway"]), ("gw_echo", BY_NAME["gw_echo"])):
         b.measure(path, case.prog, case.frame, 2, "single", case.verdict,

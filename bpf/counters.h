@@ -21,7 +21,8 @@ enum xde_dir { DIR_OUT = 0, DIR_IN = 1 };
 	X(encap) X(decap) X(arp_replies) X(icmp_replies) X(mtu_icmp_sent) \
 	X(dhcp4_replies) X(dhcp6_replies) X(ndp_replies) \
 	X(underlay_detours) X(route_cache_hits) X(route_cache_misses) \
-	X(flow_hits) X(flow_misses) X(flow_reevaluated) X(fw_allowed) X(fw_denied)
+	X(flow_hits) X(flow_misses) X(flow_reevaluated) X(fw_allowed) X(fw_denied) \
+	X(nat_out) X(nat_in) X(snat_allocated) X(snat_reclaimed)
 
 #define XDE_GLOBAL_EVENTS(X) \
 	X(passed_to_host)
@@ -51,6 +52,11 @@ enum xde_dir { DIR_OUT = 0, DIR_IN = 1 };
 	X(no_route)                  /* no route for the destination */ \
 	X(router)                    /* the route's target is drop */ \
 	X(no_v2p)                    /* no V2P entry for the next hop */ \
+	X(no_external_ip)            /* internet-bound, and the port has no external IP of its family */ \
+	X(nat_exhausted)             /* no free port in the SNAT range for the protocol */ \
+	X(nat_untranslatable)        /* NAT cannot translate it: a fragment, a transport header cut short, or under SNAT a protocol without ports */ \
+	X(nat_table_full)            /* no room for the flow's translation */ \
+	X(no_nat)                    /* from outside, for an external address with no translation; an ICMP error quoting none */ \
 	X(no_port_local)             /* V2P names this host, no port has that MAC */ \
 	X(underlay_unreachable)      /* the kernel's FIB has no underlay route */ \
 	X(tail_call)                 /* a tail call failed (program missing from its table) */ \

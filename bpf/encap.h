@@ -28,6 +28,7 @@ struct encap_hdrs {
 	struct geneve_hdr gnv;
 	struct ethhdr inner;
 } __attribute__((packed));
+_Static_assert(sizeof(struct encap_hdrs) == ENCAP_HDRS, "scratch.h's room for them");
 
 /* Destination port on this same host: deliver without touching the wire.
  * The receiving guest sees the gateway MAC as the source, as for any
@@ -74,10 +75,16 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	if (addr6_eq(underlay, cfg->underlay_addr))
 		return deliver_local(skb, cfg, port, vni, dmac, p, now);
 
-	struct encap_hdrs h = {};
-	if (bpf_skb_load_bytes(skb, 0, &h.inner, sizeof(h.inner)) < 0)
+	/* per CPU, not on the stack: beside the rest of the pipeline (NAT's
+	 * tail call included) it would not fit there */
+	struct scratch *sc = scratch_get();
+	if (!sc)
+		return tc_drop(port, DIR_OUT, DROP_no_scratch);
+	struct encap_hdrs *hp = (void *)sc->encap;
+	__builtin_memset(hp, 0, sizeof(*hp));
+	if (bpf_skb_load_bytes(skb, 0, &hp->inner, sizeof(hp->inner)) < 0)
 		return tc_drop(port, DIR_OUT, DROP_load_failed);
-	__builtin_memcpy(h.inner.h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(hp->inner.h_dest, dmac, ETH_ALEN);
 
 	/* Entropy for ECMP: the flow's hash, in the flow label and the UDP
 	 * source port (49152-65535, RFC 8926). */
@@ -95,28 +102,28 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	 * past 16 bits); segmentation rewrites them per segment. */
 	__u16 l4len = inner_len + sizeof(struct udphdr) + sizeof(struct geneve_hdr);
 	/* version 6, traffic class = inner DSCP+ECN (RFC 6040 normal mode), flow label */
-	*(__be32 *)&h.ip6 = bpf_htonl((6U << 28) | ((__u32)tos << 20) | label);
-	h.ip6.payload_len = bpf_htons(l4len);
-	h.ip6.nexthdr = IPPROTO_UDP;
-	h.ip6.hop_limit = OUTER_HOP_LIMIT;
-	__builtin_memcpy(&h.ip6.saddr, cfg->underlay_addr, 16);
-	__builtin_memcpy(&h.ip6.daddr, underlay, 16);
-	h.udp.source = bpf_htons(sport);
-	h.udp.dest = bpf_htons(GENEVE_PORT);
-	h.udp.len = bpf_htons(l4len);
-	h.udp.check = 0;  /* allowed for tunnels over IPv6 (RFC 6935/6936), as OPTE */
-	h.gnv.proto = bpf_htons(GENEVE_PROTO_ETH);
-	h.gnv.vni[0] = vni >> 16;
-	h.gnv.vni[1] = vni >> 8;
-	h.gnv.vni[2] = vni;
-	h.eth.h_proto = bpf_htons(ETH_P_IPV6);
+	*(__be32 *)&hp->ip6 = bpf_htonl((6U << 28) | ((__u32)tos << 20) | label);
+	hp->ip6.payload_len = bpf_htons(l4len);
+	hp->ip6.nexthdr = IPPROTO_UDP;
+	hp->ip6.hop_limit = OUTER_HOP_LIMIT;
+	__builtin_memcpy(&hp->ip6.saddr, cfg->underlay_addr, 16);
+	__builtin_memcpy(&hp->ip6.daddr, underlay, 16);
+	hp->udp.source = bpf_htons(sport);
+	hp->udp.dest = bpf_htons(GENEVE_PORT);
+	hp->udp.len = bpf_htons(l4len);
+	hp->udp.check = 0;  /* allowed for tunnels over IPv6 (RFC 6935/6936), as OPTE */
+	hp->gnv.proto = bpf_htons(GENEVE_PROTO_ETH);
+	hp->gnv.vni[0] = vni >> 16;
+	hp->gnv.vni[1] = vni >> 8;
+	hp->gnv.vni[2] = vni;
+	hp->eth.h_proto = bpf_htons(ETH_P_IPV6);
 
 	struct route_cache_val *rc = route_cache_get(underlay, hash, now);
 	if (rc) {
 		__u32 out = rc->ifindex;
-		__builtin_memcpy(h.eth.h_dest, rc->dmac, ETH_ALEN);
-		__builtin_memcpy(h.eth.h_source, rc->smac, ETH_ALEN);
-		if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
+		__builtin_memcpy(hp->eth.h_dest, rc->dmac, ETH_ALEN);
+		__builtin_memcpy(hp->eth.h_source, rc->smac, ETH_ALEN);
+		if (bpf_skb_store_bytes(skb, 0, hp, sizeof(*hp), 0) < 0)
 			return tc_drop(port, DIR_OUT, DROP_store_failed);
 		stat_add(st, P_encap, 1);
 		stat_add(st, P_route_cache_hits, 1);
@@ -124,16 +131,13 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	}
 	stat_add(st, P_route_cache_misses, 1);
 
-	struct scratch *sc = scratch_get();
-	if (!sc)
-		return tc_drop(port, DIR_OUT, DROP_no_scratch);
 	struct bpf_fib_lookup *fib = &sc->fib;
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET6;
 	fib->ifindex = skb->ifindex;
 	fib->l4_protocol = IPPROTO_UDP;
-	fib->sport = h.udp.source;
-	fib->dport = h.udp.dest;
+	fib->sport = hp->udp.source;
+	fib->dport = hp->udp.dest;
 	fib->flowinfo = bpf_htonl(label);
 	/* the FIB checks tot_len against the route's MTU: a GSO packet is
 	 * checked by its segments, which the port MTU already sizes */
@@ -152,10 +156,10 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 		return tc_drop(port, DIR_OUT, DROP_underlay_unreachable);
 	}
 	if (ret == BPF_FIB_LKUP_RET_SUCCESS || detour) {
-		__builtin_memcpy(h.eth.h_dest, fib->dmac, ETH_ALEN);
-		__builtin_memcpy(h.eth.h_source, fib->smac, ETH_ALEN);
+		__builtin_memcpy(hp->eth.h_dest, fib->dmac, ETH_ALEN);
+		__builtin_memcpy(hp->eth.h_source, fib->smac, ETH_ALEN);
 	}
-	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) < 0)
+	if (bpf_skb_store_bytes(skb, 0, hp, sizeof(*hp), 0) < 0)
 		return tc_drop(port, DIR_OUT, DROP_store_failed);
 	stat_add(st, P_encap, 1);
 	if (detour) {

@@ -29,10 +29,10 @@ struct fw_job {
 XDE_MAP("percpu_array", u32, struct fw_job, fw_job, 1);
 
 /* Slots of the tail-call program arrays, one array per hook type
- * (PROG_GATEWAY: TC only, tc_port.c). */
-enum { PROG_MAIN = 0, PROG_FW_EVAL = 1, PROG_GATEWAY = 2 };
-XDE_MAP("prog", u32, u32, xdp_progs, 2);
-XDE_MAP("prog", u32, u32, tc_progs, 3);
+ * (PROG_GATEWAY, PROG_SNAT: TC only). */
+enum { PROG_MAIN = 0, PROG_FW_EVAL = 1, PROG_GATEWAY = 2, PROG_NAT = 3, PROG_SNAT = 4 };
+XDE_MAP("prog", u32, u32, xdp_progs, 4);
+XDE_MAP("prog", u32, u32, tc_progs, 5);
 
 static __always_inline struct fw_job *fw_job_get(void)
 {

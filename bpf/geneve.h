@@ -17,11 +17,12 @@ struct geneve_rx {
 	__u32 trim;               /* bytes after the UDP datagram (padding), to cut */
 };
 
-/* Frames that are not IPv6/UDP to port 6081 at our underlay address return
- * NOT_FOR_US: the host stack gets them untouched. Geneve for us returns
- * GENEVE_OK with rx filled in, or the DROP_malformed_* reason why not. */
-static __always_inline __u32 geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
-					struct geneve_rx *rx)
+/* Frames that are not IPv6/UDP to port 6081 at the underlay address addr
+ * return NOT_FOR_US: the host stack gets them untouched. Geneve for us
+ * returns GENEVE_OK with rx filled in, or the DROP_malformed_* reason why
+ * not. */
+static __always_inline __u32 geneve_parse_at(struct xdp_md *ctx, const __u8 *addr,
+					   struct geneve_rx *rx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -30,7 +31,7 @@ static __always_inline __u32 geneve_parse(struct xdp_md *ctx, struct xde_cfg *cf
 	struct udphdr *udp = (void *)(ip6 + 1);
 	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IPV6) ||
 	    ip6->nexthdr != IPPROTO_UDP || udp->dest != bpf_htons(GENEVE_PORT) ||
-	    !addr6_eq(&ip6->daddr, cfg->underlay_addr))
+	    !addr6_eq(&ip6->daddr, addr))
 		return NOT_FOR_US;
 
 	struct geneve_hdr *g = (void *)(udp + 1);
@@ -81,6 +82,13 @@ static __always_inline __u32 geneve_parse(struct xdp_md *ctx, struct xde_cfg *cf
 	rx->trim = avail - ulen;
 	rx->vni = (g->vni[0] << 16) | (g->vni[1] << 8) | g->vni[2];
 	return GENEVE_OK;
+}
+
+/* Geneve for this root's underlay address (a sled's). */
+static __always_inline __u32 geneve_parse(struct xdp_md *ctx, struct xde_cfg *cfg,
+					struct geneve_rx *rx)
+{
+	return geneve_parse_at(ctx, cfg->underlay_addr, rx);
 }
 
 #endif

@@ -21,7 +21,8 @@ struct pkt {
 	__u8 icmp_type;
 	__u8 icmp_code;
 	__u8 fragment;            /* PKT_FRAGMENT, PKT_FRAG_HDR */
-	__u8 pad[3];
+	__u8 l4_ok;               /* TCP, UDP, ICMP(v6): the header is whole in the packet */
+	__u16 l4;                 /* the L4 header's offset from the IP header */
 };
 
 static __always_inline void addr_from4(__be32 *a, __be32 v4)
@@ -93,18 +94,21 @@ static __always_inline void pkt_l4(struct pkt *p, void *l4, void *data_end, __u3
 		p->sport = t->source;
 		p->dport = t->dest;
 		p->tcp_flags = ((__u8 *)t)[13];
+		p->l4_ok = 1;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *u = l4;
 		if ((void *)(u + 1) > data_end || len < sizeof(*u))
 			return;
 		p->sport = u->source;
 		p->dport = u->dest;
+		p->l4_ok = 1;
 	} else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
 		struct icmphdr *c = l4;  /* ICMPv6 starts alike: type, code, checksum, id */
 		if ((void *)(c + 1) > data_end || len < sizeof(*c))
 			return;
 		p->icmp_type = c->type;
 		p->icmp_code = c->code;
+		p->l4_ok = 1;
 		int echo = p->proto == IPPROTO_ICMP ?
 			c->type == ICMP_ECHO || c->type == ICMP_ECHOREPLY :
 			c->type == ICMPV6_ECHO_REQUEST || c->type == ICMPV6_ECHO_REPLY;
@@ -118,7 +122,8 @@ static __always_inline void pkt_clear_l4(struct pkt *p)
 	p->sport = p->dport = 0;
 	p->tcp_flags = p->icmp_type = p->icmp_code = 0;
 	p->fragment = 0;
-	p->pad[0] = p->pad[1] = p->pad[2] = 0;
+	p->l4_ok = 0;
+	p->l4 = 0;
 }
 
 /* Fill p from the IPv4 header at ip (ip4_valid); false when it is not a
@@ -135,6 +140,7 @@ static __always_inline int pkt_parse4(struct iphdr *ip, void *data_end, struct p
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 1;                 /* later fragments carry no L4 header */
 	__u32 hlen = ip->ihl * 4, tot = bpf_ntohs(ip->tot_len);
+	p->l4 = hlen;
 	pkt_l4(p, (void *)ip + hlen, data_end, tot > hlen ? tot - hlen : 0);
 	return 1;
 }
@@ -181,6 +187,7 @@ static __always_inline __u32 pkt_parse6(struct ipv6hdr *ip6, void *data_end, str
 		nh = h[0];
 	}
 	p->proto = nh;
+	p->l4 = off;
 	if (!later_fragment)
 		pkt_l4(p, (void *)ip6 + (off & 0x3fff), data_end, end - off);
 	return off;

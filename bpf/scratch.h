@@ -11,8 +11,10 @@
 /* a gateway reply being built (at most 648 bytes): the verifier bounds an
  * offset masked with 0x3ff, plus a 256-byte checksum chunk, inside it */
 #define GW_BUF 1280
+#define ENCAP_HDRS 84              /* sizeof(struct encap_hdrs), encap.h */
 struct scratch {
 	struct bpf_fib_lookup fib;
+	__u8 encap[ENCAP_HDRS];   /* the headers encap_and_send pushes */
 	__u8 quote[ICMP6_QUOTE];
 	__u8 reply[GW_BUF];
 };

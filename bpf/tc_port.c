@@ -2,10 +2,11 @@
  * the guest sends enters here (docs/design.md, "Outbound pipeline").
  *
  * tc_port_out: passthrough, or gateway -> anti-spoofing -> firewall ->
- * MTU -> router -> overlay encap, out of the underlay NIC the kernel's FIB
+ * MTU -> router -> NAT (internet-bound) -> overlay encap, out of the underlay NIC the kernel's FIB
  * chooses (or straight into a port on this host); IPv4 and IPv6.
- * tc_fw_eval: the firewall's rule walk, and tc_gateway: the gateway's
- * DHCP, DHCPv6 and neighbour discovery, both reached by tail call. */
+ * tc_fw_eval: the firewall's rule walk, tc_nat: NAT and encapsulation of
+ * internet-bound traffic (tc_snat: its search for a SNAT port), and tc_gateway: the gateway's DHCP, DHCPv6 and
+ * neighbour discovery, all reached by tail call. */
 #include "wire.h"
 #include "config.h"
 #include "counters.h"
@@ -17,6 +18,7 @@
 #include "encap.h"
 #include "mtu.h"
 #include "fw.h"
+#include "nat.h"
 #include "dhcp4.h"
 #include "ndp.h"
 #include "dhcp6.h"
@@ -32,6 +34,9 @@ static __always_inline int passthrough_out(struct __sk_buff *skb, struct xde_cfg
 	return bpf_redirect(out, 0);
 }
 
+/* route_out's answer for internet-bound traffic: on to tc_nat */
+#define TO_NAT -2
+
 /* Router and overlay: the pipeline past the firewall and MTU, for both
  * families. */
 static __always_inline int route_out(struct __sk_buff *skb, struct xde_cfg *cfg,
@@ -41,7 +46,12 @@ static __always_inline int route_out(struct __sk_buff *skb, struct xde_cfg *cfg,
 	struct route_val *rt = route_lookup(port, family, pkt->dst);
 	if (!rt)
 		return tc_drop(port, DIR_OUT, DROP_no_route);
-	if (rt->target == RT_IG) {
+	if (rt->target == RT_IG) {   /* NAT first: here for a translated flow, else tc_nat */
+		int why = nat_out_hit(skb, port, st, pkt);
+		if (why < 0)
+			return TO_NAT;
+		if (why)
+			return tc_drop(port, DIR_OUT, why);
 		__u8 bmac[ETH_ALEN] = BSVC_MAC;
 		return encap_and_send(skb, cfg, port, st, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, pkt,
 				      now);
@@ -175,6 +185,10 @@ int tc_port_out(struct __sk_buff *skb)
 	 * outbound verdict (a flow hit now) was counted in an earlier run */
 	int rc = overlay_out(skb, cfg, pc, port, st, resumed == STAGE_TC_LOCAL_IN);
 	fw_job_end(job);
+	if (rc == TO_NAT) {
+		tc_progs.call(skb, PROG_NAT);
+		return tc_drop(port, DIR_OUT, DROP_tail_call);
+	}
 	return rc;
 }
 
@@ -186,6 +200,62 @@ int tc_fw_eval(struct __sk_buff *skb)
 	tc_progs.call(skb, PROG_MAIN);
 	fw_job_end(fw_job_get());
 	return tc_drop(port, dir, DROP_tail_call);
+}
+
+/* Internet-bound traffic (reached by tail call from route_out): NAT, then
+ * encapsulation toward boundary services. A program of its own, as the
+ * layer's keys and SNAT's port search would not fit the fast path's stack
+ * beside the rest. */
+int tc_nat(struct __sk_buff *skb)
+{
+	__u32 port = skb->ifindex;
+	struct port_cfg *pc = ports.lookup(&port);
+	struct xde_cfg *cfg = xde_config();
+	if (!pc || !cfg)
+		return tc_drop(port, DIR_OUT, DROP_unknown_port);
+	struct port_stats *st = port_stats_get(port);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct pkt pkt;
+	__u8 tos;
+	if ((void *)(eth + 1) > data_end)
+		return tc_drop(port, DIR_OUT, DROP_malformed_inner);
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if (!ip4_valid(ip, data_end, skb->len - ETH_HLEN) || !pkt_parse4(ip, data_end, &pkt))
+			return tc_drop(port, DIR_OUT, DROP_malformed_ipv4);
+		tos = ip->tos;
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if (!ip6_valid(ip6, data_end, skb->len - ETH_HLEN) || !pkt_parse6(ip6, data_end, &pkt))
+			return tc_drop(port, DIR_OUT, DROP_malformed_ipv6);
+		tos = ip6->priority << 4 | ip6->flow_lbl[0] >> 4;
+	}
+	__u64 now = xde_now();
+	int why = nat_out(skb, cfg, port, st, &pkt, now);
+	if (why == NAT_SNAT_NEEDED) {
+		tc_progs.call(skb, PROG_SNAT);
+		return tc_drop(port, DIR_OUT, DROP_tail_call);
+	}
+	if (why)
+		return tc_drop(port, DIR_OUT, why);
+	__u8 bmac[ETH_ALEN] = BSVC_MAC;
+	return encap_and_send(skb, cfg, port, st, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt, now);
+}
+
+/* A SNAT port for the flow tc_nat posted (nat.h), then tc_nat again. */
+int tc_snat(struct __sk_buff *skb)
+{
+	__u32 port = skb->ifindex;
+	struct xde_cfg *cfg = xde_config();
+	if (!cfg)
+		return tc_drop(port, DIR_OUT, DROP_unknown_port);
+	int why = snat_serve(port, port_stats_get(port), cfg);
+	if (why)
+		return tc_drop(port, DIR_OUT, why);
+	tc_progs.call(skb, PROG_NAT);
+	return tc_drop(port, DIR_OUT, DROP_tail_call);
 }
 
 /* The gateway's services (reached by tail call from tc_port_out): DHCPv4,

@@ -1,14 +1,17 @@
 /* XDP on each underlay NIC (docs/design.md, "Inbound pipeline").
  *
- * xdp_underlay: Geneve for a local port is checked, judged by the port's
- * inbound firewall, decapsulated and redirected into the port; unicast for
+ * xdp_underlay: Geneve for a local port is checked, translated by NAT
+ * when it is for an external address, judged by the port's inbound
+ * firewall, decapsulated and redirected into the port; unicast for
  * a passthrough port goes to it unchanged; everything else passes to the
- * host. xdp_fw_eval: the firewall's rule walk, reached by tail call. */
+ * host. xdp_fw_eval: the firewall's rule walk, and xdp_nat: inbound NAT,
+ * both reached by tail call. */
 #include "wire.h"
 #include "config.h"
 #include "counters.h"
 #include "geneve.h"
 #include "fw.h"
+#include "nat.h"
 
 static __always_inline int deliver(struct xdp_md *ctx, __u32 port, struct port_stats *st)
 {
@@ -55,6 +58,18 @@ static __always_inline int geneve_in(struct xdp_md *ctx, struct xde_cfg *cfg, st
 			return xdp_drop(p, DIR_IN, DROP_ndp);
 		if (ip6_link_scoped(pkt.src) || ip6_link_scoped(pkt.dst))
 			return xdp_drop(p, DIR_IN, DROP_link_local);
+	}
+	/* from outside the VPC to an external address: NAT gives the guest's,
+	 * here for a reply of a translated flow, else in xdp_nat (which runs
+	 * the pipeline again) */
+	if (rx->external && !own_address(pc, &pkt)) {
+		int why = nat_in_hit(l3, data_end, pc, st, &pkt);
+		if (why < 0) {
+			xdp_progs.call(ctx, PROG_NAT);
+			return xdp_drop(p, DIR_IN, DROP_tail_call);
+		}
+		if (why)
+			return xdp_drop(p, DIR_IN, why);
 	}
 	/* inbound firewall; frames from outside the VPC belong to no VNI */
 	int v = firewall(pc, st, DIR_IN, &pkt, rx->external ? VNI_EXTERNAL : rx->vni,
@@ -108,6 +123,44 @@ int xdp_underlay(struct xdp_md *ctx)
 pass:
 	global_count(G_passed_to_host);
 	return XDP_PASS;
+}
+
+/* NAT for a frame from outside the VPC to an external address (reached
+ * by tail call from geneve_in, which checked it): the guest's address in
+ * place of the external one, then the pipeline again. Apart from the fast
+ * path, whose verification the layer would push past the verifier's
+ * limits. */
+int xdp_nat(struct xdp_md *ctx)
+{
+	struct xde_cfg *cfg = xde_config();
+	struct geneve_rx rx = {};
+	if (!cfg || geneve_parse(ctx, cfg, &rx) != GENEVE_OK)
+		return xdp_drop(0, DIR_IN, DROP_malformed_inner);
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *inner = data + (rx.outer_len & 0x1ff);
+	if ((void *)(inner + 1) > data_end)
+		return xdp_drop(0, DIR_IN, DROP_malformed_inner);
+	struct port_key pk = { .vni = rx.vni };
+	__builtin_memcpy(pk.mac, inner->h_dest, ETH_ALEN);
+	__u32 *port = port_index.lookup(&pk);
+	struct port_cfg *pc = port ? ports.lookup(port) : 0;
+	if (!pc)
+		return xdp_drop(0, DIR_IN, DROP_no_port);
+	__u32 p = pc->ifindex;
+	struct pkt pkt;
+	void *l3 = inner + 1;
+	if (inner->h_proto == bpf_htons(ETH_P_IP)) {
+		if (!ip4_valid(l3, data_end, data_end - l3) || !pkt_parse4(l3, data_end, &pkt))
+			return xdp_drop(p, DIR_IN, DROP_malformed_ipv4);
+	} else if (!ip6_valid(l3, data_end, data_end - l3) || !pkt_parse6(l3, data_end, &pkt)) {
+		return xdp_drop(p, DIR_IN, DROP_malformed_ipv6);
+	}
+	int why = nat_in(l3, data_end, pc, port_stats_get(p), &pkt);
+	if (why)
+		return xdp_drop(p, DIR_IN, why);
+	xdp_progs.call(ctx, PROG_MAIN);
+	return xdp_drop(p, DIR_IN, DROP_tail_call);
 }
 
 /* The firewall's rule walk (fw_job.h): answer, then run the pipeline again. */

@@ -3,7 +3,8 @@ that fills and reads them (no root, no bcc). Key and value types are
 ctypes structures built from the struct declarations in bpf/, so Python
 is checked against the C layout itself, not against a copy of it. Only
 what the maps' types use is understood: integer fields, arrays of them
-(lengths in digits or a #define) and nested structs."""
+(of one or more dimensions, lengths in digits or a #define) and nested
+structs."""
 import ctypes as ct
 import re
 from pathlib import Path
@@ -33,13 +34,16 @@ def ctype(decl):
         return SCALARS[decl]
     name = decl.removeprefix("struct ").strip()
     if name not in _structs:
-        body = re.search(r"struct " + name + r" \{(.*?)\n\};", SRC, re.S)
+        body = re.search(r"struct " + name + r" \{([^{}\n]*)\};", SRC) or \
+            re.search(r"struct " + name + r" \{(.*?)\n\};", SRC, re.S)   # one line, or many
         assert body, f"struct {name} not found in bpf/"
         fields = []
-        for typ, field, n in re.findall(r"^\s*((?:struct )?\w+) (\w+)(?:\[(\w+)\])?;", body.group(1),
-                                        re.M):
+        for typ, field, dims in re.findall(r"^\s*((?:struct )?\w+) (\w+)((?:\[\w+\])*);",
+                                           body.group(1).replace(";", ";\n"), re.M):
             t = ctype(typ)
-            fields.append((field, t * (int(n) if n.isdigit() else DEFINES[n]) if n else t))
+            for n in reversed(re.findall(r"\[(\w+)\]", dims)):   # a[N][M]: N arrays of M
+                t = t * (int(n) if n.isdigit() else DEFINES[n])
+            fields.append((field, t))
         _structs[name] = type(name, (ct.Structure,), {"_fields_": fields})
     return _structs[name]
 

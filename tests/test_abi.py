@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from xdectl import abi, datapath, fw, overlay, ports
+from xdectl import abi, datapath, fw, nat, overlay, ports
 
 BPF = Path(__file__).resolve().parents[1] / "bpf"
 
@@ -81,10 +81,47 @@ def test_enums():
     states = enum("tcp_state")
     assert [f"TCP_{s}" for s in abi.TCP_STATES] == sorted(states, key=states.get)
     slots = enum("PROG_MAIN")
-    assert (abi.PROG_MAIN, abi.PROG_FW_EVAL, abi.PROG_GATEWAY) == \
-        (slots["PROG_MAIN"], slots["PROG_FW_EVAL"], slots["PROG_GATEWAY"])
+    assert {k: getattr(abi, k) for k in slots} == slots, f"tail-call slots: C says {slots}"
+    assert set(slots) == {"PROG_MAIN", "PROG_FW_EVAL", "PROG_GATEWAY", "PROG_NAT", "PROG_SNAT"}
     kinds = enum("gw_reply")
     assert {k: getattr(abi, k) for k in kinds} == kinds, f"enum gw_reply: C says {kinds}"
+
+
+def test_nat_values():
+    """xdectl/nat.py's copies of bpf/nat.h: the floating IPs a port may
+    have per family, and the kinds of translation."""
+    assert nat.MAX_FLOATING == D["NAT_MAX_FLOATING"]
+    kinds = enum("nat_kind")
+    assert {v: k.removeprefix("NAT_").lower() for k, v in kinds.items()} == nat.KINDS, \
+        f"enum nat_kind: C says {kinds}"
+    assert nat.NAT_SNAT == kinds["NAT_SNAT"]
+
+
+def test_map_types_are_ones_bcc_describes_whole():
+    """xdectl reads the maps with the types bcc describes, and bcc's type
+    description keeps only the first dimension of an array: a map's key or
+    value with a multi-dimensional array (at any depth) would read back
+    smaller than the kernel's (xdectl refuses such a map when it opens it)."""
+    src = re.sub(r"/\*.*?\*/", " ", c_source(), flags=re.S)
+    bodies = dict(re.findall(r"struct (\w+) \{(.*?)\n\};", src, re.S))
+    bodies.update((n, b.replace(";", ";\n"))      # one-line definitions
+                  for n, b in re.findall(r"struct (\w+) \{([^{}\n]*)\};", src))
+    seen, bad = set(), []
+
+    def walk(name, path):
+        if name in seen or name not in bodies:
+            return
+        seen.add(name)
+        for typ, field, dims in re.findall(r"^\s*(?:struct )?(\w+) (\w+)((?:\[\w+\])*);",
+                                           bodies[name], re.M):
+            if dims.count("[") > 1:
+                bad.append(f"{path}.{field}{dims}")
+            walk(typ, f"{path}.{field}")
+    for key, leaf, m in re.findall(r'XDE_MAP(?:_F)?\("\w+", ([\w ]+), ([\w ]+), (\w+)', src):
+        for t in (key, leaf):
+            if t.startswith("struct "):
+                walk(t.removeprefix("struct ").strip(), f"{m}: {t}")
+    assert not bad, f"multi-dimensional arrays in map types: {bad}"
 
 
 def test_python_users_take_the_mirrored_values():
@@ -98,6 +135,13 @@ def test_python_users_take_the_mirrored_values():
         assert names.index(names[abi.PROG_FW_EVAL]) == abi.PROG_FW_EVAL
         assert names[abi.PROG_FW_EVAL].endswith("_fw_eval"), (table, names)
     assert datapath.TAIL_CALLS["tc_progs"][abi.PROG_GATEWAY] == "tc_gateway"
+    assert datapath.TAIL_CALLS["tc_progs"][abi.PROG_NAT] == "tc_nat"
+    assert datapath.TAIL_CALLS["tc_progs"][abi.PROG_SNAT] == "tc_snat"
+    assert datapath.TAIL_CALLS["xdp_progs"][abi.PROG_NAT] == "xdp_nat"
+    # each table is as large as bpf/fw_job.h declares it
+    for table, names in datapath.TAIL_CALLS.items():
+        m = re.search(r'XDE_MAP\("prog", u32, u32, ' + table + r", (\d+)\)", c_source())
+        assert m and int(m.group(1)) == len(names), (table, names)
 
 
 def test_sentinel_prefix_is_what_fib_h_builds():

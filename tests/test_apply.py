@@ -17,7 +17,9 @@ import pytest
 
 from netns import Root, one_error_line, underlay_host, xdectl, xdectl_json
 from xdectl import apply as apply_mod
+from xdectl import nat
 from xdectl.errors import XdeError
+from xdectl.nat import ExternalIPs
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -358,9 +360,13 @@ def test_example_file_is_valid_and_documented():
         ("fd10::1", "fd10::/64", ["10.0.0.53", "fd10::53"], "web1", "vpc.example")
     # xde0's own mappings, both families, and the others'
     assert {(10, "10.0.0.1"), (10, "fd10::1"), (10, "10.0.0.2"), (10, "fd10::2")} <= set(want.v2p)
+    assert s.external == ExternalIPs(("192.0.2.5", "2001:db8:5::5"), 1024, 2047)
+    assert want.ports["xde1"].spec.external == ExternalIPs(ephemeral_ips=("192.0.2.11",))
     for key in ("[defaults]", "[[port]]", "[[v2p]]", "routes", "firewall", "ip6", "vpc_subnet6",
-                "dns", "hostname", "domain"):
+                "dns", "hostname", "domain", "snat_ip", "snat_start", "snat_end", "ephemeral_ip",
+                "floating_ips"):
         assert key in apply_mod.__doc__
+        assert key in (DEPLOY / "xde.example.toml").read_text()
 
 
 def test_plan_is_computed_from_state_alone():
@@ -578,3 +584,193 @@ def test_hostname_and_ip6_are_per_port():
     want = apply_mod.parse(DEFAULTS.replace("[defaults]", '[defaults]\ndns = ["10.0.0.53"]') +
                            '[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\nip = "10.0.0.9"\n')
     assert want.ports["x"].spec.dns == ["10.0.0.53"]
+
+
+# --- external addresses (no root: parse, plan, read-back) -------------------------
+
+EXTERNAL = """snat_ip = ["2001:DB8:5::5", "192.0.2.5"]
+snat_start = 1024
+snat_end = 2047
+floating_ips = ["192.0.2.7"]
+"""
+FILE_N = FILE_D.replace('domain = "vpc.example."\n', 'domain = "vpc.example."\n' + EXTERNAL, 1) \
+    .replace('ip6 = "fd10::6"\n', 'ip6 = "fd10::6"\nephemeral_ip = "2001:db8:6::6"\n', 1)
+XDE0_EXTERNAL = ExternalIPs(("192.0.2.5", "2001:db8:5::5"), 1024, 2047, (), ("192.0.2.7",))
+
+
+def test_external_addresses_parsed_and_normalised():
+    """Addresses normalised and kept as the datapath keeps them: IPv4's
+    first (what current() reads back)."""
+    want = apply_mod.parse(FILE_N)
+    assert want.ports["xde0"].spec.external == XDE0_EXTERNAL
+    assert want.ports["xde6"].spec.external == ExternalIPs(ephemeral_ips=("2001:db8:6::6",))
+    # a port without them has none
+    assert not apply_mod.parse(FILE_D).ports["xde0"].spec.external
+    # one address may be a list of one
+    one = FILE_N.replace('ephemeral_ip = "2001:db8:6::6"', 'ephemeral_ip = ["2001:db8:6::6"]')
+    assert apply_mod.parse(one).ports["xde6"].spec.external == \
+        want.ports["xde6"].spec.external
+
+
+def test_external_addresses_come_with_the_port():
+    """A new port gets its external addresses from create (no action of
+    their own); applied, the file plans nothing, whatever the order of
+    its addresses."""
+    want = apply_mod.parse(FILE_N)
+    lines = [a.line() for a in apply_mod.plan(apply_mod.Current({}, {}, {}, {}), want)]
+    assert lines[:2] == ["+ create-port xde0 (10.0.0.1 fd10::1 a8:40:25:ff:00:01 vni 10)",
+                         "+ create-port xde6 (fd10::6 a8:40:25:ff:00:06 vni 10)"]
+    assert not [l for l in lines if "external" in l]
+    assert apply_mod.plan(applied(want), want) == []
+    swapped = FILE_N.replace('["2001:DB8:5::5", "192.0.2.5"]', '["192.0.2.5", "2001:db8:5::5"]')
+    assert apply_mod.plan(applied(want), apply_mod.parse(swapped)) == []
+
+
+@pytest.mark.parametrize("old,new,expect", [
+    ("snat_end = 2047", "snat_end = 4095",
+     ["~ set-external-ips xde0 (snat_range 1024-2047 -> 1024-4095)"]),
+    ('floating_ips = ["192.0.2.7"]\n', "",
+     ["~ set-external-ips xde0 (floating_ips 192.0.2.7 -> none)"]),
+    (EXTERNAL, "",
+     ["~ set-external-ips xde0 (snat_ip 192.0.2.5,2001:db8:5::5 -> none, snat_range 1024-2047 "
+      "-> none, floating_ips 192.0.2.7 -> none)"]),
+    ('floating_ips = ["192.0.2.7"]', 'floating_ips = ["192.0.2.7", "2001:db8:7::7", "192.0.2.8"]',
+     ["~ set-external-ips xde0 (floating_ips 192.0.2.7 -> 192.0.2.7,192.0.2.8,2001:db8:7::7)"]),
+    ('ephemeral_ip = "2001:db8:6::6"', 'floating_ips = ["2001:db8:6::6"]',
+     ["~ set-external-ips xde6 (ephemeral_ip 2001:db8:6::6 -> none, floating_ips none -> "
+      "2001:db8:6::6)"]),
+    ('domain = "vpc.example."\nsnat_ip = ["2001:DB8:5::5", "192.0.2.5"]',
+     'domain = "other.example"\nsnat_ip = ["2001:DB8:5::9", "192.0.2.5"]',
+     ["~ set-external-ips xde0 (snat_ip 192.0.2.5,2001:db8:5::5 -> 192.0.2.5,2001:db8:5::9)",
+      "~ set-gateway xde0 (domain vpc.example -> other.example)"]),
+    # replaced anyway: create gives the new port its new addresses
+    ('ip6 = "fd10::1"\ndns', 'ip6 = "fd10::7"\ndns',
+     ["- delete-port xde0 (replaced: ip6 fd10::1 -> fd10::7)",
+      "+ create-port xde0 (10.0.0.1 fd10::7 a8:40:25:ff:00:01 vni 10)"] + XDE0_AGAIN),
+])
+def test_external_addresses_change_in_place(old, new, expect):
+    assert old in FILE_N
+    have = applied(apply_mod.parse(FILE_N))
+    want = apply_mod.parse(FILE_N.replace(old, new, 1))
+    actions = apply_mod.plan(have, want)
+    assert [a.line() for a in actions] == expect
+    # then nothing more to do
+    assert apply_mod.plan(applied(want), want) == []
+
+
+def test_external_changes_run_before_creations(monkeypatch):
+    """A SNAT range one port gives up is free for a port created in the
+    same run: the in-place change goes first. Executing calls
+    nat.set_external_ips with the port's new addresses."""
+    have = applied(apply_mod.parse(FILE_N))
+    moved = FILE_N.replace("snat_start = 1024\nsnat_end = 2047", "snat_start = 2048\nsnat_end = 4095")
+    new_port = ('[[port]]\nname = "xde7"\nmac = "a8:40:25:ff:00:07"\nip = "10.0.0.7"\n'
+                'snat_ip = "192.0.2.5"\nsnat_start = 1024\nsnat_end = 2047\n')
+    want = apply_mod.parse(moved + new_port)
+    actions = apply_mod.plan(have, want)
+    assert [a.line() for a in actions] == [
+        "~ set-external-ips xde0 (snat_range 1024-2047 -> 2048-4095)",
+        "+ create-port xde7 (10.0.0.7 a8:40:25:ff:00:07 vni 10)"]
+    calls = []
+    monkeypatch.setattr(nat, "set_external_ips", lambda *a: calls.append(("set", *a)) or 0)
+    monkeypatch.setattr("xdectl.ports.create", lambda *a: calls.append(("create", a[1].name)))
+    for a in actions:
+        apply_mod.execute("/nowhere", a)
+    assert calls == [("set", "/nowhere", "xde0", dataclasses.replace(XDE0_EXTERNAL, snat_start=2048,
+                                                                    snat_end=4095)),
+                     ("create", "xde7")]
+    # the file alone: ports sharing a SNAT IP need disjoint ranges
+    with pytest.raises(XdeError, match="overlaps port xde0's 1024-2047"):
+        apply_mod.parse(FILE_N + new_port)
+
+
+def test_external_addresses_read_back():
+    """current() reads a port's external addresses from list's "external",
+    which nat.read decodes from the port's nat_cfg entry: what the file
+    asked for, so a second apply plans nothing."""
+    from cmaps import fake_maps
+    want = apply_mod.parse(FILE_N)
+    m = fake_maps("nat_cfg")["nat_cfg"]
+    listed = {"name": "xde0", "underlays": ["u1", "u2"], "mac": "a8:40:25:ff:00:01",
+              "ip": "10.0.0.1", "ip6": "fd10::1", "gateway_mac": "a8:40:25:00:00:01",
+              "gateway_ip": "172.30.0.5", "boundary_services": "fd00:99::1", "boundary_vni": 99,
+              "vni": 10, "underlay_addr": "fd00:1::1", "vpc_subnet": "10.0.0.0/24",
+              "vpc_subnet6": "fd10::/64", "mode": "overlay", "dns": ["10.0.0.53", "fd10::53"],
+              "hostname": "web1", "domain": "vpc.example",
+              "external": nat.decode(nat.encode(m.Leaf(), XDE0_EXTERNAL, 1)).as_dict()}
+    spec = apply_mod._spec_of(listed)
+    assert spec == want.ports["xde0"].spec
+    # a port list shows without the key (an older xdectl's) has none
+    del listed["external"]
+    assert apply_mod._spec_of(listed).external == ExternalIPs()
+
+
+@pytest.mark.parametrize("extra,words", [
+    ('snat_ip = 5\n', "snat_ip must be an address or a list of addresses"),
+    ('ephemeral_ip = [5]\n', "ephemeral_ip must be an address or a list of addresses"),
+    ('floating_ips = "192.0.2.7"\n', "floating_ips must be a list of addresses"),
+    ('snat_ip = "192.0.2.5"\nsnat_start = "1024"\nsnat_end = 2047\n',
+     "snat_start must be a port number"),
+    ('snat_ip = "192.0.2.5"\nsnat_start = 1024\nsnat_end = true\n',
+     "snat_end must be a port number"),
+    ('snat_ip = "192.0.2.5"\n', "--snat-ip needs --snat-start and --snat-end"),
+    ('snat_start = 1024\nsnat_end = 2047\n', "need --snat-ip"),
+    ('snat_ip = "192.0.2.5"\nsnat_start = 2048\nsnat_end = 1024\n', "is above --snat-end"),
+    ('snat_ip = "192.0.2.5"\nsnat_start = 0\nsnat_end = 1024\n', "outside 1..65535"),
+    ('snat_ip = ["192.0.2.5", "192.0.2.6"]\nsnat_start = 1\nsnat_end = 2\n',
+     "one IPv4 address per port"),
+    ('ephemeral_ip = "2001:db8::6"\n', "no IPv6 address to translate"),
+    ('ephemeral_ip = "192.0.2.5"\nfloating_ips = ["192.0.2.5"]\n', "given twice"),
+    ('floating_ips = ["224.0.0.7"]\n', "not a unicast address"),
+    ('floating_ips = ["::ffff:192.0.2.7"]\n', "IPv4-mapped"),
+    ('floating_ips = ["192.0.2.300"]\n', "is not an IPv4 or IPv6 address"),
+    ('floating_ips = [' + ", ".join(f'"192.0.2.{i}"' for i in range(1, 18)) + ']\n',
+     "at most 16"),
+    ('passthrough = true\nephemeral_ip = "192.0.2.5"\n', "for overlay ports"),
+])
+def test_a_bad_external_address_is_one_line(extra, words):
+    with pytest.raises(XdeError) as exc:
+        apply_mod.parse(DEFAULTS + '[[port]]\nname = "x"\nmac = "a8:40:25:ff:00:09"\n'
+                        'ip = "10.0.0.9"\n' + extra)
+    msg = str(exc.value)
+    assert words in msg and "\n" not in msg and msg.startswith("FILE port x: "), msg
+
+
+def test_external_addresses_are_per_port():
+    for key in ('snat_ip = "192.0.2.5"', "snat_start = 1", 'ephemeral_ip = "192.0.2.5"',
+                'floating_ips = ["192.0.2.5"]'):
+        with pytest.raises(XdeError, match="unknown key"):
+            apply_mod.parse(DEFAULTS.replace("[defaults]", "[defaults]\n" + key))
+
+
+def test_external_addresses_change_in_place_live(host, tmp_path):
+    """Applied for real: a change of external addresses alone is made in
+    place (same links, same everything else) and read back."""
+    hv, root = host
+    apply(hv, root, tmp_path, FILE_N)
+    st = state(hv, root)
+    assert st["ports"][0]["external"] == {"snat_ips": ["192.0.2.5", "2001:db8:5::5"],
+                                          "snat_start": 1024, "snat_end": 2047,
+                                          "ephemeral_ips": [], "floating_ips": ["192.0.2.7"]}
+    assert st["ports"][1]["external"]["ephemeral_ips"] == ["2001:db8:6::6"]
+    assert lines(apply(hv, root, tmp_path, FILE_N)) == ["no changes"]
+
+    changed = FILE_N.replace("snat_end = 2047", "snat_end = 4095").replace(
+        'floating_ips = ["192.0.2.7"]\n', "")
+    assert lines(apply(hv, root, tmp_path, changed, "--dry-run"))[:-1] == \
+        ["~ set-external-ips xde0 (snat_range 1024-2047 -> 1024-4095, floating_ips 192.0.2.7 "
+         "-> none)"]
+    assert state(hv, root) == st, "--dry-run changed something"
+    assert lines(apply(hv, root, tmp_path, changed))[-1] == "1 changes applied"
+    after = state(hv, root)
+    assert after["ports"][0]["external"] == dict(st["ports"][0]["external"], snat_end=4095,
+                                                 floating_ips=[])
+    after["ports"][0]["external"] = st["ports"][0]["external"]
+    assert after == st, "more changed than the external addresses"
+    assert lines(apply(hv, root, tmp_path, changed)) == ["no changes"]
+
+    # a bad value: one line, nothing changed
+    p = apply(hv, root, tmp_path, changed.replace("snat_end = 4095", "snat_end = 70000"),
+              check=False)
+    assert "outside 1..65535" in one_error_line(p)
+    assert lines(apply(hv, root, tmp_path, changed)) == ["no changes"]

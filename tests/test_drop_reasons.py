@@ -36,10 +36,11 @@ def test_the_lists_are_there():
 
 
 def test_no_drop_without_a_reason():
-    """Only tc_drop() and xdp_drop() return a drop verdict."""
+    """Only tc_drop() and xdp_drop() return a drop verdict (and boundary
+    services' own, bsvc_tc_drop() and bsvc_xdp_drop(): tests/test_boundary.py)."""
     for f in SOURCES:
         found = re.findall(r"\b(TC_ACT_SHOT|XDP_DROP)\b", code(f))
-        expected = ["TC_ACT_SHOT", "XDP_DROP"] if f.name == "counters.h" else []
+        expected = ["TC_ACT_SHOT", "XDP_DROP"] if f.name in ("counters.h", "boundary.h") else []
         assert found == expected, f"{f.name} drops without a reason: {found}"
 
 
@@ -54,8 +55,19 @@ def test_every_drop_names_a_listed_reason():
             # xdp_underlay passes on geneve_parse()'s reason, checked < DROP_MAX
             if f.name == "xdp_underlay.c" and why == "rc":
                 continue
+            # the NAT programs pass on nat.h's (nat_out, snat_serve, nat_in),
+            # which return DROP_ names (checked below)
+            if f.name in ("tc_port.c", "xdp_underlay.c") and why == "why":
+                continue
             assert why.startswith("DROP_") and why[5:] in REASONS, f"{f.name}: drop({args})"
     assert calls > 30
+
+
+def test_nat_returns_only_listed_reasons():
+    """What nat.h's functions hand the programs to drop with."""
+    returned = re.findall(r"\breturn [^;]*?\b(DROP_\w+)", code(BPF / "nat.h"))
+    assert returned, "nat.h returns no drop reason"
+    assert {r[5:] for r in returned} - {"MAX"} <= set(REASONS)
 
 
 def test_every_reason_is_used():
@@ -104,8 +116,10 @@ def test_directions_follow_the_enum():
 def test_programs_come_from_the_entry_files():
     """One entry file per attach point, each opening with the hook it runs
     on; the programs and their types are read from them."""
-    assert datapath.programs() == {"xdp_underlay": 6, "xdp_fw_eval": 6, "tc_underlay_in": 3,
-                                   "tc_port_out": 3, "tc_fw_eval": 3, "tc_gateway": 3}
+    assert datapath.programs() == {"xdp_underlay": 6, "xdp_fw_eval": 6, "xdp_nat": 6,
+                                   "tc_underlay_in": 3, "tc_port_out": 3, "tc_fw_eval": 3,
+                                   "tc_gateway": 3, "tc_nat": 3, "tc_snat": 3,
+                                   "xdp_boundary": 6, "tc_boundary": 3}
     for f in datapath.SOURCES:
         first = (BPF / f).read_text().splitlines()[0]
         hook = "XDP on" if f.startswith("xdp_") else "TC ingress"

@@ -186,7 +186,7 @@ def spec(**over):
 
 
 OVERLAY_MAPS = ("ports", "config", "v2p", "routes", "routes_sys", "fw_rules", "fw_hits", "flows",
-                "gw_tmpl")
+                "gw_tmpl", "nat_cfg", "nat_flows", "snat_ports")
 
 
 class NoUndo:

@@ -103,6 +103,10 @@ PORT_NAMES = {
     "flow_reevaluated": ("xde_port_flow_reevaluated_total", {}),
     "fw_allowed": ("xde_port_fw_verdicts_total", {"verdict": "allowed"}),
     "fw_denied": ("xde_port_fw_verdicts_total", {"verdict": "denied"}),
+    "nat_out": ("xde_port_nat_packets_total", {"dir": "out"}),
+    "nat_in": ("xde_port_nat_packets_total", {"dir": "in"}),
+    "snat_allocated": ("xde_port_snat_allocated_total", {}),
+    "snat_reclaimed": ("xde_port_snat_reclaimed_total", {}),
     "flow_entries": ("xde_flows", {}),  # a gauge: stats shows the occupancy too
 }
 

@@ -246,6 +246,24 @@ def test_inbound_geneve_redirected_with_the_inner_frame(tl):
     assert "XDP_REDIRECT" in text and "decap +1" in text, text
 
 
+def test_nat_is_traced_both_ways(tl):
+    """g1's UDP to the internet leaves from its SNAT IP and a port of its
+    range; the reply to that address and port reaches g1's own."""
+    from xdelab.lab import GUESTS
+    snat = GUESTS["g1"]["external"].snat_ips[0]
+    r = tl.trace_json("out", f"Ether(src='{G1_MAC}',dst='{GW_MAC}')/IP(src='{G1_IP}',"
+                             f"dst='198.18.0.7')/UDP(sport=45355,dport=53)/Raw(b'nat')")
+    assert r["verdict"] == "TC_ACT_REDIRECT" and r["counters"]["xde0"]["nat_out"] == 1, r
+    note = [n for n in r["notes"] if n.startswith("NAT")]
+    m = re.fullmatch(rf"NAT \(outbound\): src {G1_IP}:45355 -> {snat}:(\d+)", note[0] if note else "")
+    assert m and 1024 <= int(m.group(1)) <= 2047, r["notes"]
+    reply = bytes(Ether(src="a8:40:25:77:77:77", dst=G1_MAC) / IP(src="198.18.0.7", dst=snat) /
+                  UDP(sport=53, dport=int(m.group(1))) / Raw(b"back"))
+    r = tl.trace_json("in", reply.hex(), "--external")
+    assert r["verdict"] == "XDP_REDIRECT", r
+    assert f"NAT (inbound): dst {snat}:{m.group(1)} -> {G1_IP}:45355" in r["notes"], r["notes"]
+
+
 def test_external_option_meets_the_inbound_firewall(tl):
     """UDP from the VPC is allowed in by create's default rules (hosts
     vni=10); with Oxide's External option (traffic from outside the VPC,

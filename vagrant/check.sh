@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks of `xdectl lab ping`, in the Vagrant lab: run as root on sled N
-# (1 or 2). Guest gN pings the other sled's guest, the gateway and an
-# address outside the VPC (answered by boundary services); then the port's
-# counters are printed. Exit status: the number of failed checks.
+# (1 or 2). Guest gN pings the other sled's guest, the gateway and the
+# internet host behind boundary services (from its external address); then
+# the port's counters are printed. Exit status: the number of failed checks.
 #
 # The other sled may not be up yet when this runs during `vagrant up`
 # (VirtualBox brings machines up one after another): its checks are then
@@ -17,7 +17,7 @@ src=${XDE_SRC:-/xde}
 strict=${XDE_CHECK_STRICT:-0}
 wait_s=${XDE_CHECK_WAIT:-30}
 GW_IP=172.30.0.5
-OUTSIDE=192.0.2.1
+OUTSIDE=203.0.113.1
 failed=0
 
 in_guest() { nsenter --net="/run/netns/$guest" "$@"; }
@@ -56,7 +56,7 @@ else
        "(all VMs up: vagrant provision --provision-with check)"
 fi
 check "guest $guest -> gateway" "$GW_IP"
-check "guest $guest -> outside (boundary services)" "$OUTSIDE"
+check "guest $guest -> internet (boundary services)" "$OUTSIDE"
 echo "  sled$n xde0 counters:"
 "$src/.venv/bin/xdectl" stats xde0 | sed 's/^/  /'
 exit "$failed"

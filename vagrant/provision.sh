@@ -4,7 +4,10 @@
 #
 # The addresses are those of the namespace lab (xdelab/lab.py): sled N has
 # underlay address fd00:N::1 and guest gN (10.0.0.N, MAC a8:40:25:ff:00:0N)
-# in VPC VNI 10; boundary services are fd00:99::1 in VNI 99.
+# in VPC VNI 10; boundary services are fd00:99::1 in VNI 99, with the
+# internet (namespace inet, 203.0.113.1) behind them; g1 leaves from its
+# SNAT IP 198.51.100.10 (ports 1024-2047), g2 from its floating IP
+# 198.51.100.20.
 set -euo pipefail
 
 role=${1:?usage: provision.sh sled1|sled2|boundary}
@@ -17,6 +20,13 @@ BSVC_N=99
 GW_MAC=a8:40:25:00:00:01
 GW_IP=172.30.0.5
 SUBNET=10.0.0.0/24
+OUTSIDE=203.0.113.1                  # the internet host, in namespace inet on the boundary
+BSVC_EXT_IP=203.0.113.254
+EXTERNAL_NET=198.51.100.0/24
+# each sled's guest: its external addresses (create's options) and the
+# boundary's NAT entry for them
+external_opts() { if [ "$1" = 1 ]; then echo "--snat-ip 198.51.100.10 --snat-start 1024 --snat-end 2047"; else echo "--floating-ip 198.51.100.20"; fi; }
+nat_target() { if [ "$1" = 1 ]; then echo 198.51.100.10:1024-2047; else echo 198.51.100.20; fi; }
 
 log() { echo "provision[$role]: $*"; }
 
@@ -55,20 +65,47 @@ route_via() {
 }
 
 boundary() {
+  local xdectl="$src/.venv/bin/xdectl" n
+  command -v make >/dev/null || { apt-get update -qq && apt-get install -y -qq make >/dev/null; }
+  log "make setup (packages, kernel headers, bpffs, the venv)"
+  make -C "$src" setup
+
   underlay "$BSVC_N" "$BSVC_ADDR"
-  sysctl -qw net.ipv6.conf.all.forwarding=1
-  local n
+  # boundary services route what they decapsulate (docs/design.md,
+  # "Boundary services"); this machine also routes between the sleds
+  sysctl -qw net.ipv6.conf.all.forwarding=1 net.ipv4.ip_forward=1 \
+    net.ipv4.conf.all.rp_filter=0
   for n in 1 2; do
     route_via "fd00:$n::1" "$n"
   done
-  # Boundary services: answer Geneve pings for addresses outside the VPC
-  # (the lab's own responder; it needs only the standard library).
-  if ! systemctl is-active --quiet xde-bsvc.service; then
-    systemctl reset-failed xde-bsvc.service 2>/dev/null || true
-    systemd-run --unit=xde-bsvc --working-directory="$src" -p Restart=on-failure \
-      /usr/bin/python3 -m xdelab.bsvc "$BSVC_ADDR" "$VNI"
+
+  # The internet: a namespace on the external link.
+  [ -e /run/netns/inet ] || ip netns add inet
+  if ! ip link show ext >/dev/null 2>&1; then
+    ip link add ext type veth peer name bsvc netns inet
   fi
-  log "router of both underlays and boundary services $BSVC_ADDR"
+  ip addr replace "$BSVC_EXT_IP/24" dev ext
+  ip link set ext up
+  ip route replace unreachable "$EXTERNAL_NET"
+  ip -n inet link set lo up
+  ip -n inet link set bsvc up
+  ip -n inet addr replace "$OUTSIDE/24" dev bsvc
+  ip -n inet route replace "$EXTERNAL_NET" via "$BSVC_EXT_IP"
+  if ! systemctl is-active --quiet xde-inet.service; then
+    systemctl reset-failed xde-inet.service 2>/dev/null || true
+    systemd-run --unit=xde-inet --working-directory="$src" -p Restart=on-failure \
+      nsenter --net=/run/netns/inet /usr/bin/python3 -m xdelab.whoami "$OUTSIDE" 80
+  fi
+
+  if ! "$xdectl" boundary show --json | grep -q '"up": true'; then
+    log "xdectl boundary up over $(underlay_nic 0) and $(underlay_nic 1)"
+    "$xdectl" boundary up --underlay "$(underlay_nic 0)" --underlay "$(underlay_nic 1)" \
+      --underlay-addr "$BSVC_ADDR" --external ext --vni "$BSVC_VNI"
+  fi
+  for n in 1 2; do
+    "$xdectl" boundary set-nat "$(nat_target "$n")" "fd00:$n::1" "$VNI" "a8:40:25:ff:00:0$n"
+  done
+  log "router of both underlays, boundary services $BSVC_ADDR, the internet $OUTSIDE behind them"
 }
 
 sled() {
@@ -93,6 +130,8 @@ sled() {
       --gateway-mac "$GW_MAC" --gateway-ip "$GW_IP" --boundary-services "$BSVC_ADDR" \
       --boundary-vni "$BSVC_VNI" --vni "$VNI" --underlay-addr "$addr" --vpc-subnet "$SUBNET"
   fi
+  # shellcheck disable=SC2046 # the options are words
+  "$xdectl" set-external-ips xde0 $(external_opts "$n")
   "$xdectl" set-v2p "10.0.0.$other" "a8:40:25:ff:00:0$other" "fd00:$other::1" "$VNI"
 
   # The guest: a namespace holding the port's guest end, as in the lab.

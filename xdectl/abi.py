@@ -20,7 +20,7 @@ FW_ALLOW, FW_DENY = 1, 2                                      # fw_rules.h enum 
 FW_PROTO_ANY, FW_PROTO_ARP = 0, 0xFE
 FW_MAX_PORTS = 8                                              # ports listed in one rule
 TCP_STATES = ("NONE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT", "CLOSED")  # flow.h enum tcp_state
-PROG_MAIN, PROG_FW_EVAL, PROG_GATEWAY = 0, 1, 2               # fw_job.h tail-call slots
+PROG_MAIN, PROG_FW_EVAL, PROG_GATEWAY, PROG_NAT, PROG_SNAT = 0, 1, 2, 3, 4  # fw_job.h
 
 # bpf/fib.h: underlay_alive() looks up SENTINEL_PREFIX + ifindex
 SENTINEL_PREFIX = "fd78:6465:7864::"

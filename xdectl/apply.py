@@ -24,10 +24,15 @@ The file (see deploy/xde.example.toml):
     hostname = "web1"              # optional: offered by DHCPv4
     domain = "vpc.example"         # optional: offered by DHCPv4 and DHCPv6
     passthrough = false            # optional
+    snat_ip = ["192.0.2.5", "2001:db8::5"]  # optional: external addresses
+    snat_start = 1024              #   (per port, not in [defaults]): one
+    snat_end = 2047                #   SNAT IP and one ephemeral IP per
+    ephemeral_ip = "192.0.2.6"     #   family (a string or a list), one SNAT
+    floating_ips = ["192.0.2.7"]   #   range for both, 16 floating IPs per family
     # ... and every other `xdectl create` field not given in [defaults]:
     # underlays (two names), underlay_addr, gateway_mac, gateway_ip,
     # boundary_services, boundary_vni, vni (and vpc_subnet, vpc_subnet6,
-    # dns, domain may be defaults too).
+    # dns, domain may be defaults too; the external addresses may not).
     routes = [                     # optional: the port's custom routes
       { dest = "192.168.0.0/16", target = "ip4=10.0.0.2" },
       { dest = "fd20::/48", target = "ip6=fd10::2" },
@@ -52,7 +57,10 @@ Meaning, resource by resource:
   been moved into a namespace or VM, it comes back in this namespace).
   Only what the gateway tells the guest (dns, hostname, domain) changes in
   place: the port's DHCP replies are rewritten, and the guest learns the
-  new values at its next DHCP exchange.
+  new values at its next DHCP exchange. So do the port's external
+  addresses (snat_ip with snat_start and snat_end, ephemeral_ip,
+  floating_ips; `xdectl set-external-ips`): flows whose translation the
+  new addresses no longer have are dropped, the others keep theirs.
 - V2P: the mappings are exactly the file's plus each overlay port's own
   mappings, one per address (which `create` adds); others are removed.
 - Routes: a port's custom routes are exactly its `routes` (none if absent).
@@ -65,12 +73,14 @@ Meaning, resource by resource:
 Unknown keys are errors, and the whole file is checked before anything
 changes. Applying computes a plan (the differences between the running
 state and the file, as a list of actions) and executes it in order: port
-deletions, port creations, gateway settings, then V2P, routes and firewall
-rules. Applying
+deletions, external-address changes (which may free a SNAT range a new
+port takes), port creations, gateway settings, then V2P, routes and
+firewall rules. Applying
 the same file again finds nothing to do ("no changes"). A failure stops
 the run with an error; the actions done so far stay done, and applying
 again finishes the job.
 """
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -79,9 +89,12 @@ from .errors import XdeError
 PORT_FIELDS = {"name", "underlays", "mac", "ip", "gateway_mac", "gateway_ip",
                "boundary_services", "boundary_vni", "vni", "underlay_addr", "vpc_subnet",
                "passthrough", "ip6", "vpc_subnet6", "dns", "hostname", "domain"}
+# a port's external addresses (xdectl/nat.py): per port, never in [defaults]
+EXTERNAL_FIELDS = {"snat_ip", "snat_start", "snat_end", "ephemeral_ip", "floating_ips"}
+PORT_FIELDS |= EXTERNAL_FIELDS
 OPTIONAL_FIELDS = {"ip", "ip6", "vpc_subnet", "vpc_subnet6", "passthrough", "dns", "hostname",
-                   "domain"}
-PER_PORT_FIELDS = {"name", "mac", "ip", "ip6", "hostname"}   # not in [defaults]
+                   "domain"} | EXTERNAL_FIELDS
+PER_PORT_FIELDS = {"name", "mac", "ip", "ip6", "hostname"} | EXTERNAL_FIELDS   # not in [defaults]
 PORT_KEYS = PORT_FIELDS | {"routes", "firewall"}
 V2P_KEYS = {"ip", "mac", "underlay", "vni"}
 TOP_KEYS = {"defaults", "port", "v2p"}
@@ -124,6 +137,44 @@ def _check_types(f, where):
             raise XdeError(f"{where}: {key} must be a string")
 
 
+def _external(f, where):
+    """The port's external addresses from the file's fields (not yet
+    validated: PortSpec.validated does that against the port's families)."""
+    from .nat import ExternalIPs
+
+    def addresses(key, one_ok):
+        v = f.get(key, [])
+        if one_ok and isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
+            raise XdeError(f"{where}: {key} must be "
+                           + ("an address or a list of addresses" if one_ok
+                              else "a list of addresses"))
+        return tuple(v)
+
+    for key in ("snat_start", "snat_end"):
+        v = f.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise XdeError(f"{where}: {key} must be a port number")
+    return ExternalIPs(addresses("snat_ip", True), f.get("snat_start"), f.get("snat_end"),
+                       addresses("ephemeral_ip", True), addresses("floating_ips", False))
+
+
+def canon_external(ext):
+    """ext with its addresses in the order the datapath keeps them (IPv4's,
+    then IPv6's, each family's in the given order), as current() reads
+    them back."""
+    from .nat import ExternalIPs
+    if not ext:
+        return ExternalIPs()
+
+    def by_family(addrs):
+        return tuple(sorted(addrs, key=lambda a: ipaddress.ip_address(a).version))
+    return dataclasses.replace(ext, snat_ips=by_family(ext.snat_ips),
+                               ephemeral_ips=by_family(ext.ephemeral_ips),
+                               floating_ips=by_family(ext.floating_ips))
+
+
 def parse(text, source="FILE"):
     """The file's text -> Desired, or XdeError naming the first problem."""
     import tomllib
@@ -151,15 +202,18 @@ def parse(text, source="FILE"):
             raise XdeError(f"{where}: missing {', '.join(missing)}")
         where = f"{source} port {f['name']}"
         _check_types(f, where)
+        external = _external(f, where)
         try:
             spec = PortSpec(f["name"], f["underlays"][0], f["underlays"][1], f["mac"], f.get("ip"),
                             f["gateway_mac"], f["gateway_ip"], f["boundary_services"],
                             f["boundary_vni"], f["vni"], f["underlay_addr"],
                             f.get("vpc_subnet"), f.get("passthrough", False), ip6=f.get("ip6"),
                             vpc_subnet6=f.get("vpc_subnet6"), dns=f.get("dns", []),
-                            hostname=f.get("hostname"), domain=f.get("domain")).validated()
+                            hostname=f.get("hostname"), domain=f.get("domain"),
+                            external=external).validated()
         except XdeError as e:
             raise XdeError(f"{where}: {e}") from None
+        spec = dataclasses.replace(spec, external=canon_external(spec.external))
         if spec.name in ports:
             raise XdeError(f"{where}: a second port of that name")
         want = PortWant(spec)
@@ -196,6 +250,7 @@ def parse(text, source="FILE"):
     if len(shared) > 1:
         raise XdeError(f"{source}: the ports of one root share one underlay pair and one "
                        f"underlay address; the file gives {len(shared)} different ones")
+    _check_snat_ranges(ports, source)
 
     v2p = {}
     for n, m in enumerate(doc.get("v2p", []), 1):
@@ -225,6 +280,21 @@ def parse(text, source="FILE"):
     return Desired(ports, v2p)
 
 
+def _check_snat_ranges(ports, source):
+    """Ports that share a SNAT IP must have disjoint ranges (as create and
+    set-external-ips require of a root's ports)."""
+    seen = []      # (port, address, start, end)
+    for name, w in ports.items():
+        e = w.spec.external
+        for addr in e.snat_ips:
+            for other, a, start, end in seen:
+                if a == addr and e.snat_start <= end and start <= e.snat_end:
+                    raise XdeError(f"{source} port {name}: SNAT range {e.snat_start}-"
+                                   f"{e.snat_end} of {addr} overlaps port {other}'s "
+                                   f"{start}-{end}")
+            seen.append((name, addr, e.snat_start, e.snat_end))
+
+
 def load(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -244,13 +314,18 @@ class Current:
 
 
 def _spec_of(p):
+    from .nat import ExternalIPs
     from .ports import PortSpec
     u1, u2 = (p["underlays"] + [None, None])[:2]
+    e = p.get("external") or {}
+    external = ExternalIPs(tuple(e.get("snat_ips", ())), e.get("snat_start"), e.get("snat_end"),
+                           tuple(e.get("ephemeral_ips", ())), tuple(e.get("floating_ips", ())))
     return PortSpec(p["name"], u1 or "?", u2 or "?", p["mac"], p["ip"], p["gateway_mac"],
                     p["gateway_ip"], p["boundary_services"], p["boundary_vni"], p["vni"],
                     p["underlay_addr"], p["vpc_subnet"], p["mode"] == "passthrough",
                     ip6=p["ip6"], vpc_subnet6=p["vpc_subnet6"], dns=p["dns"],
-                    hostname=p["hostname"], domain=p["domain"])
+                    hostname=p["hostname"], domain=p["domain"],
+                    external=canon_external(external))
 
 
 def current(root):
@@ -279,7 +354,7 @@ def current(root):
 # --- the plan ----------------------------------------------------------------
 
 # A port whose SPEC_FIELDS differ is replaced; GATEWAY_FIELDS (what its
-# gateway tells the guest) change in place.
+# gateway tells the guest) and its external addresses change in place.
 SPEC_FIELDS = ("underlay1", "underlay2", "mac", "ip", "gw_mac", "gw_ip", "bsvc_addr",
                "bsvc_vni", "vni", "underlay_addr", "vpc_subnet", "passthrough", "ip6",
                "vpc_subnet6")
@@ -288,14 +363,15 @@ GATEWAY_FIELDS = ("dns", "hostname", "domain")
 
 @dataclass
 class Action:
-    op: str           # delete-port, create-port, set-gateway, set-v2p, clear-v2p, add-route,
-                      # del-route, set-fw
+    op: str           # delete-port, create-port, set-gateway, set-external-ips, set-v2p,
+                      # clear-v2p, add-route, del-route, set-fw
     target: str       # what it acts on, for people
     detail: str = ""
     args: tuple = ()
 
     def line(self):
-        sign = {"delete-port": "-", "create-port": "+", "set-gateway": "~", "set-v2p": "+",
+        sign = {"delete-port": "-", "create-port": "+", "set-gateway": "~",
+                "set-external-ips": "~", "set-v2p": "+",
                 "clear-v2p": "-", "add-route": "+", "del-route": "-", "set-fw": "~"}[self.op]
         return f"{sign} {self.op} {self.target}" + (f" ({self.detail})" if self.detail else "")
 
@@ -311,10 +387,21 @@ def _changed(fields, have, want):
             if getattr(have, f) != getattr(want, f)]
 
 
+def _external_changed(have, want):
+    """'what old -> new' of each part of the external addresses that differs."""
+    def show(e):
+        return {"snat_ip": ",".join(e.snat_ips) or "none",
+                "snat_range": f"{e.snat_start}-{e.snat_end}" if e.snat_ips else "none",
+                "ephemeral_ip": ",".join(e.ephemeral_ips) or "none",
+                "floating_ips": ",".join(e.floating_ips) or "none"}
+    h, w = show(have), show(want)
+    return [f"{k} {h[k]} -> {w[k]}" for k in h if h[k] != w[k]]
+
+
 def plan(cur, want):
     """The actions that turn cur into want, in execution order."""
     from .maps import addr_order
-    deletes, creates, later = [], [], []
+    deletes, external, creates, later = [], [], [], []
     v2p = dict(cur.v2p)     # V2P as it will be after the port actions
 
     def own_v2p_removed(spec):
@@ -342,6 +429,10 @@ def plan(cur, want):
             detail = ("templates unreadable, rewritten" if have.dns is None
                       else ", ".join(_changed(GATEWAY_FIELDS, have, s)))
             later.append(Action("set-gateway", name, detail, (name, s.dns, s.hostname, s.domain)))
+        if name not in fresh and have.external != w.spec.external:
+            e = w.spec.external
+            external.append(Action("set-external-ips", name,
+                                   ", ".join(_external_changed(have.external, e)), (name, e)))
     fresh |= set(want.ports) - set(cur.ports)
     for name in sorted(fresh):
         s = want.ports[name].spec
@@ -382,7 +473,7 @@ def plan(cur, want):
             if have_fw != sorted(w.firewall):
                 later.append(Action("set-fw", name, f"{len(w.firewall)} rules",
                                     (name, list(w.firewall))))
-    return deletes + creates + later
+    return deletes + external + creates + later
 
 
 def _dest_order(dest):
@@ -393,7 +484,7 @@ def _dest_order(dest):
 # --- executing -----------------------------------------------------------------
 
 def execute(root, action):
-    from . import fw, overlay, ports
+    from . import fw, nat, overlay, ports
     op, a = action.op, action.args
     if op == "delete-port":
         ports.delete(root, *a)
@@ -401,6 +492,8 @@ def execute(root, action):
         ports.create(root, *a)
     elif op == "set-gateway":
         ports.set_gateway(root, *a)
+    elif op == "set-external-ips":
+        nat.set_external_ips(root, *a)
     elif op == "set-v2p":
         overlay.set_v2p(root, *a)
     elif op == "clear-v2p":

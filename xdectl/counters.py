@@ -60,6 +60,20 @@ def global_counts(maps):
     return _sum(m.get(m.Key(0)))
 
 
+def boundary_counts(maps):
+    """Counts of boundary services (bpf/boundary.h, its own lists): events
+    by name, drops by reason alone (each reason belongs to one side)."""
+    m = maps["bsvc_stats"]
+    values = m.get(m.Key(0))
+    c = Counts()
+    for f in _names(values[0]):
+        if f != "drop":
+            c.events[f] = sum(getattr(v, f) for v in values)
+    for r in _names(type(values[0].drop)):
+        c.drops[r] = sum(getattr(v.drop, r) for v in values)
+    return c
+
+
 def flows_per_port(maps):
     """{port ifindex: flow-table entries (one per direction of a flow)}."""
     counts = {}

@@ -20,13 +20,13 @@ from .maps import find_port, open_maps
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_ROOT = "/sys/fs/bpf/xde"
 # The entry files, one per attach point; they are compiled as one unit.
-SOURCES = ("xdp_underlay.c", "tc_underlay.c", "tc_port.c")
+SOURCES = ("xdp_underlay.c", "tc_underlay.c", "tc_port.c", "xdp_boundary.c", "tc_boundary.c")
 # A program's context type says its hook: bcc's BPF.XDP and BPF.SCHED_CLS.
 PROG_TYPES = {"xdp_md": 6, "__sk_buff": 3}
 # Tail-call tables: map -> programs in slot order (PROG_MAIN, PROG_FW_EVAL,
-# PROG_GATEWAY).
-TAIL_CALLS = {"xdp_progs": ("xdp_underlay", "xdp_fw_eval"),
-              "tc_progs": ("tc_port_out", "tc_fw_eval", "tc_gateway")}
+# PROG_GATEWAY, PROG_NAT, PROG_SNAT; None: the slot is not used at that hook).
+TAIL_CALLS = {"xdp_progs": ("xdp_underlay", "xdp_fw_eval", None, "xdp_nat"),
+              "tc_progs": ("tc_port_out", "tc_fw_eval", "tc_gateway", "tc_nat", "tc_snat")}
 
 
 def programs():
@@ -178,7 +178,8 @@ class Datapath:
     def _point_tail_calls(b, fds):
         for table, names in TAIL_CALLS.items():
             for slot, name in enumerate(names):
-                b[table.encode()][ct.c_int(slot)] = ct.c_int(fds[name])
+                if name:
+                    b[table.encode()][ct.c_int(slot)] = ct.c_int(fds[name])
 
     def load(self):
         """Compile bpf/ and pin programs and maps under the root (cold start)."""

@@ -10,7 +10,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, field
 
-from . import abi, counters, validate
+from . import abi, counters, nat, validate
 from .datapath import Datapath, session
 from .errors import XdeError
 from .maps import V4_MAPPED, addr16, addr_order, addr_str, prefix_mask16, set_bytes
@@ -342,7 +342,8 @@ def dump_flows(root, port):
                     "age_s": round((now - v.created_ns) / 1e9, 1),
                     "idle_s": round((now - v.last_ns) / 1e9, 1),
                     "packets": v.packets, "bytes": v.bytes, "rule": v.rule,
-                    "stale": pc is not None and v.epoch != pc.fw_epoch})
+                    "stale": pc is not None and v.epoch != pc.fw_epoch,
+                    "nat": nat.translation(dp.maps(), k)})
     return sorted(out, key=lambda f: (f["dir"], f["proto"], addr_order(f["src"]),
                                       addr_order(f["dst"])))
 

@@ -33,7 +33,18 @@ class Map:
         self.Leaf = leaf_type
         self.percpu = map_type in PERCPU_TYPES
         self.ncpus = libbpf.possible_cpus() if self.percpu else 1
-        self.max_entries = libbpf.map_info(fd).max_entries
+        info = libbpf.map_info(fd)
+        self.max_entries = info.max_entries
+        # A type of another size than the kernel's would have lookups write
+        # past the buffer (bcc's type descriptions keep only the first
+        # dimension of a multi-dimensional array, for one).
+        for what, typ, size in (("key", key_type, info.key_size),
+                                ("value", leaf_type, info.value_size)):
+            if ct.sizeof(typ) != size:
+                self.close()
+                from .errors import XdeError
+                raise XdeError(f"map {name}: its {what} type is {ct.sizeof(typ)} bytes, the "
+                               f"kernel's {what} {size}; this xdectl cannot read it")
 
     def close(self):
         if self.fd >= 0:

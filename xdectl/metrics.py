@@ -77,6 +77,17 @@ PORT_METRICS = {
                    {"verdict": "allowed"}),
     "fw_denied": ("xde_port_fw_verdicts", "Firewall rule evaluations, by verdict.",
                   {"verdict": "denied"}),
+    "nat_out": ("xde_port_nat_packets",
+                "Packets NAT translated, by direction: out from the guest to an external "
+                "address, in from outside to the guest's.", {"dir": "out"}),
+    "nat_in": ("xde_port_nat_packets",
+               "Packets NAT translated, by direction: out from the guest to an external "
+               "address, in from outside to the guest's.", {"dir": "in"}),
+    "snat_allocated": ("xde_port_snat_allocated",
+                       "SNAT ports given to new flows.", {}),
+    "snat_reclaimed": ("xde_port_snat_reclaimed",
+                       "SNAT ports given to new flows that were taken over from a flow that "
+                       "had left the flow table or expired.", {}),
 }
 PORT_DROPS = ("xde_port_drops", "Frames of the port dropped, by direction and reason.")
 
@@ -89,6 +100,40 @@ ROUTE_CACHE = ("gauge", "xde_route_cache_entries",
                "the FIB gave in the last 100 ms, or older ones the LRU map has not reused.", [])
 GLOBAL_DROPS = ("xde_drops", "Frames dropped before a port was known "
                              "(malformed Geneve, no such port), by direction and reason.")
+
+# Boundary services (bpf/boundary.h, their own lists): events -> (metric,
+# HELP, labels), as for ports; drops by reason alone. Sampled while
+# boundary services are up on the root.
+_BSVC_PACKETS = ("xde_boundary_packets",
+                 "Packets boundary services carried, by direction: decap (Geneve from the "
+                 "sleds, handed to the host to route out) and encap (from outside, to a "
+                 "guest's sled).")
+_BSVC_BYTES = ("xde_boundary_bytes", "Bytes of the packets boundary services carried, by "
+               "direction (the inner packets' frames).")
+_BSVC_PASSED = ("xde_boundary_passed_to_host",
+                "Frames boundary services passed to the host untouched, by link: underlay "
+                "(not Geneve for the boundary) or external (no NAT entry).")
+_BSVC_CACHE = ("xde_boundary_route_cache_lookups",
+               "Encapsulated packets by whether the underlay route cache had their flow's "
+               "route (hit) or the FIB was asked (miss).")
+BOUNDARY_METRICS = {
+    "decap": (*_BSVC_PACKETS, {"dir": "decap"}),
+    "encap": (*_BSVC_PACKETS, {"dir": "encap"}),
+    "decap_bytes": (*_BSVC_BYTES, {"dir": "decap"}),
+    "encap_bytes": (*_BSVC_BYTES, {"dir": "encap"}),
+    "underlay_passed": (*_BSVC_PASSED, {"link": "underlay"}),
+    "external_passed": (*_BSVC_PASSED, {"link": "external"}),
+    "route_cache_hits": (*_BSVC_CACHE, {"result": "hit"}),
+    "route_cache_misses": (*_BSVC_CACHE, {"result": "miss"}),
+    "neigh_unresolved": ("xde_boundary_unresolved_next_hops",
+                         "Encapsulated packets sent while the next hop the FIB chose was not "
+                         "resolved yet (the kernel resolves it, then sends).", {}),
+}
+BOUNDARY_DROPS = ("xde_boundary_drops", "Packets boundary services dropped, by reason.")
+BOUNDARY_UP = ("gauge", "xde_boundary_up",
+               "1 while boundary services are up on the root, else 0.", [])
+BOUNDARY_NAT = ("gauge", "xde_boundary_nat_entries",
+                "Entries of the boundary's NAT table (an address, or a port range of one).", [])
 
 
 def parse_listen(text):
@@ -192,6 +237,11 @@ class XdeCollector:
             for counter, (name, help_text, extra) in GLOBAL_METRICS.items():
                 family("counter", name, help_text, list(extra))
             family("counter", GLOBAL_DROPS[0], GLOBAL_DROPS[1], ["dir", "reason"])
+            for counter, (name, help_text, extra) in BOUNDARY_METRICS.items():
+                family("counter", name, help_text, list(extra))
+            family("counter", BOUNDARY_DROPS[0], BOUNDARY_DROPS[1], ["reason"])
+            family(*BOUNDARY_UP)
+            family(*BOUNDARY_NAT)
             up = family("gauge", "xde_up",
                         "1 when the datapath instance under the root could be read, else 0.", [])
             nports = family("gauge", "xde_ports", "Ports of the root.", [])
@@ -243,6 +293,25 @@ class XdeCollector:
         for (direction, reason), value in g.drops.items():
             if value:
                 global_drops.add_metric([direction, reason], value)
+        XdeCollector._collect_boundary(maps, family)
+
+    @staticmethod
+    def _collect_boundary(maps, family):
+        from .boundary import nat_entries
+        cfg = maps["bsvc_cfg"].get(maps["bsvc_cfg"].Key(0))
+        family(*BOUNDARY_UP).add_metric([], 1 if cfg.up else 0)
+        if not cfg.up:
+            return
+        family(*BOUNDARY_NAT).add_metric([], nat_entries(maps))
+        c = counters.boundary_counts(maps)
+        for event, value in c.events.items():
+            name, help_text, extra = BOUNDARY_METRICS.get(
+                event, (f"xde_boundary_{event}", f"Boundary services event {event}.", {}))
+            family("counter", name, help_text, list(extra)).add_metric(list(extra.values()), value)
+        drops = family("counter", BOUNDARY_DROPS[0], BOUNDARY_DROPS[1], ["reason"])
+        for reason, value in c.drops.items():
+            if value:
+                drops.add_metric([reason], value)
 
 
 def exposition(root):

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from . import abi, counters, fw, gateway, overlay, underlay, validate
+from . import abi, counters, fw, gateway, nat, overlay, underlay, validate
 from .abi import (ENCAP_LEN as ENCAP_OVERHEAD, PORT_F_IP4, PORT_F_IP6, PORT_F_PASSTHROUGH,
                   VNI_PASSTHROUGH)
 from .datapath import Datapath, session, tc_name
@@ -44,6 +44,8 @@ class PortSpec:
     dns: list = field(default_factory=list)
     hostname: str | None = None
     domain: str | None = None
+    # the addresses its internet traffic leaves from (xdectl/nat.py)
+    external: nat.ExternalIPs = field(default_factory=nat.ExternalIPs)
 
     def addrs(self):
         """The port's addresses: IPv4, IPv6 or both."""
@@ -59,6 +61,7 @@ class PortSpec:
         ip, subnet = _family(self.ip, self.vpc_subnet, 4)
         ip6, subnet6 = _family(self.ip6, self.vpc_subnet6, 6)
         dns, hostname, domain = check_gateway(ip, ip6, self.dns, self.hostname, self.domain)
+        external = self.external.validated(tuple(v for v, a in ((4, ip), (6, ip6)) if a))
         return PortSpec(
             name=name,
             underlay1=validate.ifname(self.underlay1, "underlay device"),
@@ -78,6 +81,7 @@ class PortSpec:
             dns=dns,
             hostname=hostname,
             domain=domain,
+            external=external,
         )
 
 
@@ -106,7 +110,8 @@ def _check_passthrough(spec):
     """A passthrough port is the seed's: an IPv4 label, no gateway, no pipeline."""
     given = [opt for opt, v in (("--ip6", spec.ip6), ("--vpc-subnet6", spec.vpc_subnet6),
                                 ("--dns", spec.dns), ("--hostname", spec.hostname),
-                                ("--domain", spec.domain)) if v]
+                                ("--domain", spec.domain),
+                                ("external IPs", spec.external)) if v]
     if given:
         raise XdeError(f"a passthrough port bypasses the gateway and the pipeline: "
                        f"{given[0]} is for overlay ports")
@@ -180,6 +185,9 @@ def _check_links(nd, spec):
 
 def _check_instance(maps, spec, u1, u2, nd):
     _, cfg = _config(maps)
+    bsvc = maps["bsvc_cfg"].get(maps["bsvc_cfg"].Key(0))
+    if bsvc is not None and bsvc.up:
+        raise XdeError("this root runs boundary services: ports belong on a sled's root")
     if cfg.u1:
         if (cfg.u1, cfg.u2) != (u1, u2):
             raise XdeError(f"this root's ports use underlays {nd.name(cfg.u1)} and {nd.name(cfg.u2)}; "
@@ -194,6 +202,7 @@ def _check_instance(maps, spec, u1, u2, nd):
     if maps["port_index"].get(_port_key(maps, vni, spec.mac)) is not None:
         raise XdeError(f"MAC {spec.mac} is already used by another port"
                        + ("" if spec.passthrough else f" in VNI {spec.vni}"))
+    nat.check_shared_snat(maps, None, spec.external)
     if spec.passthrough and _free_passthru_slot(maps) is None:
         raise XdeError("this root already has the maximum number of passthrough ports")
 
@@ -317,8 +326,8 @@ def port_cfg(pc, spec, index, mtu):
 
 def _overlay_state(maps, index, pc, spec, undo):
     """What an overlay port starts with, as OPTE makes it: its own V2P
-    mappings, the system routes of each family, the default firewall rules
-    and the gateway's replies."""
+    mappings, the system routes of each family, the default firewall rules,
+    the gateway's replies and its external addresses."""
     # The mappings carry the spec's underlay address: on a root whose ports
     # are all gone, the config map may still hold an older one until
     # underlay.attach writes this one.
@@ -332,6 +341,7 @@ def _overlay_state(maps, index, pc, spec, undo):
             overlay.put_route(maps, index, default, "ig", system=True)
     fw.write_rules(maps, index, fw.default_rules(spec.vni, bool(spec.ip), bool(spec.ip6)))
     _write_gateway(maps, index, pc, spec.dns, spec.hostname, spec.domain)
+    nat.write(maps, index, spec.external)
 
 
 def _remove_overlay_state(maps, index, pc, underlay_addr=None):
@@ -341,6 +351,7 @@ def _remove_overlay_state(maps, index, pc, underlay_addr=None):
     overlay.remove_port_routes(maps, index)
     fw.remove_port_state(maps, index)
     _remove_gateway(maps, index)
+    nat.remove_port_state(maps, index)
 
 
 # --- the gateway's replies (bpf/gw_reply.h, xdectl/gateway.py) ----------------
@@ -552,6 +563,7 @@ def list_ports(root):
                 "vpc_subnet": f"{ip4_str(pc.subnet)}/{pc.subnet_len}" if ip else None,
                 "vpc_subnet6": f"{addr_str(pc.subnet6)}/{pc.subnet6_len}" if ip6 else None,
                 **_readable_gateway(maps, k.value),
+                "external": nat.read(maps, k.value).as_dict(),
                 "boundary_services": ip6_str(pc.bsvc_addr),
                 "boundary_vni": pc.bsvc_vni,
                 "underlay_addr": ip6_str(cfg.underlay_addr),
@@ -636,6 +648,8 @@ def unload(root, force=False):
             names = ", ".join(pc.name.decode() for _, pc in ports)
             raise XdeError(f"ports exist on {root} ({names}); delete them or use --force")
         _remove_orphans(nd, maps)
+        from . import boundary
+        boundary.detach(dp, nd)
         _sweep(dp, nd)
         dp.remove()
         return True
@@ -650,6 +664,8 @@ def _force_unload(dp, nd):
         for k, pc in td.step("read the ports map", lambda: list(maps["ports"].items())) or []:
             td.step(f"delete port {pc.name.decode()}", _delete, maps, nd, k.value, pc)
         td.step("remove a half-created port", _remove_orphans, nd, maps)
+    from . import boundary
+    td.step("detach boundary services", boundary.detach, dp, nd)
     td.step("detach the programs", _sweep, dp, nd)
     td.step(f"remove the pins under {dp.root}", dp.remove)
     td.done()

@@ -2,7 +2,8 @@
 dropping traffic. The maps stay (the new sources must define the same map
 layout; they may differ in anything else); the new programs are swapped in atomically, attachment by attachment: the tail-call tables,
 then XDP on the underlays (one netlink replace each), then the tc filters
-(tc filter replace)."""
+(tc filter replace); boundary services' likewise."""
+from . import boundary
 from .datapath import session, tc_name
 from .errors import XdeError
 
@@ -23,5 +24,6 @@ def reload(root):
         for k, _ in maps["ports"].items():
             nd.replace_tc_ingress(k.value, fds["tc_port_out"], tc_name("tc_port_out", root))
             swapped += 1
+        swapped += boundary.swap_programs(maps, nd, fds, root)
         del bpf
         return swapped

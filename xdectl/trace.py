@@ -210,6 +210,7 @@ def trace(root, port, direction, frame, vni=None, external=False, as_is=False):
         os.close(fd)
     counters, rules, flows = diff(before, after)
     notes += _where(direction, retval, port, counters, out)
+    notes += _nat(direction, port, counters, data, out)
     return {"port": port, "dir": direction, "program": prog, "retval": retval,
             "verdict": verdict_name(direction, retval), "input": data.hex(),
             "output": out.hex(), "output_changed": out != data, "counters": counters,
@@ -239,6 +240,37 @@ def _where(direction, retval, port, counters, out):
     if mine.get("passthrough_out"):
         return ["redirected unchanged to an underlay (passthrough)"]
     return []
+
+
+def _nat(direction, port, counters, data, out):
+    """What NAT made of the frame: the end it translated, before and after
+    (the inner frame of what was encapsulated)."""
+    mine = counters.get(port, {})
+    if not mine.get("nat_out" if direction == "out" else "nat_in"):
+        return []
+    end = "src" if direction == "out" else "dst"
+    return [f"NAT ({'outbound' if direction == 'out' else 'inbound'}): {end} "
+            f"{_endpoint(_guest_frame(data), end)} -> {_endpoint(_guest_frame(out), end)}"]
+
+
+def _guest_frame(frame):
+    """The guest's Ethernet frame: frame itself, or what it encapsulates."""
+    from scapy.layers.l2 import Ether
+    f = decode(frame)
+    return f.getlayer(Ether, nb=2) or f
+
+
+def _endpoint(frame, end):
+    """ADDR[:PORT] of one end of an Ethernet frame's IP packet."""
+    l3 = frame.payload
+    addr = getattr(l3, end, "?")
+    l4 = l3.payload
+    port = getattr(l4, "sport" if end == "src" else "dport", None)
+    if port is None:
+        port = getattr(l4, "id", None)        # an echo: its identifier
+    if port is None:
+        return str(addr)
+    return f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
 
 
 def _inner_source(inner):
@@ -285,7 +317,8 @@ def _check_link(index, peer):
 
 def decode(frame):
     """A scapy packet of frame, Geneve decoded."""
-    import scapy.contrib.geneve  # noqa: F401  binds UDP 6081 to Geneve
+    import importlib
+    importlib.import_module("scapy.contrib.geneve")   # binds UDP 6081 to Geneve
     from scapy.layers.l2 import Ether
     return Ether(frame)
 

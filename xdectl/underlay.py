@@ -22,6 +22,9 @@ the datapath works on any underlay and rides out link flaps (ARCHITECTURE.md,
   with bad checksums and TCP moves nothing. A real NIC fills them in on
   transmit; on a veth the kernel now does, before the frame leaves. Real
   NICs are left as they are; the veth's own setting comes back at detach.
+
+A boundary host's underlays (xdectl/boundary.py) get the same sysctls and
+offload setting through tune() and untune(), and programs of their own.
 """
 import ipaddress
 import os
@@ -58,6 +61,27 @@ def attach(dp, nd, u1, u2, undo):
     finally:
         os.close(xdp_fd)  # XDP and the filters hold the programs now
         os.close(tc_fd)
+
+
+def tune(nd, u, undo):
+    """What an underlay NIC of boundary services gets, programs aside: the
+    same sysctls and checksum offload as a sled's pair (the boundary
+    encapsulates TCP from outside as a sled does its guests'). Returns 1 if
+    offload was turned off on it, else 0."""
+    undo.add(untune, nd, u, 0)
+    for key, value in SYSCTLS.items():
+        sysctl(f"net/ipv6/conf/{nd.name(u)}/{key}", value)
+    return _software_checksums(nd, u, undo)
+
+
+def untune(nd, u, sw_csum):
+    """Undo tune(): the namespace's default sysctls, and checksum offload on
+    again if tune turned it off (sw_csum 1)."""
+    name = nd.name(u)
+    for key in SYSCTLS:
+        sysctl(f"net/ipv6/conf/{name}/{key}", read_sysctl(f"net/ipv6/conf/default/{key}"))
+    if sw_csum:
+        set_features(name, {TX_CSUM: True})
 
 
 def _check_free(dp, nd, u1, u2):

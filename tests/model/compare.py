@@ -145,3 +145,46 @@ def compare_flows(model, datapath, ports):
             diff = {f: (a, b) for f, a, b in zip(fields, got[k], want[k]) if a != b}
             bad.append(f"flow {name(k)} (datapath, model) {diff}")
     return bad
+
+
+KINDS = {1: "snat", 2: "ephemeral", 3: "floating"}
+
+
+def compare_nat(inst, state):
+    """Mismatch kinds of the datapath's NAT state (harness.SledRunner.
+    nat_state) against the model's, on the model's ports: the translations
+    (both entries of each flow: address, port, kind, generation), the SNAT
+    ports' owners (stamp, flow) and each port's generation and cursors."""
+    flows, owners, cfg = state
+    ports = set(inst.ports)
+    bad = []
+
+    def name(k):
+        return f"{k[1]} proto {k[2]} {k[3].hex()} -> {k[4].hex()} ports {k[5]},{k[6]}"
+    want = {k: (v.addr, v.port, v.kind, v.gen) for k, v in inst.nat_flows.items() if k[0] in ports}
+    got = {k: v for k, v in flows.items() if k[0] in ports}
+    for k in sorted(set(got) | set(want), key=str):
+        if k not in got:
+            bad.append(f"nat entry missing in the datapath: {name(k)}")
+        elif k not in want:
+            g = got[k]
+            bad.append(f"nat entry the model has not: {name(k)} -> {g[0].hex()}:{g[1]} "
+                       f"{KINDS.get(g[2], g[2])} gen {g[3]}")
+        elif got[k] != want[k]:
+            bad.append(f"nat entry {name(k)} (datapath, model) {got[k]} {want[k]}")
+    want = {k: (o.stamp, o.flow) for k, o in inst.snat_ports.items() if k[0] in ports}
+    got = {k: v for k, v in owners.items() if k[0] in ports}
+    for k in sorted(set(got) | set(want), key=str):
+        if got.get(k) != want.get(k):
+            g, w = got.get(k), want.get(k)
+            bad.append(f"snat port {k[1:]} owner (datapath, model) "
+                       f"{g and (g[0], name(g[1]))} {w and (w[0], name(w[1]))}")
+    for ifindex, p in inst.ports.items():
+        if p.passthrough:
+            continue
+        have = cfg.get(ifindex)
+        mine = (p.nat.gen, {v: f.cursor for v, f in p.nat.fam.items()}) if p.nat else None
+        if have != mine:
+            bad.append(f"nat_cfg of port {ifindex} (generation, cursors) (datapath, model) "
+                       f"{have} {mine}")
+    return bad

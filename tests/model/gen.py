@@ -6,6 +6,7 @@ Also `known_bug()`: the datapath bugs the differential tests found (see
 tests/test_differential.py), so the generative test can leave those inputs
 to their own strict-xfail tests and bench/fuzz.py can count them apart.
 """
+import collections
 import ipaddress
 import random
 import struct
@@ -60,8 +61,14 @@ IN_KINDS = ["geneve", "geneve", "geneve", "geneve_options", "geneve_options", "t
 SEQ_KINDS = ["reply_in", "reply_external", "repeat_out", "in_then_out", "reply_in6",
              "in_then_out6", "repeat_out6", "mapped_alias", "reeval_in_then_out",
              "reeval_in_then_out", "reeval_out_then_in", "reeval_same_host", "reeval_same_host"]
+# NAT (nat_case below): g1's on sled1 (SNAT), and g2's on sled2 (floating)
+NAT_KINDS = ["nat_out", "nat_out", "nat_reply", "nat_reply", "nat_reply", "nat_icmp_error",
+             "nat_unsolicited", "nat_stale", "nat_exhaust", "nat_exhaust", "nat_change",
+             "nat_change", "nat_floating", "nat_floating"]
+NAT2_KINDS = ["nat_out", "nat_reply", "nat_icmp_error", "nat_unsolicited", "nat_inbound",
+              "nat_inbound", "nat_stale"]
 KINDS = [("out", k) for k in OUT_KINDS] + [("in", k) for k in IN_KINDS] + \
-    [("seq", k) for k in SEQ_KINDS]
+    [("seq", k) for k in SEQ_KINDS] + [("nat", k) for k in NAT_KINDS]
 
 
 def _payload(r, n):
@@ -394,6 +401,10 @@ def case(kind_dir, kind, seed):
         return outbound(r, kind)
     if kind_dir == "in":
         return inbound(r, kind)
+    if kind_dir == "nat":
+        return nat_case(r, kind)
+    if kind_dir == "nat2":
+        return nat_case(r, kind, NAT_G2)
     return sequence(r, kind)
 
 
@@ -1193,10 +1204,526 @@ SEQ6 = {
 }
 
 
+# --- NAT (bpf/nat.h): g1's SNAT IPs, g2's floating IPs ----------------------------------
+#
+# Guests' traffic to the internet (TCP, UDP, ICMP echo, other protocols,
+# fragments, ICMP errors), what comes back from outside (Geneve with the
+# External option, in the guest's VNI, to the external address and port),
+# unsolicited and stale traffic for the external addresses, and changes of
+# the addresses between two frames: ("ext", addresses) sets them through
+# xdectl.nat, ("ext_raw", addresses) writes them alone (the datapath finds
+# the translations they no longer have by their generation), ("expire",
+# None | (protocol, the guest's port)) takes flows out of the flow table as
+# if their time was up (tests/model/harness.py).
+#
+# A case starts with no translation and every SNAT pool's cursor at 0, so a
+# pool's k-th SNAT flow of a case gets the range's start + k: the replies
+# are made for those ports (and some for others).
+
+G1_EXTERNAL = {"snat": ["198.51.100.10", "2001:db8:5::10"], "snat_start": 1024,
+               "snat_end": 2047}      # g1 (sled1 xde0): the lab's SNAT IP, and an IPv6 one
+G2_EXTERNAL = {"floating": ["198.51.100.20", "2001:db8:5::20"]}   # g2 (sled2 xde0)
+NAT_G1 = {"mac": G1_MAC, "ip": G1_IP, "ip6": G1_IP6, "ext": G1_EXTERNAL, "underlay": U1,
+          "internet": ["8.8.8.8", "192.0.2.1", "192.0.2.77", "10.0.0.200", "1.1.1.1"],
+          "internet6": ["2001:4860::8888", "2001:db8::1", "2001:db8:dead:beef::1",
+                        "fd00:10::8000:0:0:5"]}
+NAT_G2 = {"mac": G2_MAC, "ip": G2_IP, "ip6": G2_IP6, "ext": G2_EXTERNAL, "underlay": U2,
+          "internet": ["8.8.8.8", "192.0.2.1", "192.0.2.77", "1.1.1.1"],
+          "internet6": ["2001:4860::8888", "2001:db8::1"]}
+OTHER_EXTERNAL = ["198.51.100.11", "198.51.100.30", "2001:db8:5::11", "2001:db8:5::30"]
+ROUTER4, ROUTER6 = "192.0.2.254", "2001:db8:ffff::1"      # where ICMP errors come from
+
+
+def _fam(a):
+    return ipaddress.ip_address(a).version
+
+
+class NatFlow:
+    """One flow of a guest's to the internet (or from it, inbound): its
+    guest-side tuple and the external address and port it is expected to
+    leave from."""
+
+    def __init__(self, family, proto, gport, rport, remote, ext, ext_port):
+        self.family, self.proto, self.gport, self.rport = family, proto, gport, rport
+        self.remote, self.ext, self.ext_port = remote, ext, ext_port
+
+    @property
+    def echo(self):
+        return self.proto in (1, 58)
+
+
+class NatGen:
+    """The steps of one NAT case for a guest (NAT_G1, NAT_G2): frames of
+    its flows both ways, the external addresses it has meanwhile, the SNAT
+    ports it expects them to get."""
+
+    def __init__(self, r, guest):
+        self.r, self.g = r, guest
+        self.steps = []
+        self.set_ext(guest["ext"], step=False)
+
+    # --- the addresses ---------------------------------------------------------
+
+    def set_ext(self, ext, step=True, raw=False):
+        self.ext = ext
+        self.next = collections.Counter()       # (family, pool) -> allocations so far
+        if step:
+            self.steps.append(("ext_raw" if raw else "ext", ext))
+
+    def ext_of(self, family):
+        """The external address the guest's flows of a family leave from:
+        (kind, address) of the first by preference, or (None, None)."""
+        e = self.ext
+        fl = [a for a in e.get("floating", ()) if _fam(a) == family]
+        if fl:
+            return "floating", self.r.choice(fl)      # the flow's hash decides among several
+        eph = [a for a in e.get("ephemeral", ()) if _fam(a) == family]
+        if eph:
+            return "ephemeral", eph[0]
+        snat = [a for a in e.get("snat", ()) if _fam(a) == family]
+        if snat:
+            return "snat", snat[0]
+        return None, None
+
+    def external_addrs(self, family=None):
+        e = self.ext
+        return [a for k in ("snat", "ephemeral", "floating") for a in e.get(k, ())
+                if family is None or _fam(a) == family]
+
+    # --- flows ---------------------------------------------------------------------
+
+    def flow(self, family=None, proto=None, remote=None, gport=None, rport=None):
+        """A new flow of the guest's to the internet, its external port
+        predicted."""
+        r = self.r
+        family = family or r.choice([4, 4, 6])
+        proto = proto or r.choice([6, 17, 17, 1 if family == 4 else 58])
+        remote = remote or r.choice(self.g["internet"] if family == 4 else self.g["internet6"])
+        gport = gport or r.choice([r.randrange(1024, 65536), r.randrange(1, 65536), 1024, 33434])
+        if proto in (1, 58):
+            rport = gport
+        else:
+            rport = rport or r.choice([53, 80, 443, 123, r.randrange(1, 65536)])
+        kind, ext = self.ext_of(family)
+        if ext is None:           # none of the family: replies go to an address not ours
+            ext = next(a for a in OTHER_EXTERNAL if _fam(a) == family)
+        ext_port = gport
+        if kind == "snat":
+            pool = {6: 0, 17: 1}.get(proto, 2)
+            n = self.ext["snat_end"] - self.ext["snat_start"] + 1
+            ext_port = self.ext["snat_start"] + self.next[family, pool] % n
+            self.next[family, pool] += 1
+        return NatFlow(family, proto, gport, rport, remote, ext, ext_port)
+
+    def inbound_flow(self, family=None, proto=None, ext=None):
+        """A flow someone on the internet starts to one of the guest's
+        external addresses (1:1: the port stays)."""
+        r = self.r
+        family = family or r.choice([4, 4, 6])
+        proto = proto or r.choice([6, 17, 17, 1 if family == 4 else 58])
+        ext = ext or r.choice(self.external_addrs(family) or
+                              [a for a in OTHER_EXTERNAL if _fam(a) == family])
+        remote = r.choice(self.g["internet"] if family == 4 else self.g["internet6"])
+        gport = r.choice([22, 80, 443, 53, 7000, r.randrange(1, 65536)])
+        rport = gport if proto in (1, 58) else r.randrange(1024, 65536)
+        return NatFlow(family, proto, gport, rport, remote, ext, gport)
+
+    # --- frames ----------------------------------------------------------------------
+
+    def _l4(self, family, src, dst, proto, sp, dp, flags, icmp_type, payload, udp0):
+        r = self.r
+        if family == 4:
+            if proto == 6:
+                return TCP(sport=sp, dport=dp, flags=flags, seq=r.getrandbits(32)) / Raw(payload)
+            if proto == 17:
+                u = UDP(sport=sp, dport=dp)
+                if udp0:
+                    u.chksum = 0
+                return u / Raw(payload)
+            if proto == 1:
+                return ICMP(type=icmp_type, id=sp, seq=r.getrandbits(16)) / Raw(payload)
+            return Raw(payload)
+        if proto == 6:
+            return tcp6(r, src, dst, sp, dp, flags, payload)
+        if proto == 17:
+            u = udp6(src, dst, sp, dp, payload)
+            return u[:6] + b"\0\0" + u[8:] if udp0 else u
+        if proto == 58:
+            return icmp6(src, dst, icmp_type, 0, struct.pack("!HH", sp, r.getrandbits(16)) +
+                         payload)
+        return payload
+
+    def packet(self, family, src, dst, proto, sp, dp, flags="S", icmp_type=None, payload=None,
+               src_mac=None, dst_mac=GW_MAC, frag=None, exts=(), udp0=False, raw_l4=None):
+        """An Ethernet frame of one packet (checksums right; frag: (offset
+        in 8-byte units, more fragments))."""
+        r = self.r
+        payload = payload if payload is not None else _payload(r, r.choice([0, 4, 32,
+                                                                          r.randrange(0, 600)]))
+        if icmp_type is None:
+            icmp_type = 8 if family == 4 else 128
+        src_mac = src_mac or self.g["mac"]
+        if family == 4:
+            l4 = raw_l4 if raw_l4 is not None else \
+                self._l4(4, src, dst, proto, sp, dp, flags, icmp_type, payload, udp0)
+            kw = {}
+            if frag is not None:
+                kw = dict(frag=frag[0], flags="MF" if frag[1] else 0)
+            ip = IP(src=src, dst=dst, proto=proto, tos=r.choice([0, 0, r.getrandbits(8)]),
+                    ttl=r.choice([64, 255]), id=r.getrandbits(16), **kw)
+            return bytes(Ether(src=src_mac, dst=dst_mac) / ip / l4)
+        l4 = raw_l4 if raw_l4 is not None else \
+            self._l4(6, src, dst, proto, sp, dp, flags, icmp_type, payload, udp0)
+        exts = list(exts)
+        if frag is not None:
+            exts.append(ext_hdr(r, 44, frag=frag))
+        pkt = ip6_packet(src, dst, proto, l4, exts, hlim=r.choice([64, 255]),
+                         tc=r.choice([0, r.getrandbits(8)]), fl=r.getrandbits(20))
+        return eth6(pkt, src=src_mac, dst=dst_mac)
+
+    def out(self, fl, flags="S", reply=False, **kw):
+        """The guest's packet of flow fl (reply: an echo reply, for a flow
+        begun inbound)."""
+        g = self.g
+        src = g["ip"] if fl.family == 4 else g["ip6"]
+        t = (0 if fl.family == 4 else 129) if reply else None
+        f = self.packet(fl.family, src, fl.remote, fl.proto, fl.gport, fl.rport, flags=flags,
+                        icmp_type=t, **kw)
+        self.steps.append(("out", f))
+        return f
+
+    def from_outside(self, inner, external=True, vni=10):
+        """Geneve from boundary services to the guest's sled, with the
+        External option."""
+        opts = geneve_opt(OXIDE, 0x00) if external else b""
+        step = ("in", underlay(self.r, geneve(vni=vni, opts=opts) + inner, dst=self.g["underlay"],
+                               src=BSVC6))
+        self.steps.append(step)
+        return step
+
+    def reply(self, fl, flags="SA", port=None, addr=None, icmp_type=None, external=True, **kw):
+        """The remote's packet back to the flow's external address and port
+        (port, addr: others)."""
+        ext_port = fl.ext_port if port is None else port
+        dst = addr or fl.ext
+        sp = ext_port if fl.echo else fl.rport
+        t = icmp_type if icmp_type is not None else (0 if fl.family == 4 else 129)
+        inner = self.packet(fl.family, fl.remote, dst, fl.proto, sp, ext_port, flags=flags,
+                            icmp_type=t, src_mac=BSVC_MAC_S, dst_mac=self.g["mac"], **kw)
+        return self.from_outside(inner, external)
+
+    def inbound(self, fl, flags="S", icmp_type=None, **kw):
+        """The remote's packet starting (or continuing) a flow to the
+        guest's external address."""
+        t = icmp_type if icmp_type is not None else (8 if fl.family == 4 else 128)
+        inner = self.packet(fl.family, fl.remote, fl.ext, fl.proto, fl.rport, fl.gport,
+                            flags=flags, icmp_type=t, src_mac=BSVC_MAC_S, dst_mac=self.g["mac"],
+                            **kw)
+        return self.from_outside(inner)
+
+    def icmp_error(self, fl, port=None, quote_len=None, what=None):
+        """An ICMP error from a router on the way, about the flow's packet as
+        it left (from the external address and port); what: (type, code,
+        the word after the checksum)."""
+        r = self.r
+        ext_port = fl.ext_port if port is None else port
+        sp, dp = (ext_port, ext_port) if fl.echo else (ext_port, fl.rport)
+        if fl.family == 4:
+            q = self.packet(4, fl.ext, fl.remote, fl.proto, sp, dp, payload=_payload(r, 16))[14:]
+            q = q[:quote_len or r.choice([28, 28, 48, len(q)])]
+            t, code, rest = what or r.choice([(3, 3, 0), (3, 4, 1400), (11, 0, 0), (12, 0, 0),
+                                              (3, 1, 0)])
+            body = bytearray(struct.pack("!BBHI", t, code, 0, rest) + q)
+            body[2:4] = struct.pack("!H", csum(bytes(body)))
+            body = Raw(bytes(body))
+            src = ROUTER4 if what else r.choice([ROUTER4, fl.remote])
+            inner = bytes(Ether(src=BSVC_MAC_S, dst=self.g["mac"]) /
+                          IP(src=src, dst=fl.ext, ttl=64, proto=1) / body)
+        else:
+            q = self.packet(6, fl.ext, fl.remote, fl.proto, sp, dp, payload=_payload(r, 16))[14:]
+            q = q[:quote_len or r.choice([48, 48, 64, len(q)])]
+            t, code, rest = what or r.choice([(1, 4, 0), (2, 0, 1280), (3, 0, 0), (4, 0, 6),
+                                              (1, 0, 0)])
+            src = ROUTER6 if what else r.choice([ROUTER6, fl.remote])
+            inner = eth6(ip6_packet(src, fl.ext, 58,
+                                    icmp6(src, fl.ext, t, code, struct.pack("!I", rest) + q)),
+                         src=BSVC_MAC_S, dst=self.g["mac"])
+        return self.from_outside(inner)
+
+
+def _guest_error(n, fl, what=None):
+    """The guest's ICMP error about the flow's packet as it reached it (from
+    the remote end to the guest's own address and port)."""
+    r = n.r
+    g = n.g
+    me = g["ip"] if fl.family == 4 else g["ip6"]
+    sp, dp = (fl.gport, fl.gport) if fl.echo else (fl.rport, fl.gport)
+    q = n.packet(fl.family, fl.remote, me, fl.proto, sp, dp, payload=_payload(r, 8))[14:]
+    q = q[:r.choice([28, 48, 64, len(q)]) if fl.family == 4 else r.choice([48, 64, len(q)])]
+    if fl.family == 4:
+        t, code = what or r.choice([(3, 3), (3, 1), (11, 0), (12, 0)])
+        body = bytearray(struct.pack("!BBHI", t, code, 0, 0) + q)
+        body[2:4] = struct.pack("!H", csum(bytes(body)))
+        f = bytes(Ether(src=g["mac"], dst=GW_MAC) / IP(src=me, dst=fl.remote, proto=1) /
+                  Raw(bytes(body)))
+    else:
+        t, code = what or r.choice([(1, 4), (1, 1), (2, 0), (3, 0), (4, 1)])
+        f = eth6(ip6_packet(me, fl.remote, 58, icmp6(me, fl.remote, t, code, bytes(4) + q)),
+                 src=g["mac"])
+    n.steps.append(("out", f))
+    return f
+
+
+def _nat_out_extras(n, fl):
+    """Odd packets of a flow: a fragment, an IPv6 fragment header, extension headers."""
+    r = n.r
+    c = r.random()
+    if c < 0.3:
+        n.out(fl, frag=r.choice([(0, 1), (0, 1), (3, 0), (185, 1)]))
+    elif c < 0.45 and fl.family == 6:
+        n.out(fl, frag=(0, 0))                       # an atomic fragment: a whole packet
+    elif c < 0.6 and fl.family == 6:
+        n.out(fl, exts=[ext_hdr(r, r.choice([0, 60, 43]))])
+    elif c < 0.75 and fl.proto == 17:
+        n.out(fl, udp0=True)                         # no UDP checksum
+    else:
+        n.out(fl, flags=r.choice(["A", "PA", "F", "R"]))
+
+
+def _nat_odd_out(n):
+    """A packet SNAT has no port for: another protocol, an ICMP error or
+    other non-echo ICMP, a message whose L4 header is cut short."""
+    r = n.r
+    family = r.choice([4, 6])
+    g = n.g
+    src = g["ip"] if family == 4 else g["ip6"]
+    dst = r.choice(g["internet"] if family == 4 else g["internet6"])
+    c = r.random()
+    if c < 0.4:
+        f = n.packet(family, src, dst, r.choice([47, 50, 132, 0 if family == 4 else 59]), 0, 0)
+    elif c < 0.7:
+        t = r.choice([3, 11, 13, 17]) if family == 4 else r.choice([1, 2, 3, 4, 130])
+        f = n.packet(family, src, dst, 1 if family == 4 else 58, r.getrandbits(16), 0,
+                     icmp_type=t)
+    else:
+        # the IP length ends inside the L4 header (the frame padded on)
+        proto = r.choice([6, 17, 1 if family == 4 else 58])
+        f = bytearray(n.packet(family, src, dst, proto, r.randrange(1, 65536), 80, payload=b""))
+        keep = r.randrange(0, {6: 20, 17: 8, 1: 8, 58: 8}[proto])
+        if family == 4:
+            ihl = (f[14] & 0xF) * 4
+            struct.pack_into("!H", f, 16, ihl + keep)
+            f[24:26] = b"\0\0"
+            f[24:26] = struct.pack("!H", csum(bytes(f[14:14 + ihl])))
+        else:
+            struct.pack_into("!H", f, 18, keep)
+        f = bytes(f) + bytes(r.choice([0, 2, 8, 30]))
+    n.steps.append(("out", f))
+
+
+def nat_case(r, kind, guest=None):
+    g = guest or NAT_G1
+    n = NatGen(r, g)
+    if kind == "nat_out":
+        flows = [n.flow() for _ in range(r.choice([1, 1, 2, 3, 4]))]
+        for fl in flows:
+            n.out(fl)
+        for _ in range(r.choice([0, 1, 2])):
+            fl = r.choice(flows)
+            if r.random() < 0.5:
+                _nat_out_extras(n, fl)
+            else:
+                n.out(fl, flags=r.choice(["A", "PA", "S"]))
+        if r.random() < 0.5:
+            _nat_odd_out(n)
+        if r.random() < 0.2:
+            r.shuffle(n.steps)
+        return n.steps
+    if kind == "nat_reply":
+        flows = [n.flow() for _ in range(r.choice([1, 1, 2, 3]))]
+        for fl in flows:
+            n.out(fl)
+        for fl in flows:
+            c = r.random()
+            if c < 0.6:
+                n.reply(fl)
+            elif c < 0.7:
+                n.reply(fl, port=r.choice([fl.ext_port + 1, fl.ext_port - 1, fl.gport,
+                                           r.randrange(1, 65536)]))
+            elif c < 0.75:
+                n.reply(fl, addr=r.choice(n.external_addrs(fl.family) +
+                                          [a for a in OTHER_EXTERNAL if _fam(a) == fl.family]))
+            elif c < 0.8:
+                n.reply(fl, external=False)          # no External option: not NAT's
+            elif c < 0.9:
+                n.reply(fl, frag=r.choice([(0, 1), (2, 0)]))
+            else:
+                n.reply(fl, flags=r.choice(["A", "R", "FA"]),
+                        icmp_type=r.choice([0, 8, 3]) if fl.family == 4 else
+                        r.choice([129, 128, 1]))
+            if r.random() < 0.4:
+                n.out(fl, flags=r.choice(["A", "PA", "FA"]))
+            if r.random() < 0.3:
+                n.reply(fl, flags="A")
+            if r.random() < 0.1:
+                _guest_error(n, fl)
+        return n.steps
+    if kind == "nat_icmp_error":
+        flows = [n.flow(proto=r.choice([6, 17, 17, None])) for _ in range(r.choice([1, 2]))]
+        for fl in flows:
+            n.out(fl)
+        for fl in flows:
+            n.icmp_error(fl, port=None if r.random() < 0.8 else fl.ext_port + 1)
+            if r.random() < 0.3:
+                n.reply(fl)
+        return n.steps
+    if kind == "nat_unsolicited":
+        for _ in range(r.choice([1, 2, 3])):
+            family = r.choice([4, 4, 6])
+            addrs = n.external_addrs(family) + [a for a in OTHER_EXTERNAL if _fam(a) == family]
+            fl = n.inbound_flow(family, ext=r.choice(addrs))
+            c = r.random()
+            if c < 0.6:
+                n.inbound(fl, icmp_type=r.choice([8, 0, 3, 13]) if family == 4 else
+                          r.choice([128, 129, 1]))
+            elif c < 0.8:
+                n.inbound(fl, frag=r.choice([(0, 1), (7, 0)]))
+            else:
+                n.icmp_error(n.flow(family))
+        return n.steps
+    if kind == "nat_stale":
+        flows = [n.flow() for _ in range(r.choice([1, 2, 3]))]
+        for fl in flows:
+            n.out(fl)
+            if r.random() < 0.5:
+                n.reply(fl)
+        fl = r.choice(flows)
+        n.steps.append(("expire", None if r.random() < 0.5 else (fl.proto, fl.gport)))
+        for fl in flows:
+            if r.random() < 0.7:
+                n.reply(fl, flags=r.choice(["A", "SA", "PA"]))
+            if r.random() < 0.4:
+                n.out(fl, flags=r.choice(["S", "A"]))
+                if r.random() < 0.5:
+                    n.reply(fl)
+        for _ in range(r.choice([0, 1, 2])):
+            fl = n.flow()
+            n.out(fl)
+            n.reply(fl)
+        return n.steps
+    if kind == "nat_exhaust":
+        start = r.choice([1024, 1, 40000, 65530])
+        size = r.choice([1, 2, 3, 4, 4, 5, 6])
+        ext = {"snat": list(g["ext"].get("snat", ())) or ["198.51.100.10"],
+               "snat_start": start, "snat_end": min(start + size - 1, 65535)}
+        if r.random() < 0.3:
+            ext["snat"] = [a for a in ext["snat"] if _fam(a) == 4]
+        n.set_ext(ext)
+        proto = r.choice([6, 17, 1])
+        flows = []
+        for i in range(size + r.choice([1, 1, 2, 3])):
+            fam = 4 if r.random() < 0.8 else 6
+            p = proto if r.random() < 0.8 else None
+            if p == 1 and fam == 6:
+                p = 58
+            fl = n.flow(fam, p)
+            flows.append(fl)
+            n.out(fl)
+            if r.random() < 0.3:
+                n.reply(fl)
+            if r.random() < 0.25:
+                gone = r.choice(flows)
+                n.steps.append(("expire", (gone.proto, gone.gport)))
+        if r.random() < 0.6:
+            n.steps.append(("expire", None if r.random() < 0.5 else
+                            (flows[0].proto, flows[0].gport)))
+        for _ in range(r.choice([1, 2, 3])):
+            fl = n.flow(4, proto)
+            n.out(fl)
+            if r.random() < 0.6:
+                n.reply(fl)
+        for fl in r.sample(flows, min(len(flows), 2)):
+            n.reply(fl)
+        return n.steps
+    if kind == "nat_change":
+        flows = [n.flow() for _ in range(r.choice([1, 2, 3]))]
+        for fl in flows:
+            n.out(fl)
+            if r.random() < 0.5:
+                n.reply(fl)
+        old = n.ext
+        snat = list(old.get("snat", ())) or ["198.51.100.10", "2001:db8:5::10"]
+        choices = [
+            dict(old),                                                     # the same again
+            {**old, "snat": ["198.51.100.11", "2001:db8:5::11"]} if old.get("snat") else
+            {"snat": ["198.51.100.11"], "snat_start": 1024, "snat_end": 2047},
+            {"snat": snat, "snat_start": 1025, "snat_end": 3000},       # the range moves
+            {"snat": snat, "snat_start": 1024, "snat_end": 1024},
+            {"ephemeral": ["198.51.100.12", "2001:db8:5::12"]},
+            {"snat": snat[:1], "snat_start": 1024, "snat_end": 2047,
+             "ephemeral": ["2001:db8:5::12"]},
+            {"floating": ["198.51.100.20", "198.51.100.21"]},
+            {"floating": list(old.get("floating", ())) + ["198.51.100.31"]},
+            {},                                                             # none
+        ]
+        n.set_ext(r.choice(choices), raw=r.random() < 0.4)
+        for fl in flows:
+            if r.random() < 0.6:
+                n.out(fl, flags=r.choice(["A", "PA"]))
+            if r.random() < 0.6:
+                n.reply(fl, flags="A")
+        for _ in range(r.choice([0, 1, 2])):
+            fl = n.flow()
+            n.out(fl)
+            if r.random() < 0.6:
+                n.reply(fl)
+        if r.random() < 0.3:
+            n.set_ext(old, raw=r.random() < 0.5)
+            fl = r.choice(flows)
+            n.out(fl, flags="A")
+            n.reply(fl, flags="A")
+        return n.steps
+    if kind in ("nat_floating", "nat_inbound"):
+        if kind == "nat_floating":
+            ext = r.choice([
+                {"floating": ["198.51.100.20"]},
+                {"floating": ["198.51.100.20", "198.51.100.21", "198.51.100.22",
+                              "2001:db8:5::20", "2001:db8:5::21"]},
+                {"ephemeral": ["198.51.100.12", "2001:db8:5::12"]},
+                {"floating": ["198.51.100.20", "2001:db8:5::20"],
+                 "ephemeral": ["198.51.100.12"], "snat": ["198.51.100.10"],
+                 "snat_start": 1024, "snat_end": 2047},
+                {"ephemeral": ["198.51.100.12"], "snat": ["198.51.100.10", "2001:db8:5::10"],
+                 "snat_start": 5000, "snat_end": 5003},
+            ])
+            n.set_ext(ext, raw=r.random() < 0.2)
+        for _ in range(r.choice([1, 2, 3])):
+            if r.random() < 0.6:
+                fl = n.inbound_flow()
+                n.inbound(fl)
+                if r.random() < 0.2:
+                    _guest_error(n, fl)
+                if r.random() < 0.7:
+                    n.out(fl, flags="SA", reply=True)
+                if r.random() < 0.5:
+                    n.inbound(fl, flags="A")
+            else:
+                fl = n.flow()
+                n.out(fl)
+                if r.random() < 0.7:
+                    n.reply(fl, addr=fl.ext if r.random() < 0.8 else None)
+        if r.random() < 0.3:
+            n.steps.append(("expire", None))
+            fl = n.inbound_flow()
+            n.inbound(fl)
+        return n.steps
+    raise ValueError(kind)
+
+
 # --- known datapath bugs ---------------------------------------------------------------
 
 def known_bug(direction, frame):
-    """The id of a known datapath bug this input exercises, or None. B1-B16,
+    """The id of a known datapath bug this input exercises, or None. B1-B17,
     found by these tests, are fixed; keep this hook for the next one."""
     return None
 

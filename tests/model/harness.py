@@ -12,7 +12,7 @@ from progrun import ProgRun
 from xdectl import abi, counters, fw, libbpf
 from xdectl.datapath import Datapath, session
 
-from .xde import V4_MAPPED, FwRule, Instance, Port, Route
+from .xde import V4_MAPPED, FwRule, Instance, NatCfg, NatIps, Port, Route, set_external
 
 
 def _ip4(be):
@@ -33,6 +33,12 @@ def _net(raw16, bits):
     return ipaddress.IPv6Network((raw16, bits))
 
 
+def _key(k):
+    """A flow_key as the model keys flows (and NAT's entries)."""
+    return (k.port, DIRS[k.dir], k.proto, bytes(k.src)[:16], bytes(k.dst)[:16], _be16(k.sport),
+            _be16(k.dport))
+
+
 TARGETS = {1: "drop", 2: "ig", 3: "ip4", 4: "sub4", 5: "ip6", 6: "sub6"}
 PORT_F_PASSTHROUGH, PORT_F_IP4, PORT_F_IP6 = 1, 2, 4
 DIRS = {abi.DIR_OUT: "out", abi.DIR_IN: "in"}
@@ -48,6 +54,7 @@ class SledRunner:
         self.root = lab.root(sled)
         self.progs = ProgRun(lab, sled)
         self.saved_rules = {}   # ifindex -> its rules before a case changed them
+        self.saved_external = {}  # ifindex -> its external addresses before a case changed them
         with lab.inside(sled):
             self.dp = Datapath(self.root)
             self.maps = self.dp.maps()
@@ -85,6 +92,7 @@ class SledRunner:
                 inst.routes.setdefault(k.port, []).append(
                     Route(net, TARGETS[v.target], bytes(v.addr)[:16], v.len, system))
         self.read_rules(inst)
+        self.read_nat(inst)
         return inst
 
     def read_templates(self, inst):
@@ -138,13 +146,103 @@ class SledRunner:
         self.saved_rules.clear()
         self.read_rules(inst)
 
+    # --- NAT (bpf/nat.h) ----------------------------------------------------------
+
+    def read_nat(self, inst):
+        """The ports' external addresses (nat_cfg: both families, the
+        generation, the pools' cursors) into the model."""
+        for p in inst.ports.values():
+            p.nat = None
+        for k, v in self.maps["nat_cfg"].items():
+            if k.value not in inst.ports:
+                continue
+            fam = {}
+            for i, family in enumerate((4, 6)):
+                f = v.fam[i]
+                fam[family] = NatIps(
+                    snat=bytes(f.snat)[:16], snat_start=f.snat_start, snat_end=f.snat_end,
+                    ephemeral=bytes(f.ephemeral)[:16] if f.has_ephemeral else None,
+                    floating=[bytes(f.floating[j])[:16] for j in range(f.nfloating)],
+                    cursor=list(f.cursor))
+            inst.ports[k.value].nat = NatCfg(v.gen, fam)
+
+    def nat_state(self):
+        """(nat_flows, snat_ports, {ifindex: (gen, cursors)}) as the model
+        keeps them (compare.compare_nat)."""
+        flows = {}
+        for k, v in self.maps["nat_flows"].items():
+            flows[_key(k)] = (bytes(v.addr)[:16], _be16(v.port), v.kind, v.gen)
+        owners = {}
+        for k, v in self.maps["snat_ports"].items():
+            owners[(k.port, k.family, k.pool, _be16(k.ext_port))] = (v.stamp, _key(v.flow))
+        cfg = {k.value: (v.gen, {4: list(v.fam[0].cursor), 6: list(v.fam[1].cursor)})
+               for k, v in self.maps["nat_cfg"].items()}
+        return flows, owners, cfg
+
+    def clear_nat(self, inst):
+        """No translations, no SNAT port owned, every pool's cursor at 0 (so
+        that a case's first SNAT flow of a pool gets the range's first
+        port); the model follows."""
+        for name in ("nat_flows", "snat_ports"):
+            m = self.maps[name]
+            for k in m.keys():
+                m.delete(k)
+        m = self.maps["nat_cfg"]
+        for k, v in list(m.items()):
+            if any(c for f in v.fam for c in f.cursor):
+                for f in v.fam:
+                    for i in range(len(f.cursor)):
+                        f.cursor[i] = 0
+                m.set(k, v)
+        inst.nat_flows.clear()
+        inst.snat_ports.clear()
+        self.read_nat(inst)
+
+    def set_external(self, inst, ifindex, ext, raw=False):
+        """Give the port the external addresses ext (xde.nat_cfg_of's form)
+        through xdectl.nat: set_external_ips (the translations they no
+        longer have dropped, with their flows), or raw: nat_cfg written
+        alone (the datapath finds the stale ones by their generation). The
+        model follows; restore_external() puts back what the port had
+        before the case."""
+        from xdectl import nat
+        e = nat.ExternalIPs(tuple(ext.get("snat", ())), ext.get("snat_start"),
+                            ext.get("snat_end"), tuple(ext.get("ephemeral", ())),
+                            tuple(ext.get("floating", ())))
+        name = inst.ports[ifindex].name
+        with self.lab.inside(self.sled):
+            if ifindex not in self.saved_external:
+                self.saved_external[ifindex] = nat.read(self.maps, ifindex)
+            if raw:
+                nat.write(self.maps, ifindex, e.validated())
+            else:
+                nat.set_external_ips(self.root, name, e)
+        set_external(inst, ifindex, ext, raw)
+
+    def restore_external(self, inst):
+        from xdectl import nat
+        with self.lab.inside(self.sled):
+            for ifindex, ext in self.saved_external.items():
+                nat.set_external_ips(self.root, inst.ports[ifindex].name, ext)
+        self.saved_external.clear()
+        self.read_nat(inst)
+
+    def expire(self, inst, match):
+        """The flows `match` (a predicate on model keys) leave the flow
+        table, as if their time was up; the model follows."""
+        f = self.maps["flows"]
+        for k in f.keys():
+            if match(_key(k)):
+                f.delete(k)
+        for k in [k for k in inst.flows if match(k)]:
+            del inst.flows[k]
+
     def flows(self):
         """The flow table as the model keeps it: {key: (epoch, origin, vni,
         rule, packets, bytes, state)}."""
         out = {}
         for k, v in self.maps["flows"].items():
-            key = (k.port, DIRS[k.dir], k.proto, bytes(k.src)[:16], bytes(k.dst)[:16],
-                   _be16(k.sport), _be16(k.dport))
+            key = _key(k)
             # a VNI is 24 bits: anything larger is no VNI (External)
             out[key] = (v.epoch, DIRS[v.origin], v.vni if v.vni <= 0xFFFFFF else None, v.rule,
                         v.packets, v.bytes, v.state)
@@ -200,15 +298,30 @@ def next_hops(lab, sled="sled1"):
     return out
 
 
+def expiring(ifindex, which):
+    """The predicate of an ("expire", which) step: the port's flows (None),
+    or those of one flow, (protocol, the guest's port)."""
+    if which is None:
+        return lambda k: k[0] == ifindex
+    proto, gport = which
+    return lambda k: k[0] == ifindex and k[2] == proto and \
+        (k[5] if k[1] == "out" else k[6]) == gport
+
+
 def run_case(runner, inst, steps, hops, port, seen=None, log=None):
     """Run the steps of one case on the datapath and the model from an empty
-    flow table; a list of (step index, mismatch kinds) that disagreed.
+    flow table (and no NAT translations, SNAT ports or cursors); a list of
+    (step index, mismatch kinds) that disagreed.
     A step is (direction, frame), or ("fw", set-fw-rules lines): the port's
     rules changed between two frames (SledRunner.change_rules), put back
-    when the case ends. seen (a Counter), if given, counts the counters the
+    when the case ends; ("ext", addresses) or ("ext_raw", addresses): the
+    port's external addresses changed (SledRunner.set_external), put back
+    when the case ends; ("expire", which): flows leave the flow table
+    (expiring()). seen (a Counter), if given, counts the counters the
     model moved: what the case covered. log (a list), if given, gets the
-    (step index, model Result, counter deltas, flow table) of each frame
-    the datapath ran, of the last run of the case.
+    (step index, model Result, counter deltas, flow table, the program's
+    output frame) of each frame the datapath ran, of the last run of the
+    case.
 
     The programs stay attached while we test-run them, so the lab's own
     traffic (neighbour discovery on the underlay, reaching the real XDP
@@ -220,9 +333,10 @@ def run_case(runner, inst, steps, hops, port, seen=None, log=None):
 
 def _run_case(runner, inst, steps, hops, port, seen=None, log=None):
     from . import xde
-    from .compare import compare, compare_flows
+    from .compare import compare, compare_flows, compare_nat
     runner.clear_flows()
     inst.flows.clear()
+    runner.clear_nat(inst)
     bad = []
     if log is not None:
         log.clear()
@@ -232,6 +346,12 @@ def _run_case(runner, inst, steps, hops, port, seen=None, log=None):
                 # a change to the port's rules between two frames
                 runner.change_rules(inst, port, frame)
                 continue
+            if direction in ("ext", "ext_raw"):
+                runner.set_external(inst, port, frame, raw=direction == "ext_raw")
+                continue
+            if direction == "expire":
+                runner.expire(inst, expiring(port, frame))
+                continue
             rc, out, delta = runner.run(direction, frame, port, ports=list(inst.ports))
             if rc is None:
                 continue        # the kernel would not build a test packet from it
@@ -240,8 +360,9 @@ def _run_case(runner, inst, steps, hops, port, seen=None, log=None):
             m = compare(res, frame, rc, out, delta, hops)
             flows = runner.flows()
             m += compare_flows(inst.flows, flows, set(inst.ports))
+            m += compare_nat(inst, runner.nat_state())
             if log is not None:
-                log.append((i, res, delta, flows))
+                log.append((i, res, delta, flows, out))
             if seen is not None:
                 seen.update(name for (_, name), n in res.counters.items() if n)
             if m:
@@ -249,4 +370,6 @@ def _run_case(runner, inst, steps, hops, port, seen=None, log=None):
     finally:
         if runner.saved_rules:
             runner.restore_rules(inst)
+        if runner.saved_external:
+            runner.restore_external(inst)
     return bad

@@ -1,9 +1,13 @@
 """Extra state the differential tests put on a lab's sled1 so that every
-branch of the router, overlay and firewall is reachable: local V2P entries
-with no port, custom routes of every target kind, firewall rules of both
-directions and families with every filter. uninstall() takes it away."""
-from xdectl import fw, overlay
+branch of the router, overlay, firewall and NAT is reachable: local V2P
+entries with no port, custom routes of every target kind, firewall rules of
+both directions and families with every filter, external addresses of both
+families for xde0. uninstall() takes it away."""
+from xdectl import fw, nat, overlay
+from xdectl.datapath import session
 from xdectl.errors import XdeError
+
+from .gen import G1_EXTERNAL, G2_EXTERNAL
 
 EXTRA_V2P = [  # (ip, mac, underlay, vni)
     ("10.0.0.3", "a8:40:25:ff:00:03", "fd00:1::1", 10),      # on this host, no such port
@@ -44,7 +48,44 @@ EXTRA_RULES = [  # set-fw-rules lines, added to xde0's own: both families, every
     "dir=in action=deny priority=70 protocol=icmp6:128,1",
     "dir=in action=deny priority=80 hosts=subnet=10.0.0.2/32 protocol=tcp ports=7",
 ]
+# xde0's external addresses: g1's SNAT IP as the lab gives it, and an IPv6
+# one beside it (the range is both families'); and sled2's xde0's (g2): the
+# lab's floating IP, and an IPv6 one. tests/model/gen.py's NAT traffic is
+# made for them.
+EXTERNAL, EXTERNAL_G2 = G1_EXTERNAL, G2_EXTERNAL
 _added = []
+_saved_external = {}          # (sled, port) -> its external addresses before install
+
+
+def external_ips(ext):
+    """xde.nat_cfg_of's form -> xdectl.nat.ExternalIPs."""
+    return nat.ExternalIPs(tuple(ext.get("snat", ())), ext.get("snat_start"),
+                           ext.get("snat_end"), tuple(ext.get("ephemeral", ())),
+                           tuple(ext.get("floating", ())))
+
+
+def give_external(lab, sled, port, ext):
+    """Set a port's external addresses (xdectl.nat), remembering what it had
+    for take_external()."""
+    root = lab.root(sled)
+    with lab.inside(sled):
+        if (sled, port) not in _saved_external:
+            with session(root) as (dp, _):
+                index, _ = dp.port(port)
+                _saved_external[sled, port] = nat.read(dp.maps(), index)
+        nat.set_external_ips(root, port, external_ips(ext))
+
+
+def take_external(lab, sled, port):
+    """Put back what give_external() found (nothing, once gone)."""
+    ext = _saved_external.pop((sled, port), None)
+    if ext is None:
+        return
+    with lab.inside(sled):
+        try:
+            nat.set_external_ips(lab.root(sled), port, ext)
+        except XdeError:
+            pass
 
 
 def _quiet(lab, guest="g1"):
@@ -73,6 +114,7 @@ def install(lab, sled="sled1"):
         for line in EXTRA_RULES:
             rule = fw.parse_line(line)
             _added.append((rule.direction, fw.add_rule(root, "xde0", rule)))
+    give_external(lab, sled, "xde0", EXTERNAL)
 
 
 def uninstall(lab, sled="sled1"):
@@ -88,6 +130,7 @@ def uninstall(lab, sled="sled1"):
                 fn(*args)
             except XdeError:
                 pass
+    take_external(lab, sled, "xde0")
     _resume(lab)
 
 
@@ -102,7 +145,7 @@ def offline_instance():
                         GW_MAC, SUBNET, SUBNET6, U1_ADDR, U2_ADDR, mac)
     from xdectl import gateway
 
-    from .xde import FwRule, Instance, Port, Route, a16
+    from .xde import FwRule, Instance, Port, Route, a16, nat_cfg_of
 
     def a(s):
         return ipaddress.ip_address(s).packed
@@ -116,7 +159,8 @@ def offline_instance():
         ifindex=ifindex, name="xde0", mac=mac(G1_MAC), gw_mac=mac(GW_MAC), ip=a(G1_IP),
         gw_ip=a(GW_IP), vni=10, bsvc_vni=99, bsvc_addr=a(BSVC_ADDR),
         subnet=ipaddress.IPv4Network(SUBNET), mtu=1500, ip6=a(G1_IP6),
-        subnet6=ipaddress.IPv6Network(SUBNET6), gw_ip6=a(GW_LL), templates=tmpl)
+        subnet6=ipaddress.IPv6Network(SUBNET6), gw_ip6=a(GW_LL), templates=tmpl,
+        nat=nat_cfg_of(EXTERNAL, 1))
     inst.routes[ifindex] = [Route(ipaddress.ip_network(d), t, system=True) for d, t in (
         (SUBNET, "sub4"), ("0.0.0.0/0", "ig"), (SUBNET6, "sub6"), ("::/0", "ig"))]
     for ip, m, ul in ((G2_IP, G2_MAC, U2_ADDR), (G2_IP6, G2_MAC, U2_ADDR),

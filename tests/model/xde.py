@@ -107,6 +107,7 @@ class Port:
     gw_ip6: bytes = ZERO16    # the gateway's link-local address (EUI-64 of gw_mac)
     templates: dict = field(default_factory=dict)   # GW_* kind -> frame
     fw_epoch: int = 0         # bumped by every change to the port's rules
+    nat: "NatCfg | None" = None   # its external addresses (None: no nat_cfg entry)
 
 
 @dataclass
@@ -142,6 +143,8 @@ class Instance:
     rules: dict = field(default_factory=dict)     # (ifindex, 'in'|'out') -> [FwRule]
     flows: dict = field(default_factory=dict)     # (ifindex, dir, proto, src, dst, sport, dport) -> Flow
     hash_seed: int | None = None                  # keys the flow hash; None: not predicted
+    nat_flows: dict = field(default_factory=dict) # flow key (as flows) -> NatVal
+    snat_ports: dict = field(default_factory=dict)  # (ifindex, family, pool, ext port) -> SnatOwner
 
     def port_by(self, vni, mac):
         for p in self.ports.values():
@@ -192,6 +195,8 @@ class Pkt:
     icmp_code: int = 0
     tcp_flags: int = 0
     has_l4: bool = False      # the L4 header was in the packet
+    fragment: bool = False    # a piece of a datagram (an offset, or more to come)
+    l4off: int = 0            # the L4 header's offset from the IP header (0: an IPv4 later fragment)
 
 
 @dataclass
@@ -217,8 +222,9 @@ class Ip4:
         return bool(self.flags & 2)
 
     def pkt(self):
-        p = Pkt(4, a16(self.src), a16(self.dst), self.proto)
+        p = Pkt(4, a16(self.src), a16(self.dst), self.proto, fragment=self.fragmented)
         if not self.frag:
+            p.l4off = self.ihl
             _l4_fields(p, self.l4)
         return p
 
@@ -265,7 +271,7 @@ class Ip6:
         return b"" if self.frag_offset else self.packet[self.l4off:]
 
     def pkt(self):
-        p = Pkt(6, self.src, self.dst, self.proto)
+        p = Pkt(6, self.src, self.dst, self.proto, fragment=self.fragmented, l4off=self.l4off)
         if not self.frag_offset:
             _l4_fields(p, self.l4)
         return p
@@ -821,6 +827,522 @@ def _gateway6(res, port, frame, ip6, p):
     return _drop(res, port, "link_local", "link-scoped")
 
 
+# --- NAT (bpf/nat.h: SNAT, ephemeral and floating IPs) ---------------------------
+#
+# Between the router and the overlay. What a port's router sends to the
+# internet gateway leaves from one of the port's external addresses, per
+# family and in this order of preference: a floating IP (chosen by the
+# flow's hash), the ephemeral IP, or the SNAT IP with a port of its range
+# (one pool per protocol: TCP, UDP, ICMP echo with the identifier as the
+# port). What comes back from outside the VPC (Geneve with the External
+# option) to an address that is not the guest's own reaches the guest's:
+# a reply of a translated flow, an ICMP error about one, or (ephemeral and
+# floating IPs, 1:1 NAT) the start of a flow of its own.
+#
+# docs/design.md ("NAT"), and bpf/nat.h where the document says less than
+# the tests must know (the ICMP errors, the checksums' zero, what a packet
+# without its L4 header is). Every translated flow has two entries in
+# nat_flows, keyed like the flow table (out: the guest's tuple -> the
+# external address and port; in: the tuple replies carry -> the guest's);
+# an entry made under older addresses (nat_cfg.gen) is checked again and
+# forgotten when they no longer have its external address (and port). A
+# SNAT port belongs to the flow it was given to (snat_ports) until an
+# allocation probing it finds that flow gone from the flow table.
+#
+# Checksums are mended incrementally (RFC 1624) as the kernel's helpers do
+# (TC) and as nat.h does itself (XDP, and ICMP errors both ways): the
+# one's-complement sum is the same, and its representation of zero is the
+# helpers' (a sum the kernel keeps in 32 bits never folds to 0: the result
+# is 0x0000, not 0xffff). UDP: a checksum of 0 (none, IPv4) stays 0, and a
+# result of 0 is sent as 0xffff (RFC 768). ICMPv4 has no pseudo-header:
+# the address alone leaves its checksum as it is.
+
+NAT_MAX_FLOATING = 16
+NAT_PROBES, NAT_RECLAIM_PROBES = 64, 4
+NAT_SNAT, NAT_EPHEMERAL, NAT_FLOATING = 1, 2, 3
+POOL_TCP, POOL_UDP, POOL_ICMP = 0, 1, 2
+L4_CSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_ICMP: 2, IPPROTO_ICMPV6: 2}
+NAT_PASSES_MAX = 8            # a frame NAT sends round the XDP pipeline more often: dropped
+
+
+@dataclass
+class NatIps:
+    """One family's external addresses (16-byte form)."""
+    snat: bytes = ZERO16
+    snat_start: int = 0       # the SNAT range; 0: no SNAT IP
+    snat_end: int = 0
+    ephemeral: bytes | None = None
+    floating: list = field(default_factory=list)
+    cursor: list = field(default_factory=lambda: [0, 0, 0, 0])   # per pool: the next to probe
+
+
+@dataclass
+class NatCfg:
+    gen: int                  # bumped by every change of the addresses
+    fam: dict                 # 4 | 6 -> NatIps
+
+
+@dataclass
+class NatVal:
+    addr: bytes               # out: the external address; in: the guest's
+    port: int                 # out: the external port; in: the guest's (1:1: unchanged)
+    kind: int
+    gen: int                  # the nat_cfg.gen it was last found valid in
+
+
+@dataclass
+class SnatOwner:
+    stamp: int                # bumped by whoever takes the port over
+    flow: tuple               # the owning flow's out key
+
+
+def nat_cfg_of(ext, gen):
+    """A NatCfg of external addresses given as {"snat": [addresses],
+    "snat_start", "snat_end", "ephemeral": [...], "floating": [...]} (at
+    most one SNAT and one ephemeral address per family; the range is both
+    SNAT addresses'), the cursors at 0."""
+    def fam_of(a):
+        return ipaddress.ip_address(a).version
+
+    def b16(a):
+        return a16(ipaddress.ip_address(a).packed)
+    cfg = NatCfg(gen, {4: NatIps(), 6: NatIps()})
+    for v, f in cfg.fam.items():
+        snat = [a for a in ext.get("snat", ()) if fam_of(a) == v]
+        if snat:
+            f.snat, f.snat_start, f.snat_end = b16(snat[0]), ext["snat_start"], ext["snat_end"]
+        eph = [a for a in ext.get("ephemeral", ()) if fam_of(a) == v]
+        if eph:
+            f.ephemeral = b16(eph[0])
+        f.floating = [b16(a) for a in ext.get("floating", ()) if fam_of(a) == v]
+    return cfg
+
+
+def is_echo(p):
+    """An ICMP(v6) echo request or reply. SPEC-SILENT: as the datapath
+    parses it, an ICMPv4 packet whose header is not in it has type 0, an
+    echo reply (identifier 0): SNAT gives it an ICMP port, and the
+    identifier is written where the header would be."""
+    if p.proto == IPPROTO_ICMP:
+        return p.icmp_type in (0, 8)
+    return p.proto == IPPROTO_ICMPV6 and p.icmp_type in (128, 129)
+
+
+def _icmp_error(p):
+    if p.proto == IPPROTO_ICMP:
+        return p.icmp_type in (3, 11, 12)
+    return p.proto == IPPROTO_ICMPV6 and 1 <= p.icmp_type <= 4
+
+
+def _nat_pool(p):
+    if p.proto == IPPROTO_TCP:
+        return POOL_TCP
+    if p.proto == IPPROTO_UDP:
+        return POOL_UDP
+    return POOL_ICMP if is_echo(p) else None
+
+
+def _nat_has(f, kind, ext, ext_port):
+    """Do the family's addresses f still have ext (and ext_port, SNAT)?"""
+    if kind == NAT_FLOATING:
+        return ext in f.floating
+    if kind == NAT_EPHEMERAL:
+        return f.ephemeral is not None and f.ephemeral == ext
+    return bool(f.snat_start) and f.snat == ext and f.snat_start <= ext_port <= f.snat_end
+
+
+def _nat_in_key(out, ext, ext_port, echo):
+    """The in entry's key (what replies carry) of the flow whose out key is
+    `out`, leaving from ext:ext_port (an echo's identifier is both ports)."""
+    ifindex, _, proto, src, dst, sport, dport = out
+    return (ifindex, "in", proto, dst, ext, ext_port if echo else dport, ext_port)
+
+
+def _nat_out_key(in_, guest, guest_port, echo):
+    ifindex, _, proto, src, dst, sport, dport = in_
+    return (ifindex, "out", proto, guest, src, guest_port, guest_port if echo else sport)
+
+
+def _nat_whole(p):
+    """nat.h nat_whole: not a fragment, and a transport header NAT would
+    rewrite is whole."""
+    return not p.fragment and (p.has_l4 or p.proto not in (IPPROTO_TCP, IPPROTO_UDP,
+                                                            IPPROTO_ICMP, IPPROTO_ICMPV6))
+
+
+def _snat_release(inst, port, p, ext_port, out):
+    """nat.h snat_release: the port back to its pool if `out` owns it."""
+    pool = {IPPROTO_TCP: POOL_TCP, IPPROTO_UDP: POOL_UDP}.get(p.proto, POOL_ICMP)
+    k = (port.ifindex, p.family, pool, ext_port)
+    o = inst.snat_ports.get(k)
+    if o is not None and o.flow == out:
+        del inst.snat_ports[k]
+
+
+def _nat_forget(inst, out, v, echo):
+    inst.nat_flows.pop(_nat_in_key(out, v.addr, v.port, echo), None)
+    inst.nat_flows.pop(out, None)
+
+
+def _nat_put(inst, out, ext, ext_port, guest, guest_port, kind, gen, echo):
+    inst.nat_flows[out] = NatVal(ext, ext_port, kind, gen)
+    inst.nat_flows[_nat_in_key(out, ext, ext_port, echo)] = NatVal(guest, guest_port, kind, gen)
+
+
+def _snat_alloc(inst, port, f, family, pool, out):
+    """(external port, reclaimed) for the flow `out`: from the pool's
+    cursor, the first of NAT_PROBES ports no flow owns, else the first of
+    NAT_RECLAIM_PROBES whose owner has left the flow table (its translation
+    goes with it); (0, False): none."""
+    start, n = f.snat_start, f.snat_end - f.snat_start + 1
+    cursor = f.cursor[pool]
+    off = 0
+    for i in range(min(n, NAT_PROBES)):
+        off = (cursor + i) % n
+        k = (port.ifindex, family, pool, start + off)
+        if k not in inst.snat_ports:
+            inst.snat_ports[k] = SnatOwner(0, out)
+            break
+    else:
+        for i in range(min(n, NAT_RECLAIM_PROBES)):
+            off = (cursor + i) % n
+            o = inst.snat_ports.get((port.ifindex, family, pool, start + off))
+            # SPEC-SILENT: the model has no clock; a flow in the flow table
+            # is within its timeout (a case takes far less than any)
+            if o is not None and o.flow not in inst.flows:
+                o.stamp += 1
+                old = inst.nat_flows.get(o.flow)
+                if old is not None:
+                    _nat_forget(inst, o.flow, old, o.flow[2] in (IPPROTO_ICMP, IPPROTO_ICMPV6))
+                o.flow = out
+                f.cursor[pool] = (off + 1) & 0xFFFF
+                return start + off, True
+        return 0, False
+    f.cursor[pool] = (off + 1) & 0xFFFF
+    return start + off, False
+
+
+def _l4_port_off(p, out):
+    if p.proto in (IPPROTO_TCP, IPPROTO_UDP):
+        return 0 if out else 2
+    return 4 if is_echo(p) else None
+
+
+def _fold(s):
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _csum_terms(changes):
+    """The one's-complement sum of what changed: (old, new) byte strings of
+    even length, each as it sits in the checksummed data."""
+    s = 0
+    for old, new in changes:
+        s += sum(~w & 0xFFFF for w in struct.unpack(f"!{len(old) // 2}H", old))
+        s += sum(struct.unpack(f"!{len(new) // 2}H", new))
+    return s
+
+
+def _word(v):
+    """A 16-bit field as a 32-bit word of the helpers' (its upper half 0)."""
+    return struct.pack("!H", v) + b"\0\0"
+
+
+def _helper_csum(f, at, changes, mangled_0):
+    """bpf_l3_csum_replace / bpf_l4_csum_replace on the checksum at `at`;
+    False when the helper fails (past the frame)."""
+    if at & 1 or at + 2 > len(f):
+        return False
+    ck = struct.unpack_from("!H", f, at)[0]
+    if mangled_0 and ck == 0:
+        return True
+    # the kernel complements the old checksum in 32 bits: the sum is never 0
+    v = ~_fold((~ck & 0xFFFF) + 0xFFFF + _csum_terms(changes)) & 0xFFFF
+    struct.pack_into("!H", f, at, 0xFFFF if mangled_0 and v == 0 else v)
+    return True
+
+
+def _mend(f, at, changes, udp):
+    """nat.h csum_mend: the checksum at `at` updated for `changes`."""
+    ck = struct.unpack_from("!H", f, at)[0]
+    if udp and ck == 0:
+        return
+    v = ~_fold((~ck & 0xFFFF) + _csum_terms(changes)) & 0xFFFF
+    struct.pack_into("!H", f, at, 0xFFFF if udp and v == 0 else v)
+
+
+def _rewrite_out(f, p, addr, port):
+    """Source address and port of the guest's frame f (a bytearray) to
+    addr:port, with its checksums, as tc_nat does it through the kernel's
+    helpers; the drop reason when a helper fails."""
+    l4 = 14 + p.l4off
+    at = L4_CSUM_AT.get(p.proto)
+    poff = _l4_port_off(p, True)
+    udp = p.proto == IPPROTO_UDP
+    if p.family == 6:
+        f[22:38] = addr
+        if at is not None and not _helper_csum(f, l4 + at, [(p.src, addr)], udp):
+            return "csum_failed"
+    else:
+        f[26:30] = addr[12:]
+        _helper_csum(f, 24, [(p.src[12:], addr[12:])], False)
+        if at is not None and p.proto != IPPROTO_ICMP and \
+                not _helper_csum(f, l4 + at, [(p.src[12:], addr[12:])], udp):
+            return "csum_failed"
+    if poff is not None and port != p.sport:
+        if l4 + poff + 2 > len(f):
+            return "store_failed"
+        struct.pack_into("!H", f, l4 + poff, port)
+        if not _helper_csum(f, l4 + at, [(_word(p.sport), _word(port))], udp):
+            return "csum_failed"
+    return None
+
+
+def _rewrite_in(f, p, addr, port):
+    """Destination address and port of the inner frame f (a bytearray) to
+    the guest's addr:port, with its checksums (nat.h nat_rewrite_xdp)."""
+    l4 = 14 + (p.l4off & 0x3FFF)
+    udp = p.proto == IPPROTO_UDP
+    c = pf = None
+    if p.proto == IPPROTO_TCP:
+        if l4 + 20 > len(f):
+            return "malformed_inner"
+        c, pf = l4 + 16, l4 + 2
+    elif udp:
+        if l4 + 8 > len(f):
+            return "malformed_inner"
+        c, pf = l4 + 6, l4 + 2
+    elif p.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        if l4 + 8 > len(f):
+            return "malformed_inner"
+        c = l4 + 2
+        pf = l4 + 4 if is_echo(p) else None
+    if p.family == 6:
+        changes = [(p.dst, addr)]
+        f[38:54] = addr
+    else:
+        changes = [(p.dst[12:], addr[12:])]
+        _mend(f, 24, changes, False)
+        f[30:34] = addr[12:]
+        if p.proto == IPPROTO_ICMP:
+            changes = []      # no pseudo-header
+    if pf is not None and port != p.dport:
+        changes.append((_word(p.dport), _word(port)))
+        struct.pack_into("!H", f, pf, port)
+    if c is not None:
+        _mend(f, c, changes, udp)
+    return None
+
+
+def _nat_out(inst, res, port, frame, p):
+    """tc_nat (and tc_snat) on a frame the router sends to the internet
+    gateway: (drop reason or None, the frame translated, its packet)."""
+    nc = port.nat
+    if nc is None:
+        return "no_external_ip", frame, p
+    if not _nat_whole(p):
+        return "nat_untranslatable", frame, p
+    if _icmp_error(p):
+        # an error about a packet of a translated flow
+        b = bytearray(frame)
+        why, addr = _nat_error(inst, res, port, nc, b, p, "out")
+        if why:
+            return why, frame, p
+        return None, bytes(b), Pkt(**{**p.__dict__, "src": addr})
+    f = nc.fam[p.family]
+    echo = is_echo(p)
+    out = _flow_key(port, "out", p)
+    v = inst.nat_flows.get(out)
+    if v is not None and v.gen != nc.gen:
+        if not _nat_has(f, v.kind, v.addr, v.port):
+            if v.kind == NAT_SNAT:
+                _snat_release(inst, port, p, v.port, out)
+            _nat_forget(inst, out, v, echo)
+            v = None
+        else:
+            v.gen = nc.gen
+    if v is None:
+        if f.floating:
+            # SPEC-SILENT: without the instance's hash seed the choice among
+            # several floating IPs is not predicted (the first is taken)
+            i = flow_hash(p, inst.hash_seed) % len(f.floating) if inst.hash_seed is not None \
+                else 0
+            _nat_put(inst, out, f.floating[i], p.sport, p.src, p.sport, NAT_FLOATING, nc.gen,
+                     echo)
+        elif f.ephemeral is not None:
+            _nat_put(inst, out, f.ephemeral, p.sport, p.src, p.sport, NAT_EPHEMERAL, nc.gen,
+                     echo)
+        elif not f.snat_start:
+            return "no_external_ip", frame, p
+        else:
+            pool = _nat_pool(p)
+            if pool is None:
+                return "nat_untranslatable", frame, p
+            # tc_snat: a port of the pool, then tc_nat again
+            ext, reclaimed = _snat_alloc(inst, port, f, p.family, pool, out)
+            if not ext:
+                return "nat_exhausted", frame, p
+            res.count(port.ifindex, "snat_allocated")
+            if reclaimed:
+                res.count(port.ifindex, "snat_reclaimed")
+            _nat_put(inst, out, f.snat, ext, p.src, p.sport, NAT_SNAT, nc.gen,
+                     pool == POOL_ICMP)
+        v = inst.nat_flows[out]
+    b = bytearray(frame)
+    why = _rewrite_out(b, p, v.addr, v.port)
+    if why:
+        return why, frame, p
+    q = Pkt(**{**p.__dict__, "src": v.addr})
+    if _l4_port_off(p, True) is not None:
+        q.sport = v.port
+        if echo:
+            q.dport = v.port
+    res.count(port.ifindex, "nat_out")
+    return None, bytes(b), q
+
+
+def _nat_error(inst, res, port, nc, f, p, direction):
+    """An ICMP error about a translated flow (f: the frame, a bytearray,
+    translated in place). In: a router's, quoting the packet as it left
+    (from the external address and port): the guest gets it addressed to
+    itself, quoting its own address and port. Out: the guest's, quoting a
+    packet that reached it translated: the error leaves from the external
+    address, quoting it and the external port. Either way the quote, read
+    from its far end, keys the flow's entry of that direction. Checksums
+    mended: the outer IPv4 header's, the quoted IPv4 header's, the ICMP
+    message's (ICMPv6: its pseudo-header too); the quoted transport
+    checksum is left as it is. (the drop reason or None, the new address)"""
+    inward = direction == "in"
+    l4 = 14 + (p.l4off & 0x3FFF)
+    if l4 + 8 > len(f):
+        return "no_nat", None
+    q = l4 + 8                # the quoted packet
+    v6 = p.family == 6
+    if v6:
+        if q + 40 > len(f):
+            return "no_nat", None
+        proto, src, dst = f[q + 6], bytes(f[q + 24:q + 40]), bytes(f[q + 8:q + 24])
+        qaddr = slice(q + 8, q + 24) if inward else slice(q + 24, q + 40)
+        qcheck, ql4 = None, q + 40
+    else:
+        if q + 20 > len(f) or f[q] & 0xF != 5:
+            return "no_nat", None
+        proto, src, dst = f[q + 9], a16(bytes(f[q + 16:q + 20])), a16(bytes(f[q + 12:q + 16]))
+        qaddr = slice(q + 12, q + 16) if inward else slice(q + 16, q + 20)
+        qcheck, ql4 = q + 10, q + 20
+    if ql4 + 8 > len(f):
+        return "no_nat", None
+    echo = proto in (IPPROTO_ICMP, IPPROTO_ICMPV6)
+    qport = ql4 + 4 if echo else ql4 + (0 if inward else 2)
+    ports = struct.unpack_from("!HHHH", f, ql4)
+    sport, dport = (ports[2], ports[2]) if echo else (ports[1], ports[0])
+    key = (port.ifindex, direction, proto, src, dst, sport, dport)
+    v = inst.nat_flows.get(key)
+    if v is None:
+        return "no_nat", None
+    # the in entry holds the guest's end, the out entry the external one
+    if v.gen != nc.gen and not _nat_has(nc.fam[p.family], v.kind, dst if inward else v.addr,
+                                        dport if inward else v.port):
+        return "no_nat", None
+    new = v.addr if v6 else v.addr[12:]
+    changes = [(bytes(f[qaddr]), new)]
+    if qcheck is not None:
+        old = bytes(f[qcheck:qcheck + 2])
+        _mend(f, qcheck, changes, False)
+        changes.append((old + b"\0\0", bytes(f[qcheck:qcheck + 2]) + b"\0\0"))
+    changes.append((_word(struct.unpack_from("!H", f, qport)[0]), _word(v.port)))
+    struct.pack_into("!H", f, qport, v.port)
+    f[qaddr] = new
+    outer = (slice(38, 54) if inward else slice(22, 38)) if v6 else \
+        (slice(30, 34) if inward else slice(26, 30))
+    if v6:
+        changes.append((bytes(f[outer]), new))
+    else:
+        _mend(f, 24, [(bytes(f[outer]), new)], False)
+    f[outer] = new
+    _mend(f, l4 + 2, changes, False)
+    res.count(port.ifindex, "nat_in" if inward else "nat_out")
+    return None, v.addr
+
+
+def _nat_in(inst, res, port, f, p):
+    """xdp_nat on an inner frame from outside the VPC to an address that is
+    not the guest's own (f: a bytearray, translated in place); the drop
+    reason, or None."""
+    nc = port.nat
+    if nc is None:
+        return "no_nat"
+    if not _nat_whole(p):
+        return "nat_untranslatable"
+    fam = nc.fam[p.family]
+    echo = is_echo(p)
+    in_ = _flow_key(port, "in", p)
+    v = inst.nat_flows.get(in_)
+    if v is not None and v.gen != nc.gen:
+        if not _nat_has(fam, v.kind, p.dst, p.dport):
+            out = _nat_out_key(in_, v.addr, v.port, echo)
+            if v.kind == NAT_SNAT:
+                _snat_release(inst, port, p, p.dport, out)
+            inst.nat_flows.pop(out, None)
+            inst.nat_flows.pop(in_, None)
+            v = None
+        else:
+            v.gen = nc.gen
+    if v is not None:
+        guest, guest_port = v.addr, v.port
+    elif _icmp_error(p):
+        return _nat_error(inst, res, port, nc, f, p, "in")[0]
+    else:
+        # a new flow, to the ephemeral or a floating IP
+        kind = NAT_FLOATING if p.dst in fam.floating else \
+            NAT_EPHEMERAL if fam.ephemeral is not None and fam.ephemeral == p.dst else 0
+        if not kind:
+            return "no_nat"
+        guest, guest_port = (port.ip6 if p.family == 6 else a16(port.ip)), p.dport
+        _nat_put(inst, _nat_out_key(in_, guest, guest_port, echo), p.dst, p.dport, guest,
+                 guest_port, kind, nc.gen, echo)
+    why = _rewrite_in(f, p, guest, guest_port)
+    if why:
+        return why
+    res.count(port.ifindex, "nat_in")
+    return None
+
+
+def _own_address(port, p):
+    if p.family == 4:
+        return port.ip is not None and p.dst == a16(port.ip)
+    return port.ip6 is not None and p.dst == port.ip6
+
+
+def set_external(inst, ifindex, ext, raw=False):
+    """A port's external addresses replaced (xdectl set-external-ips): a new
+    generation, the cursors at 0, and the translations the new addresses no
+    longer have dropped with their flows (both directions) and SNAT ports.
+    raw: the addresses written alone (nothing dropped): the datapath finds
+    the stale translations by their generation."""
+    port = inst.ports[ifindex]
+    port.nat = nat_cfg_of(ext, ((port.nat.gen if port.nat else 0) + 1) & 0xFFFFFFFF)
+    if raw:
+        return
+    gone = []
+    for k, v in list(inst.nat_flows.items()):
+        if k[0] != ifindex:
+            continue
+        addr, eport = (v.addr, v.port) if k[1] == "out" else (k[4], k[6])
+        if _nat_has(port.nat.fam[4 if addr[:12] == V4_MAPPED else 6], v.kind, addr, eport):
+            continue
+        del inst.nat_flows[k]
+        if k[1] == "out":
+            gone.append(k)
+    for k in gone:
+        inst.flows.pop(k, None)
+        inst.flows.pop(_reverse_key(k), None)
+    for sk, o in list(inst.snat_ports.items()):
+        if sk[0] == ifindex and o.flow in gone:
+            del inst.snat_ports[sk]
+
+
 # --- outbound (docs/design.md, "Outbound pipeline": guest -> world) --------------
 
 def route_lookup(inst, port, p):
@@ -960,6 +1482,10 @@ def _route_out(inst, res, port, frame, p, tos):
     if r.target == "drop":
         return _drop(res, port, "router", "router drop")
     if r.target == "ig":
+        # NAT (tc_nat): the frame leaves from the port's external address
+        why, frame, p = _nat_out(inst, res, port, frame, p)
+        if why:
+            return _drop(res, port, why, f"nat: {why}")
         vni, inner_mac, dst6 = port.bsvc_vni, BSVC_MAC, port.bsvc_addr
     else:
         look = p.dst if r.target in ("sub4", "sub6") else r.addr
@@ -1036,9 +1562,10 @@ def _drop_in(res, port, reason, why=""):
     return res
 
 
-def inbound(inst, frame):
+def inbound(inst, frame, res=None, passes=0):
+    """passes: how often NAT sent the frame round the pipeline already."""
     frame = bytes(frame)
-    res = Result("pass", XDP_PASS)
+    res = res or Result("pass", XDP_PASS)
     # 1. not Geneve for us: pass, untouched
     if len(frame) < 14 + 40 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IPV6:
         return _pass(res)
@@ -1117,6 +1644,16 @@ def inbound(inst, frame):
             return _drop_in(res, port, "ndp", "ndp from the overlay")
         if link_scoped(ip6.src) or link_scoped(ip6.dst):
             return _drop_in(res, port, "link_local", "link-scoped from the overlay")
+    # from outside the VPC to an address that is not the guest's own: NAT
+    # gives the guest's (xdp_nat), then the pipeline runs again from the start
+    if external and not _own_address(port, p):
+        f = bytearray(inner)
+        why = _nat_in(inst, res, port, f, p)
+        if why:
+            return _drop_in(res, port, why, f"nat: {why}")
+        if passes + 1 >= NAT_PASSES_MAX:
+            return _drop_in(res, port, "tail_call", "nat: round and round")
+        return inbound(inst, frame[:62 + 8 + optlen] + bytes(f), res, passes + 1)
     # 6. firewall (External: from outside the VPC, matches no vni= filter),
     # then 7. delivery
     return _deliver(inst, res, port, inner, p, VNI_EXTERNAL if external else vni)

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from .common import JSON, app, columns, out, root
+from .common import JSON, app, columns, out, print_table, root
 
 
 @app.command("add-fw-rule")
@@ -46,11 +46,17 @@ def dump_fw(ctx: typer.Context, port: str, as_json: bool = JSON):
 
 @app.command("dump-flows")
 def dump_flows(ctx: typer.Context, port: str, as_json: bool = JSON):
-    """PORT's flow-table entries: state, age, packets, bytes."""
+    """PORT's flow-table entries: state, age, packets, bytes, and for a
+    flow to or from the internet its external side (NAT)."""
     from ..fw import dump_flows as do
-    out(do(root(ctx), port), as_json,
-        columns(["dir", "proto", "src", "sport", "dst", "dport", "state", "age_s", "idle_s",
-                 "packets", "bytes", "rule"]))
+    cols = ["dir", "proto", "src", "sport", "dst", "dport", "state", "age_s", "idle_s",
+            "packets", "bytes", "rule"]
+
+    def table(rows):
+        print_table([c.upper() for c in cols] + ["NAT"],
+                    [[r[c] for c in cols] + [f"{r['nat']['kind']} {r['nat']['external']}"
+                                             if r["nat"] else "-"] for r in rows])
+    out(do(root(ctx), port), as_json, table)
 
 
 @app.command("clear-flows")

@@ -1,5 +1,5 @@
 """Port and instance commands: create (and the seed's xde-create), delete,
-set-gateway, list, stats, reload, unload."""
+set-gateway, set-external-ips, list, stats, reload, unload."""
 import sys
 from typing import List, Optional
 
@@ -17,6 +17,20 @@ def _create(ctx, name, underlays, mac, ip, gateway_mac, gateway_ip, boundary_ser
     create(root(ctx), PortSpec(name, underlays[0], underlays[1], mac, ip, gateway_mac,
                                gateway_ip, boundary_services, boundary_vni, vni,
                                underlay_addr, vpc_subnet, passthrough, **family6))
+
+
+# a port's external addresses (xdectl/nat.py), on create and set-external-ips
+SNAT_IP = typer.Option([], "--snat-ip", help="SNAT address (one per family; the range is shared).")
+SNAT_START = typer.Option(None, "--snat-start", help="First port of the SNAT range.")
+SNAT_END = typer.Option(None, "--snat-end", help="Last port of the SNAT range.")
+EPHEMERAL_IP = typer.Option([], "--ephemeral-ip", help="Ephemeral IP (one per family).")
+FLOATING_IP = typer.Option([], "--floating-ip", help="Floating IP; repeat for more.")
+
+
+def _external(snat_ip, snat_start, snat_end, ephemeral_ip, floating_ip):
+    from ..nat import ExternalIPs
+    return ExternalIPs(tuple(snat_ip), snat_start, snat_end, tuple(ephemeral_ip),
+                       tuple(floating_ip))
 
 
 @app.command()
@@ -37,11 +51,15 @@ def create(ctx: typer.Context, name: str,
                                          "for more (at most 3 per family)."),
            hostname: Optional[str] = typer.Option(None, help="Host name offered by DHCPv4."),
            domain: Optional[str] = typer.Option(None, help="Domain offered by DHCPv4 and DHCPv6."),
+           snat_ip: List[str] = SNAT_IP, snat_start: Optional[str] = SNAT_START,
+           snat_end: Optional[str] = SNAT_END, ephemeral_ip: List[str] = EPHEMERAL_IP,
+           floating_ip: List[str] = FLOATING_IP,
            passthrough: bool = typer.Option(False, help="Bypass the pipeline: frames pass unchanged.")):
     """Create a port."""
     _create(ctx, name, underlay, mac, ip, gateway_mac, gateway_ip, boundary_services,
             boundary_vni, vni, underlay_addr, vpc_subnet, passthrough, ip6=ip6,
-            vpc_subnet6=vpc_subnet6, dns=dns, hostname=hostname, domain=domain)
+            vpc_subnet6=vpc_subnet6, dns=dns, hostname=hostname, domain=domain,
+            external=_external(snat_ip, snat_start, snat_end, ephemeral_ip, floating_ip))
 
 
 @app.command("xde-create")
@@ -79,6 +97,18 @@ def set_gateway(ctx: typer.Context, port: str,
     its next DHCP exchange."""
     from ..ports import set_gateway as do
     do(root(ctx), port, dns, hostname, domain)
+
+
+@app.command("set-external-ips")
+def set_external_ips(ctx: typer.Context, port: str,
+                     snat_ip: List[str] = SNAT_IP, snat_start: Optional[str] = SNAT_START,
+                     snat_end: Optional[str] = SNAT_END, ephemeral_ip: List[str] = EPHEMERAL_IP,
+                     floating_ip: List[str] = FLOATING_IP):
+    """Replace the external addresses of a live port (no option removes
+    them all). Flows whose translation no longer fits are dropped."""
+    from ..nat import set_external_ips as do
+    n = do(root(ctx), port, _external(snat_ip, snat_start, snat_end, ephemeral_ip, floating_ip))
+    print(f"{port}: external IPs set; {n} translated flow{'s' if n != 1 else ''} dropped")
 
 
 def _ports_table(ports):
