@@ -68,6 +68,8 @@ XDE_MAP_F("lpm_trie", struct bsvc_nat_key, struct bsvc_nat_val, bsvc_nat, 65536,
 	X(not_ip)                    /* the inner frame is neither IPv4 nor IPv6 */ \
 	X(malformed_ipv4)            /* inner IPv4 header inconsistent with itself or the frame */ \
 	X(malformed_ipv6)            /* inner IPv6 header cut short */ \
+	X(not_external)              /* decapsulated, but not routed out of the external NIC */ \
+	X(to_underlay)               /* from the external link toward an underlay NIC, in no NAT entry */ \
 	X(underlay_unreachable)      /* the kernel's FIB has no route to the sled */ \
 	X(mtu)                       /* too big for the underlay once encapsulated */ \
 	X(store_failed)              /* bpf_skb_store_bytes failed */ \
@@ -87,6 +89,29 @@ enum bsvc_event { BSVC_EVENTS(BSVC_EV_INDEX) BSVC_EV_MAX };
 enum bsvc_drop { BSVC_DROP_REASONS(BSVC_DROP_INDEX) BSVC_DROP_MAX };
 #undef BSVC_DROP_INDEX
 XDE_MAP("percpu_array", u32, struct bsvc_stats, bsvc_stats, 1);
+
+/* The NIC the host's routes send p out of, as bpf_fib_lookup finds it from
+ * in_ifindex (0: none, or this host itself). What boundary services let
+ * through depends on it: from the sleds only out of the external NIC, so
+ * that a guest's traffic never reaches the underlay, another sled, or the
+ * boundary host; from outside never toward an underlay NIC. */
+static __always_inline __u32 bsvc_route_out(void *ctx, __u32 in_ifindex, struct pkt *p,
+					    struct bpf_fib_lookup *fib)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->ifindex = in_ifindex;
+	if (addr_v4mapped(p->dst)) {
+		fib->family = 2;          /* AF_INET */
+		fib->ipv4_src = p->src[3];
+		fib->ipv4_dst = p->dst[3];
+	} else {
+		fib->family = 10;         /* AF_INET6 */
+		__builtin_memcpy(fib->ipv6_src, p->src, 16);
+		__builtin_memcpy(fib->ipv6_dst, p->dst, 16);
+	}
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? fib->ifindex : 0;
+}
 
 static __always_inline struct bsvc_cfg *bsvc_config(void)
 {

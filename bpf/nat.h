@@ -79,10 +79,11 @@ struct snat_key {
 	__be16 ext_port;
 };
 struct snat_owner {
-	__u64 stamp;              /* bumped by whoever takes the port over (cmpxchg) */
+	__u64 stamp;              /* odd while a new owner is written over a dead one (cmpxchg) */
 	struct flow_key flow;     /* the owning flow's out key */
 };
-XDE_MAP_F("hash", struct snat_key, struct snat_owner, snat_ports, 131072, BPF_F_NO_PREALLOC);
+/* not preallocated: a port owns at most its range's ports in each pool */
+XDE_MAP_F("hash", struct snat_key, struct snat_owner, snat_ports, 1048576, BPF_F_NO_PREALLOC);
 
 /* The layer's keys, per CPU: beside the rest of the pipeline they would
  * not fit the 512-byte stack. */
@@ -193,8 +194,12 @@ static __always_inline void nat_forget(struct flow_key *out, struct flow_key *in
 	nat_flows.delete(out);
 }
 
+/* Write both entries of the flow ns->out's translation. flags: BPF_ANY,
+ * or BPF_NOEXIST when the flow may not have one yet (one started from
+ * outside must not take over a translation the guest's tuple has). */
 static __always_inline int nat_put(struct nat_scratch *ns, const __be32 *ext, __be16 ext_port,
-				   const __be32 *guest, __be16 guest_port, __u8 kind, __u32 gen, int echo)
+				   const __be32 *guest, __be16 guest_port, __u8 kind, __u32 gen, int echo,
+				   __u64 flags)
 {
 	struct nat_val *v = &ns->val;
 	struct flow_key *out = &ns->out, *in = &ns->in;
@@ -204,7 +209,7 @@ static __always_inline int nat_put(struct nat_scratch *ns, const __be32 *ext, __
 	v->pad = 0;
 	v->gen = gen;
 	nat_in_key(in, out, ext, ext_port, echo);
-	if (nat_flows.update(out, v))
+	if (flags == BPF_NOEXIST ? nat_flows.insert(out, v) : nat_flows.update(out, v))
 		return -1;
 	addr_copy(v->addr, guest);
 	v->port = guest_port;
@@ -237,10 +242,23 @@ static __always_inline void snat_release(__u32 port, int v6, __u8 proto, __be16 
 }
 
 /* Is the flow that owns a SNAT port still there? */
-static __always_inline int snat_owner_alive(struct snat_owner *o, struct xde_cfg *cfg, __u64 now)
+static __always_inline int flow_alive(struct flow_key *k, struct xde_cfg *cfg, __u64 now)
 {
-	struct flow_val *f = flows.lookup(&o->flow);
-	return f && now - f->last_ns <= flow_ttl(f, o->flow.proto, cfg);
+	struct flow_val *f = flows.lookup(k);
+	return f && now - f->last_ns <= flow_ttl(f, k->proto, cfg);
+}
+
+/* Is the flow that owns a SNAT port still there? Either direction's entry
+ * says so: a flow that mostly receives refreshes its out entry only now
+ * and then (flow_sync). rev: room for the other direction's key. */
+static __always_inline int snat_owner_alive(struct snat_owner *o, struct flow_key *rev,
+					    struct xde_cfg *cfg, __u64 now)
+{
+	if (flow_alive(&o->flow, cfg, now))
+		return 1;
+	*rev = o->flow;
+	flow_key_reverse(rev);
+	return flow_alive(rev, cfg, now);
 }
 
 /* min(n, max), computed where the verifier sees it: left to itself, clang
@@ -260,9 +278,11 @@ static __always_inline __u32 bounded(__u32 n, __u32 max)
 static __always_inline int snat_reclaim(struct snat_owner *o, struct nat_scratch *ns,
 					struct xde_cfg *cfg, __u64 now)
 {
-	if (snat_owner_alive(o, cfg, now))
-		return 0;
+	/* the stamp is odd while an owner is written: read it first, so that
+	 * an owner judged dead is the one still there when it is claimed */
 	__u64 stamp = o->stamp;
+	if ((stamp & 1) || snat_owner_alive(o, &ns->in, cfg, now))
+		return 0;
 	if (__sync_val_compare_and_swap(&o->stamp, stamp, stamp + 1) != stamp)
 		return 0;                 /* another CPU took it over first */
 	struct nat_val *old = nat_flows.lookup(&o->flow);
@@ -270,6 +290,7 @@ static __always_inline int snat_reclaim(struct snat_owner *o, struct nat_scratch
 		nat_forget(&o->flow, &ns->in, old,
 			   o->flow.proto == IPPROTO_ICMP || o->flow.proto == IPPROTO_ICMPV6);
 	o->flow = ns->owner.flow;
+	__sync_fetch_and_add(&o->stamp, 1);   /* even again: written */
 	return 1;
 }
 
@@ -323,11 +344,12 @@ static __always_inline int nat_new_out(struct nat_cfg *nc, __u32 port, struct po
 	if (f->nfloating) {
 		__u32 i = flow_hash(p, cfg->hash_seed) % f->nfloating;
 		return nat_put(ns, f->floating[i & (NAT_MAX_FLOATING - 1)].a, p->sport,
-			       p->src, p->sport, NAT_FLOATING, nc->gen, echo) ? DROP_nat_table_full : 0;
+			       p->src, p->sport, NAT_FLOATING, nc->gen, echo, BPF_ANY) ?
+		       DROP_nat_table_full : 0;
 	}
 	if (f->has_ephemeral)
 		return nat_put(ns, f->ephemeral, p->sport, p->src, p->sport,
-			       NAT_EPHEMERAL, nc->gen, echo) ? DROP_nat_table_full : 0;
+			       NAT_EPHEMERAL, nc->gen, echo, BPF_ANY) ? DROP_nat_table_full : 0;
 	if (!f->snat_start)
 		return DROP_no_external_ip;
 	int pool = nat_pool(p);
@@ -362,7 +384,7 @@ static __always_inline int snat_serve(__u32 port, struct port_stats *st, struct 
 	__be32 guest[4];
 	addr_copy(guest, ns->out.src);
 	if (nat_put(ns, f->snat, bpf_htons(ext), guest, ns->out.sport, NAT_SNAT, nc->gen,
-		    ns->snat_pool == POOL_ICMP)) {
+		    ns->snat_pool == POOL_ICMP, BPF_ANY)) {
 		struct snat_key sk = { .port = port, .family = v6 ? 6 : 4, .pool = ns->snat_pool,
 				       .ext_port = bpf_htons(ext) };
 		snat_ports.delete(&sk);
@@ -717,7 +739,7 @@ static __always_inline int nat_in_hit(void *l3, void *data_end, struct port_cfg 
 	__u32 port = pc->ifindex;
 	struct nat_cfg *nc = nat_cfg.lookup(&port);
 	struct nat_scratch *ns = nat_scratch_get();
-	if (!nc || !ns || !nat_whole(p))
+	if (!nc || !ns || !nat_whole(p) || icmp_error(p))
 		return -1;
 	flow_key_of(&ns->in, port, DIR_IN, p);
 	struct nat_val *v = nat_flows.lookup(&ns->in);
@@ -748,6 +770,9 @@ static __always_inline int nat_in(void *l3, void *data_end, struct port_cfg *pc,
 	if (!nat_whole(p))
 		return DROP_nat_untranslatable;
 	int v6 = !addr_v4mapped(p->src), echo = is_echo(p);
+	/* an error is about the flow it quotes, not one of its own */
+	if (icmp_error(p))
+		return nat_error(l3, data_end, nc, ns, port, st, p, v6, DIR_IN);
 	struct nat_ips *f = &nc->fam[v6 & 1];
 	struct flow_key *in = &ns->in, *out = &ns->out;
 	flow_key_of(in, port, DIR_IN, p);
@@ -770,8 +795,6 @@ static __always_inline int nat_in(void *l3, void *data_end, struct port_cfg *pc,
 	if (v) {
 		addr_copy(guest, v->addr);
 		guest_port = v->port;
-	} else if (icmp_error(p)) {
-		return nat_error(l3, data_end, nc, ns, port, st, p, v6, DIR_IN);
 	} else {
 		/* a new flow, to the ephemeral or a floating IP */
 		__u8 kind = addr_in_floating(f, p->dst) ? NAT_FLOATING :
@@ -782,8 +805,13 @@ static __always_inline int nat_in(void *l3, void *data_end, struct port_cfg *pc,
 			addr_copy(guest, pc->ip6);
 		else
 			addr_from4(guest, pc->ip);
+		/* the guest's tuple may have a translation already (its flow to
+		 * this peer leaves from another address): not this one's to
+		 * take over */
 		nat_out_key(out, in, guest, p->dport, echo);
-		if (nat_put(ns, p->dst, p->dport, guest, p->dport, kind, nc->gen, echo))
+		if (nat_flows.lookup(out))
+			return DROP_no_nat;
+		if (nat_put(ns, p->dst, p->dport, guest, p->dport, kind, nc->gen, echo, BPF_NOEXIST))
 			return DROP_nat_table_full;
 	}
 	int why = nat_rewrite_xdp(l3, data_end, p, DIR_IN, guest, guest_port);

@@ -5,7 +5,8 @@
  * address and port are in the NAT table is encapsulated in Geneve, in the
  * VNI of the guest that owns them and with Oxide's External option, and
  * sent to that guest's sled out of the underlay NIC the kernel's FIB
- * chooses. Everything else passes to the host untouched (frames for other
+ * chooses. What the host's routes would send toward an underlay NIC is
+ * dropped; everything else passes to the host untouched (frames for other
  * hosts on the link among it). TC, not XDP: TCP
  * from outside arrives as GSO and checksum-partial skbs, which
  * bpf_skb_adjust_room's encapsulation flags keep fit for segmentation. */
@@ -47,6 +48,11 @@ int tc_boundary(struct __sk_buff *skb)
 	struct bsvc_nat_val *e = bsvc_nat_lookup(pkt.dst, bsvc_port(skb, &pkt, l4));
 	if (e)
 		return bsvc_encap(skb, cfg, e, &pkt, tos, proto);
+	/* the outside never reaches the underlay through this host */
+	struct bpf_fib_lookup fib;
+	__u32 out = bsvc_route_out(skb, skb->ifindex, &pkt, &fib);
+	if (out && (out == cfg->underlay[0] || out == cfg->underlay[1]))
+		return bsvc_tc_drop(BSVC_DROP_to_underlay);
 pass:
 	bsvc_count(BSVC_EV_external_passed, 1);
 	return TC_ACT_OK;

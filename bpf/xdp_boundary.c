@@ -5,9 +5,11 @@
  * checked and decapsulated, and its IPv4 or IPv6 packet passes to the
  * host's kernel, which routes it (out of the external NIC). The inner
  * Ethernet header takes the outer one's addresses, so the kernel sees a
- * frame addressed to the NIC it arrived on. Malformed Geneve, Geneve in
- * another VNI and inner frames that are not IP are dropped, each counted
- * by its reason; everything else passes to the host untouched. */
+ * frame addressed to the NIC it arrived on. Only what the host's routes
+ * send out of the external NIC: a guest's packet for the underlay, a sled
+ * or this host is dropped. Malformed Geneve, Geneve in another VNI and
+ * inner frames that are not IP are dropped too, each counted by its
+ * reason; everything else passes to the host untouched. */
 #include "wire.h"
 #include "pkt.h"
 #include "geneve.h"
@@ -39,15 +41,25 @@ int xdp_boundary(struct xdp_md *ctx)
 	if ((void *)(outer + 1) > data_end || (void *)(inner + 1) > data_end)
 		return bsvc_xdp_drop(BSVC_DROP_malformed_inner);
 	void *l3 = inner + 1;
+	struct pkt pkt;
 	if (inner->h_proto == bpf_htons(ETH_P_IP)) {
-		if (!ip4_valid(l3, data_end, data_end - l3))
+		if (!ip4_valid(l3, data_end, data_end - l3) || !pkt_parse4(l3, data_end, &pkt))
 			return bsvc_xdp_drop(BSVC_DROP_malformed_ipv4);
 	} else if (inner->h_proto == bpf_htons(ETH_P_IPV6)) {
-		if (!ip6_valid(l3, data_end, data_end - l3))
+		if (!ip6_valid(l3, data_end, data_end - l3) || !pkt_parse6(l3, data_end, &pkt))
 			return bsvc_xdp_drop(BSVC_DROP_malformed_ipv6);
 	} else {
 		return bsvc_xdp_drop(BSVC_DROP_not_ip);
 	}
+	struct bpf_fib_lookup fib;
+	if (bsvc_route_out(ctx, ctx->ingress_ifindex, &pkt, &fib) != cfg->external)
+		return bsvc_xdp_drop(BSVC_DROP_not_external);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	outer = data;
+	inner = data + rx.outer_len;
+	if ((void *)(outer + 1) > data_end || (void *)(inner + 1) > data_end)
+		return bsvc_xdp_drop(BSVC_DROP_malformed_inner);
 	/* to this NIC from the sled's next hop, as the outer frame came */
 	__builtin_memcpy(inner->h_dest, outer->h_dest, 2 * ETH_ALEN);
 	__u32 len = data_end - (void *)inner;

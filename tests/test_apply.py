@@ -682,6 +682,11 @@ def test_external_changes_run_before_creations(monkeypatch):
     # the file alone: ports sharing a SNAT IP need disjoint ranges
     with pytest.raises(XdeError, match="overlaps port xde0's 1024-2047"):
         apply_mod.parse(FILE_N + new_port)
+    # ... and a floating IP is one port's alone
+    same_floating = ('[[port]]\nname = "xde7"\nmac = "a8:40:25:ff:00:07"\nip = "10.0.0.7"\n'
+                     'floating_ips = ["192.0.2.7"]\n')
+    with pytest.raises(XdeError, match="port xde7: external IP 192.0.2.7 is port xde0's"):
+        apply_mod.parse(FILE_N + same_floating)
 
 
 def test_external_addresses_read_back():

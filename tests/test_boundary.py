@@ -379,8 +379,10 @@ def test_decap_hands_the_packet_to_the_kernel(net):
 
 
 def test_drops_by_reason(net):
-    """Geneve in another VNI, malformed Geneve and inner frames that are not
-    IP are dropped, each counted by its reason; nothing reaches inet."""
+    """Geneve in another VNI, malformed Geneve, inner frames that are not
+    IP, and packets the host would not route out of the external link (to
+    the underlay, a sled, the boundary host itself: a guest's way in) are
+    dropped, each counted by its reason; nothing reaches inet."""
     cases = [
         (underlay_frame(net, inner4(b"x"), vni=98), "drop_wrong_vni"),
         (underlay_frame(net, inner4(b"x"), vni=10), "drop_wrong_vni"),
@@ -394,6 +396,10 @@ def test_drops_by_reason(net):
          "drop_malformed_ipv4"),
         (underlay_frame(net, inner6(b"x")[:18] + b"\xff\xff" + inner6(b"x")[20:]),
          "drop_malformed_ipv6"),
+        (underlay_frame(net, inner6(b"x", dst=PEER_ADDR)), "drop_not_external"),
+        (underlay_frame(net, inner6(b"x", dst="fd10:99:2::2")), "drop_not_external"),
+        (underlay_frame(net, inner4(b"x", dst=EXT_IP)), "drop_not_external"),
+        (underlay_frame(net, inner6(b"x", dst=BSVC_ADDR)), "drop_not_external"),
     ]
     before = net.stats()
     net.send([f for f, _ in cases])
@@ -409,6 +415,20 @@ def test_drops_by_reason(net):
         time.sleep(0.1)
     assert got == want
     assert after["decap"] == before["decap"]
+
+
+def test_outside_never_reaches_the_underlay(net):
+    """A host on the external link that routes the underlay's addresses
+    through the boundary gets nowhere: dropped, to_underlay."""
+    net.inet.ip("-6", "route", "replace", PEER_ADDR, "via", EXT_IP6)
+    try:
+        before = net.stats()
+        ok = net.inet.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", PEER_ADDR,
+                          check=False)
+        assert ok.returncode != 0, ok.stdout
+        assert net.stats()["drop_to_underlay"] - before["drop_to_underlay"] == 2
+    finally:
+        net.inet.ip("-6", "route", "del", PEER_ADDR)
 
 
 def test_host_traffic_passes(net):

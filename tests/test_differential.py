@@ -1143,6 +1143,21 @@ def test_nat_snat_port_released_with_its_translation(dlab):
     check(dlab, steps)
 
 
+# B20 (fixed)
+def test_nat_inbound_does_not_take_over_a_translation(dlab):
+    """g1 with two floating IPs has a flow to a peer leaving from one of
+    them (by hash). A packet from that peer's port to the other floating IP
+    and g1's port is no flow of that address: before, it replaced the
+    flow's translation (the connection then left from the other address);
+    it is no_nat, and the flow's replies still find it."""
+    two = {"floating": ["198.51.100.30", "198.51.100.31"]}
+    steps = [("ext", two), _to_inet(4, 17, 40000, 53)]
+    for f in two["floating"]:
+        steps.append(_from_inet(4, 17, 53, 40000, f))
+    steps.append(_to_inet(4, 17, 40000, 53))
+    check(dlab, steps)
+
+
 def test_nat_generation(dlab):
     """The addresses change under a flow: written alone (raw), the flow's
     translation made under the old ones is checked at its next packet: kept

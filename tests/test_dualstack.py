@@ -651,6 +651,7 @@ def test_lab_ping_shows_both_families_and_isolation(xlab):
     assert p.returncode == 0, p.stdout + p.stderr
     oks = [ln for ln in p.stdout.splitlines() if ln.startswith("  ok ")]
     assert not [ln for ln in p.stdout.splitlines() if "FAIL" in ln], p.stdout
-    assert len(oks) == 13, p.stdout
+    assert len(oks) == 23, p.stdout        # 17 pings, 6 TCP connections
     assert f"cannot reach g3 (VNI {OTHER_VNI})" in p.stdout, p.stdout
     assert "guest g1 -> guest g2 (across sleds, IPv6)" in p.stdout, p.stdout
+    assert "guest g1 -> internet TCP (IPv6), seen from 2001:db8:51::10" in p.stdout, p.stdout

@@ -47,6 +47,7 @@ from xdectl import counters
 from xdectl import fw as xfw
 from xdectl.datapath import Datapath
 from xdectl.maps import find_port
+from xdelab.lab import G2_PORT
 
 DEFAULT_RULES = [
     {"dir": "in", "priority": 65535, "action": "allow", "hosts": "vni=10", "protocol": "any",
@@ -327,10 +328,14 @@ def strip(rules):
 # --- defaults ----------------------------------------------------------------------
 
 def test_create_installs_the_default_vpc_rules(t):
-    """`create` installs exactly OPTE's default VPC rules, and what the
-    restore puts back is the same."""
+    """`create` installs exactly OPTE's default VPC rules (the lab adds one
+    to g2's port, for its service on its floating IP), and what the restore
+    puts back is the same."""
+    g2_rule = {"dir": "in", "priority": 100, "action": "allow", "hosts": "any",
+               "protocol": "tcp", "ports": str(G2_PORT)}    # xdelab.lab.G2_RULE
     for sled in ("sled1", "sled2"):
-        assert strip(t.rules(sled)) == DEFAULT_RULES
+        want = [g2_rule] + DEFAULT_RULES if sled == "sled2" else DEFAULT_RULES
+        assert strip(t.rules(sled)) == want
         assert t.xd_json(sled, "set-flow-timeouts") == DEFAULT_TIMEOUTS
 
 

@@ -269,19 +269,30 @@ def test_drop_unfit_removes_exactly_the_flows_the_addresses_lost():
     assert maps["nat_flows"].data == {} and maps["snat_ports"].data == {}
 
 
-def test_shared_snat_ip_needs_disjoint_ranges():
+def test_ports_share_a_snat_ip_only_with_disjoint_ranges():
     maps = fake_maps("nat_cfg", "ports")
     pc = maps["ports"].Leaf()
     pc.name = b"xde0"
     maps["ports"].set(maps["ports"].Key(3), pc)
     nat.write(maps, 3, ExternalIPs((V4,), 1024, 2047).validated())
     with pytest.raises(XdeError) as exc:
-        nat.check_shared_snat(maps, 4, ExternalIPs((V4,), 2047, 3000).validated())
+        nat.check_shared(maps, 4, ExternalIPs((V4,), 2047, 3000).validated())
     assert str(exc.value) == f"SNAT range 2047-3000 of {V4} overlaps port xde0's 1024-2047"
-    nat.check_shared_snat(maps, 4, ExternalIPs((V4,), 2048, 3000).validated())
-    nat.check_shared_snat(maps, 4, ExternalIPs(("192.0.2.6",), 1024, 2047).validated())
-    nat.check_shared_snat(maps, 3, ExternalIPs((V4,), 1, 65535).validated())   # itself
-    nat.check_shared_snat(maps, None, ExternalIPs(floating_ips=(V4,)).validated())
+    nat.check_shared(maps, 4, ExternalIPs((V4,), 2048, 3000).validated())
+    nat.check_shared(maps, 4, ExternalIPs(("192.0.2.6",), 1024, 2047).validated())
+    nat.check_shared(maps, 3, ExternalIPs((V4,), 1, 65535).validated())   # itself
+    # a floating or ephemeral IP is one port's alone, and no port's SNAT IP
+    for ext in (ExternalIPs(floating_ips=(V4,)), ExternalIPs(ephemeral_ips=(V4,))):
+        with pytest.raises(XdeError) as exc:
+            nat.check_shared(maps, None, ext.validated())
+        assert str(exc.value) == (f"external IP {V4} is port xde0's: a floating or ephemeral "
+                                  f"IP belongs to one port only")
+    nat.write(maps, 3, ExternalIPs(floating_ips=("192.0.2.9",)).validated())
+    with pytest.raises(XdeError):
+        nat.check_shared(maps, 4, ExternalIPs(floating_ips=("192.0.2.9",)).validated())
+    with pytest.raises(XdeError):
+        nat.check_shared(maps, 4, ExternalIPs(("192.0.2.9",), 1, 100).validated())
+    nat.check_shared(maps, 3, ExternalIPs(floating_ips=("192.0.2.9",)).validated())   # itself
 
 
 # --- the command line ------------------------------------------------------------

@@ -34,6 +34,7 @@ from frames import (BSVC_ADDR, BSVC_MAC, BSVC_VNI, G1_IP, G1_MAC, G2_MAC, GW_IP,
                     mac, split_encap, underlay_frame)
 from progrun import ProgRun
 from xdectl.datapath import Datapath
+from xdelab.lab import GUESTS
 
 
 class Runner:
@@ -96,7 +97,8 @@ def test_encap_exact_bytes_guest_to_guest(xlab, runner, tos):
 
 def test_encap_exact_bytes_to_boundary_services(xlab, runner):
     """Off-VPC destination (route `ig`): to fd00:99::1 in VNI 99, inner
-    destination MAC A8:40:25:77:77:77."""
+    destination MAC A8:40:25:77:77:77, the inner packet from g1's SNAT IP
+    with an identifier of its range (checksums whole)."""
     frame = g1_frame(ICMP(id=0x78) / Raw(b"outside"), dst=OUTSIDE)
     xlab.resolve_underlay_neighbours(("sled1",))
     rc, out = runner.tc(frame)
@@ -104,7 +106,12 @@ def test_encap_exact_bytes_to_boundary_services(xlab, runner):
     assert out[:12] in runner.links.values()
     label, sport = split_encap(out)
     check_entropy(label, sport)
-    assert out == encapsulated(frame, out[:12], label, sport, BSVC_ADDR, BSVC_VNI, BSVC_MAC, 0)
+    ext = GUESTS["g1"]["external"]
+    ident = struct.unpack_from("!H", out, 70 + 14 + 20 + 4)[0]
+    assert ext.snat_start <= ident <= ext.snat_end, ident
+    translated = g1_frame(ICMP(id=ident) / Raw(b"outside"), dst=OUTSIDE, src=ext.snat_ips[0])
+    assert out == encapsulated(translated, out[:12], label, sport, BSVC_ADDR, BSVC_VNI, BSVC_MAC,
+                               0)
 
 
 def test_encap_entropy_is_per_flow(xlab, runner):

@@ -250,7 +250,7 @@ def parse(text, source="FILE"):
     if len(shared) > 1:
         raise XdeError(f"{source}: the ports of one root share one underlay pair and one "
                        f"underlay address; the file gives {len(shared)} different ones")
-    _check_snat_ranges(ports, source)
+    _check_external(ports, source)
 
     v2p = {}
     for n, m in enumerate(doc.get("v2p", []), 1):
@@ -280,19 +280,16 @@ def parse(text, source="FILE"):
     return Desired(ports, v2p)
 
 
-def _check_snat_ranges(ports, source):
-    """Ports that share a SNAT IP must have disjoint ranges (as create and
-    set-external-ips require of a root's ports)."""
-    seen = []      # (port, address, start, end)
-    for name, w in ports.items():
-        e = w.spec.external
-        for addr in e.snat_ips:
-            for other, a, start, end in seen:
-                if a == addr and e.snat_start <= end and start <= e.snat_end:
-                    raise XdeError(f"{source} port {name}: SNAT range {e.snat_start}-"
-                                   f"{e.snat_end} of {addr} overlaps port {other}'s "
-                                   f"{start}-{end}")
-            seen.append((name, addr, e.snat_start, e.snat_end))
+def _check_external(ports, source):
+    """The file's ports' external addresses, beside each other, as create
+    and set-external-ips require of a root's ports (nat.conflict)."""
+    from . import nat
+    names = list(ports)
+    for i, name in enumerate(names):
+        for other in names[:i]:
+            why = nat.conflict(ports[name].spec.external, ports[other].spec.external, other)
+            if why:
+                raise XdeError(f"{source} port {name}: {why}")
 
 
 def load(path):

@@ -229,20 +229,34 @@ def ct_copy(dst, src):
     ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(src), ctypes.sizeof(dst))
 
 
-def check_shared_snat(maps, index, ext):
-    """Ports of one root that share a SNAT IP must have disjoint ranges."""
-    if not ext.snat_ips:
-        return
+def conflict(ext, other, other_name):
+    """Why a port with external addresses ext cannot be beside port
+    other_name with other's, or None. Ports may share a SNAT IP, with
+    disjoint ranges; a floating or ephemeral IP is one port's alone (the
+    boundary sends it to one guest), and no port's SNAT IP."""
+    mine_1to1 = set(ext.ephemeral_ips + ext.floating_ips)
+    other_1to1 = set(other.ephemeral_ips + other.floating_ips)
+    taken = (mine_1to1 & (other_1to1 | set(other.snat_ips))) or (set(ext.snat_ips) & other_1to1)
+    if taken:
+        return (f"external IP {sorted(taken)[0]} is port {other_name}'s: a floating or "
+                f"ephemeral IP belongs to one port only")
+    shared = set(other.snat_ips) & set(ext.snat_ips)
+    if shared and ext.snat_start <= other.snat_end and other.snat_start <= ext.snat_end:
+        return (f"SNAT range {ext.snat_start}-{ext.snat_end} of {sorted(shared)[0]} overlaps "
+                f"port {other_name}'s {other.snat_start}-{other.snat_end}")
+    return None
+
+
+def check_shared(maps, index, ext):
+    """ext beside the root's other ports' external addresses (conflict)."""
     for k, v in maps["nat_cfg"].items():
         if k.value == index:
             continue
-        other = decode(v)
-        shared = set(other.snat_ips) & set(ext.snat_ips)
-        if shared and ext.snat_start <= other.snat_end and other.snat_start <= ext.snat_end:
-            pc = maps["ports"].get(maps["ports"].Key(k.value))
-            name = pc.name.decode() if pc is not None else f"ifindex {k.value}"
-            raise XdeError(f"SNAT range {ext.snat_start}-{ext.snat_end} of {sorted(shared)[0]} "
-                           f"overlaps port {name}'s {other.snat_start}-{other.snat_end}")
+        pc = maps["ports"].get(maps["ports"].Key(k.value))
+        why = conflict(ext, decode(v), pc.name.decode() if pc is not None else
+                       f"ifindex {k.value}")
+        if why:
+            raise XdeError(why)
 
 
 def port_families(pc):
@@ -261,6 +275,6 @@ def set_external_ips(root, name, ext):
             raise XdeError(f"port {name} is a passthrough port: it has no NAT")
         ext = ext.validated(port_families(pc))
         maps = dp.maps()
-        check_shared_snat(maps, index, ext)
+        check_shared(maps, index, ext)
         write(maps, index, ext)
         return drop_unfit(maps, index, ext)

@@ -202,7 +202,7 @@ def _check_instance(maps, spec, u1, u2, nd):
     if maps["port_index"].get(_port_key(maps, vni, spec.mac)) is not None:
         raise XdeError(f"MAC {spec.mac} is already used by another port"
                        + ("" if spec.passthrough else f" in VNI {spec.vni}"))
-    nat.check_shared_snat(maps, None, spec.external)
+    nat.check_shared(maps, None, spec.external)
     if spec.passthrough and _free_passthru_slot(maps) is None:
         raise XdeError("this root already has the maximum number of passthrough ports")
 

@@ -52,6 +52,8 @@ OUTSIDE6, BSVC_EXT_IP6 = "2001:db8:113::1", "2001:db8:113::fe"   # the same link
 EXTERNAL_NET6 = "2001:db8:51::/64"
 WHOAMI_PORT = 80              # inet's server: answers with the address a connection came from
 G2_PORT = 7000                # what g2 serves on its floating IP (lab ping starts it)
+# ... and the firewall rule g2's port gets for it beside create's defaults
+G2_RULE = f"dir=in action=allow priority=100 protocol=tcp ports={G2_PORT}"
 G2_FLOATING, G2_FLOATING6 = "198.51.100.20", "2001:db8:51::20"
 GW_MAC, GW_IP = "a8:40:25:00:00:01", "172.30.0.5"
 GW_LL = gateway.gateway_ll(GW_MAC)   # the gateway's IPv6 address: fe80::aa40:25ff:fe00:1
@@ -311,8 +313,7 @@ class Lab:
                     ip6=c["ip6"], vpc_subnet6=SUBNET6 if c["ip6"] else None,
                     external=c["external"]))
                 if g == "g2":   # its service on the floating IP, open to the internet
-                    fw.add_rule(root, c["port"], fw.parse_line(
-                        f"dir=in action=allow priority=100 protocol=tcp ports={G2_PORT}"))
+                    fw.add_rule(root, c["port"], fw.parse_line(G2_RULE))
                 for o in GUESTS.values():
                     if o["sled"] != sled and o["vni"] == c["vni"]:
                         for addr in (o["ip"], o["ip6"]):

@@ -1009,8 +1009,10 @@ def _snat_alloc(inst, port, f, family, pool, out):
             o = inst.snat_ports.get((port.ifindex, family, pool, start + off))
             # SPEC-SILENT: the model has no clock; a flow in the flow table
             # is within its timeout (a case takes far less than any)
-            if o is not None and o.flow not in inst.flows:
-                o.stamp += 1
+            # alive while either direction's entry is (nat.h snat_owner_alive)
+            if o is not None and o.flow not in inst.flows and \
+                    _reverse_key(o.flow) not in inst.flows:
+                o.stamp += 2          # odd while written, even again
                 old = inst.nat_flows.get(o.flow)
                 if old is not None:
                     _nat_forget(inst, o.flow, old, o.flow[2] in (IPPROTO_ICMP, IPPROTO_ICMPV6))
@@ -1275,6 +1277,8 @@ def _nat_in(inst, res, port, f, p):
         return "no_nat"
     if not _nat_whole(p):
         return "nat_untranslatable"
+    if _icmp_error(p):       # about the flow it quotes, not one of its own
+        return _nat_error(inst, res, port, nc, f, p, "in")[0]
     fam = nc.fam[p.family]
     echo = is_echo(p)
     in_ = _flow_key(port, "in", p)
@@ -1291,8 +1295,6 @@ def _nat_in(inst, res, port, f, p):
             v.gen = nc.gen
     if v is not None:
         guest, guest_port = v.addr, v.port
-    elif _icmp_error(p):
-        return _nat_error(inst, res, port, nc, f, p, "in")[0]
     else:
         # a new flow, to the ephemeral or a floating IP
         kind = NAT_FLOATING if p.dst in fam.floating else \
@@ -1300,8 +1302,10 @@ def _nat_in(inst, res, port, f, p):
         if not kind:
             return "no_nat"
         guest, guest_port = (port.ip6 if p.family == 6 else a16(port.ip)), p.dport
-        _nat_put(inst, _nat_out_key(in_, guest, guest_port, echo), p.dst, p.dport, guest,
-                 guest_port, kind, nc.gen, echo)
+        out = _nat_out_key(in_, guest, guest_port, echo)
+        if out in inst.nat_flows:     # the guest's tuple leaves from another address
+            return "no_nat"
+        _nat_put(inst, out, p.dst, p.dport, guest, guest_port, kind, nc.gen, echo)
     why = _rewrite_in(f, p, guest, guest_port)
     if why:
         return why
