@@ -334,9 +334,8 @@ static __always_inline __u16 snat_alloc(struct nat_ips *f, __u32 port, int v6, i
 
 /* Give the out flow its external address and port, by preference. Returns
  * 0, the drop reason, or NAT_SNAT_NEEDED. */
-static __always_inline int nat_new_out(struct nat_cfg *nc, __u32 port, struct port_stats *st,
-				       struct pkt *p, struct nat_scratch *ns, struct xde_cfg *cfg,
-				       __u64 now)
+static __always_inline int nat_new_out(struct nat_cfg *nc, __u32 port, struct pkt *p,
+				       struct nat_scratch *ns, struct xde_cfg *cfg)
 {
 	int v6 = !addr_v4mapped(p->src);
 	struct nat_ips *f = &nc->fam[v6 & 1];
@@ -677,7 +676,7 @@ static __always_inline int nat_out_hit(struct __sk_buff *skb, __u32 port, struct
  * make the flow's translation and apply it. Returns 0 to go on (p now
  * carries the external source), the drop reason, or NAT_SNAT_NEEDED. */
 static __always_inline int nat_out(struct __sk_buff *skb, struct xde_cfg *cfg, __u32 port,
-				   struct port_stats *st, struct pkt *p, __u64 now)
+				   struct port_stats *st, struct pkt *p)
 {
 	struct nat_cfg *nc = nat_cfg.lookup(&port);
 	if (!nc)
@@ -706,7 +705,7 @@ static __always_inline int nat_out(struct __sk_buff *skb, struct xde_cfg *cfg, _
 		}
 	}
 	if (!v) {
-		int why = nat_new_out(nc, port, st, p, ns, cfg, now);
+		int why = nat_new_out(nc, port, p, ns, cfg);
 		if (why)
 			return why;
 		v = nat_flows.lookup(&ns->out);

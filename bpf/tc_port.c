@@ -202,10 +202,11 @@ int tc_fw_eval(struct __sk_buff *skb)
 	return tc_drop(port, dir, DROP_tail_call);
 }
 
-/* Internet-bound traffic (reached by tail call from route_out): NAT, then
- * encapsulation toward boundary services. A program of its own, as the
- * layer's keys and SNAT's port search would not fit the fast path's stack
- * beside the rest. */
+/* Internet-bound traffic that tc_port_out could not translate inline (a
+ * flow's first packet, a stale translation, an ICMP error), reached by
+ * tail call from it, and from tc_snat once a SNAT port is given: NAT, then
+ * encapsulation toward boundary services. A program of its own: inlined,
+ * it took tc_port_out past the 512-byte stack. */
 int tc_nat(struct __sk_buff *skb)
 {
 	__u32 port = skb->ifindex;
@@ -232,8 +233,7 @@ int tc_nat(struct __sk_buff *skb)
 			return tc_drop(port, DIR_OUT, DROP_malformed_ipv6);
 		tos = ip6->priority << 4 | ip6->flow_lbl[0] >> 4;
 	}
-	__u64 now = xde_now();
-	int why = nat_out(skb, cfg, port, st, &pkt, now);
+	int why = nat_out(skb, cfg, port, st, &pkt);
 	if (why == NAT_SNAT_NEEDED) {
 		tc_progs.call(skb, PROG_SNAT);
 		return tc_drop(port, DIR_OUT, DROP_tail_call);
@@ -241,7 +241,8 @@ int tc_nat(struct __sk_buff *skb)
 	if (why)
 		return tc_drop(port, DIR_OUT, why);
 	__u8 bmac[ETH_ALEN] = BSVC_MAC;
-	return encap_and_send(skb, cfg, port, st, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt, now);
+	return encap_and_send(skb, cfg, port, st, pc->bsvc_addr, pc->bsvc_vni, bmac, tos, &pkt,
+			      xde_now());
 }
 
 /* A SNAT port for the flow tc_nat posted (nat.h), then tc_nat again. */
