@@ -649,6 +649,20 @@ static __always_inline void pkt_translated(struct pkt *p, int dir, const __be32 
 		p->dport = port;
 }
 
+/* The translation of p going dir through port, if it has one made under
+ * the port's current addresses and p is whole and no ICMP error: what the
+ * inline paths use as it is; anything else is for tc_nat / xdp_nat. */
+static __always_inline struct nat_val *nat_current(__u32 port, int dir, struct pkt *p)
+{
+	struct nat_cfg *nc = nat_cfg.lookup(&port);
+	struct nat_scratch *ns = nat_scratch_get();
+	if (!nc || !ns || !nat_whole(p) || icmp_error(p))
+		return 0;
+	flow_key_of(&ns->in, port, dir, p);
+	struct nat_val *v = nat_flows.lookup(&ns->in);
+	return v && v->gen == nc->gen ? v : 0;
+}
+
 /* Outbound, the common case inline (tc_port_out): a flow whose
  * translation is there and current. Returns 0 when translated (p now
  * carries the external source), -1 when tc_nat must see to it, or a drop
@@ -656,13 +670,8 @@ static __always_inline void pkt_translated(struct pkt *p, int dir, const __be32 
 static __always_inline int nat_out_hit(struct __sk_buff *skb, __u32 port, struct port_stats *st,
 				       struct pkt *p)
 {
-	struct nat_cfg *nc = nat_cfg.lookup(&port);
-	struct nat_scratch *ns = nat_scratch_get();
-	if (!nc || !ns || !nat_whole(p) || icmp_error(p))
-		return -1;
-	flow_key_of(&ns->out, port, DIR_OUT, p);
-	struct nat_val *v = nat_flows.lookup(&ns->out);
-	if (!v || v->gen != nc->gen)
+	struct nat_val *v = nat_current(port, DIR_OUT, p);
+	if (!v)
 		return -1;
 	int why = nat_rewrite_skb(skb, ETH_HLEN, p, DIR_OUT, v->addr, v->port);
 	if (why)
@@ -735,14 +744,8 @@ static __always_inline int own_address(struct port_cfg *pc, struct pkt *p)
 static __always_inline int nat_in_hit(void *l3, void *data_end, struct port_cfg *pc,
 				      struct port_stats *st, struct pkt *p)
 {
-	__u32 port = pc->ifindex;
-	struct nat_cfg *nc = nat_cfg.lookup(&port);
-	struct nat_scratch *ns = nat_scratch_get();
-	if (!nc || !ns || !nat_whole(p) || icmp_error(p))
-		return -1;
-	flow_key_of(&ns->in, port, DIR_IN, p);
-	struct nat_val *v = nat_flows.lookup(&ns->in);
-	if (!v || v->gen != nc->gen)
+	struct nat_val *v = nat_current(pc->ifindex, DIR_IN, p);
+	if (!v)
 		return -1;
 	int why = nat_rewrite_xdp(l3, data_end, p, DIR_IN, v->addr, v->port);
 	if (why)
