@@ -179,9 +179,7 @@ def parse(text, source="FILE"):
     """The file's text -> Desired, or XdeError naming the first problem."""
     import tomllib
 
-    from .fw import parse_line
-    from .overlay import canon_target, parse_route, parse_v2p
-    from .ports import PortSpec
+    from .overlay import parse_v2p
 
     try:
         doc = tomllib.loads(text)
@@ -201,50 +199,10 @@ def parse(text, source="FILE"):
         if missing:
             raise XdeError(f"{where}: missing {', '.join(missing)}")
         where = f"{source} port {f['name']}"
-        _check_types(f, where)
-        external = _external(f, where)
-        try:
-            spec = PortSpec(f["name"], f["underlays"][0], f["underlays"][1], f["mac"], f.get("ip"),
-                            f["gateway_mac"], f["gateway_ip"], f["boundary_services"],
-                            f["boundary_vni"], f["vni"], f["underlay_addr"],
-                            f.get("vpc_subnet"), f.get("passthrough", False), ip6=f.get("ip6"),
-                            vpc_subnet6=f.get("vpc_subnet6"), dns=f.get("dns", []),
-                            hostname=f.get("hostname"), domain=f.get("domain"),
-                            external=external).validated()
-        except XdeError as e:
-            raise XdeError(f"{where}: {e}") from None
-        spec = dataclasses.replace(spec, external=canon_external(spec.external))
-        if spec.name in ports:
+        want = port_want(f, p, where)
+        if want.spec.name in ports:
             raise XdeError(f"{where}: a second port of that name")
-        want = PortWant(spec)
-        routes = p.get("routes", [])
-        firewall = p.get("firewall")
-        if spec.passthrough and (routes or firewall):
-            raise XdeError(f"{where}: a passthrough port has no routes or firewall")
-        if not isinstance(routes, list):
-            raise XdeError(f"{where}: routes must be a list of {{dest, target}} tables")
-        for r in routes:
-            _check_keys(r, {"dest", "target"}, f"{where} route")
-            if "dest" not in r or "target" not in r:
-                raise XdeError(f"{where}: a route needs dest and target")
-            try:
-                dest, _ = parse_route(str(r["dest"]), str(r["target"]))
-                dest, target = str(dest), canon_target(str(r["target"]))
-            except XdeError as e:
-                raise XdeError(f"{where}: {e}") from None
-            if dest in want.routes:
-                raise XdeError(f"{where}: two routes for {dest}")
-            want.routes[dest] = target
-        if firewall is not None:
-            if not isinstance(firewall, list) or not all(isinstance(x, str) for x in firewall):
-                raise XdeError(f"{where}: firewall must be a list of rule lines")
-            want.firewall = []
-            for i, line in enumerate(firewall, 1):
-                try:
-                    want.firewall.append(parse_line(line).text())
-                except XdeError as e:
-                    raise XdeError(f"{where}: firewall rule {i}: {e}") from None
-        ports[spec.name] = want
+        ports[want.spec.name] = want
 
     shared = {(w.spec.underlay1, w.spec.underlay2, w.spec.underlay_addr) for w in ports.values()}
     if len(shared) > 1:
@@ -278,6 +236,58 @@ def parse(text, source="FILE"):
                                f"port {s.name}'s own mapping ({s.mac} at {s.underlay_addr})")
             v2p[(s.vni, ip)] = own
     return Desired(ports, v2p)
+
+
+def port_want(f, p, where):
+    """One port's PortWant from its fields f (the port's table merged with
+    what it takes from elsewhere) and its own table p (routes, firewall);
+    XdeError naming where."""
+    from .fw import parse_line
+    from .overlay import canon_target, parse_route
+    from .ports import PortSpec
+
+    _check_types(f, where)
+    external = _external(f, where)
+    try:
+        spec = PortSpec(f["name"], f["underlays"][0], f["underlays"][1], f["mac"], f.get("ip"),
+                        f["gateway_mac"], f["gateway_ip"], f["boundary_services"],
+                        f["boundary_vni"], f["vni"], f["underlay_addr"],
+                        f.get("vpc_subnet"), f.get("passthrough", False), ip6=f.get("ip6"),
+                        vpc_subnet6=f.get("vpc_subnet6"), dns=f.get("dns", []),
+                        hostname=f.get("hostname"), domain=f.get("domain"),
+                        external=external).validated()
+    except XdeError as e:
+        raise XdeError(f"{where}: {e}") from None
+    spec = dataclasses.replace(spec, external=canon_external(spec.external))
+    want = PortWant(spec)
+    routes = p.get("routes", [])
+    firewall = p.get("firewall")
+    if spec.passthrough and (routes or firewall):
+        raise XdeError(f"{where}: a passthrough port has no routes or firewall")
+    if not isinstance(routes, list):
+        raise XdeError(f"{where}: routes must be a list of {{dest, target}} tables")
+    for r in routes:
+        _check_keys(r, {"dest", "target"}, f"{where} route")
+        if "dest" not in r or "target" not in r:
+            raise XdeError(f"{where}: a route needs dest and target")
+        try:
+            dest, _ = parse_route(str(r["dest"]), str(r["target"]))
+            dest, target = str(dest), canon_target(str(r["target"]))
+        except XdeError as e:
+            raise XdeError(f"{where}: {e}") from None
+        if dest in want.routes:
+            raise XdeError(f"{where}: two routes for {dest}")
+        want.routes[dest] = target
+    if firewall is not None:
+        if not isinstance(firewall, list) or not all(isinstance(x, str) for x in firewall):
+            raise XdeError(f"{where}: firewall must be a list of rule lines")
+        want.firewall = []
+        for i, line in enumerate(firewall, 1):
+            try:
+                want.firewall.append(parse_line(line).text())
+            except XdeError as e:
+                raise XdeError(f"{where}: firewall rule {i}: {e}") from None
+    return want
 
 
 def _check_external(ports, source):
@@ -329,20 +339,22 @@ def current(root):
     from .datapath import Datapath
     from .fw import read_rules
     from .maps import find_port
-    from .overlay import dump_v2p, port_routes
+    from .overlay import dump_v2p, route_dest, target_str
     from .ports import list_ports
 
     dp = Datapath(root)
     if not dp.exists():
         return Current({}, {}, {}, {})
     maps = dp.maps()
+    custom = {}       # one pass over the custom routes, grouped by port
+    for k, v in maps["routes"].items():
+        custom.setdefault(k.port, {})[str(route_dest(k))] = target_str(v)
     ports, routes, firewall = {}, {}, {}
     for p in list_ports(root):
         name = p["name"]
         ports[name] = _spec_of(p)
         index, _ = find_port(maps, name)
-        routes[name] = {r["dest"]: r["target"] for r in port_routes(maps, index)
-                        if r["kind"] == "custom"}
+        routes[name] = custom.get(index, {})
         firewall[name] = sorted(r.text() for r in read_rules(maps, index))
     v2p = {(e["vni"], e["ip"]): (e["mac"], e["underlay"]) for e in dump_v2p(root)}
     return Current(ports, routes, firewall, v2p)

@@ -64,6 +64,10 @@ class Netdev:
         except NetlinkError:
             return None
 
+    def operstates(self):
+        """{ifindex: operational state} of every link, from one dump."""
+        return {link["index"]: link.get_attr("IFLA_OPERSTATE") for link in self.ipr.get_links()}
+
     def tc_ingress_names(self, index):
         """Names of the bpf filters on the link's ingress."""
         names = set()

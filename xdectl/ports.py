@@ -549,6 +549,8 @@ def list_ports(root):
     nd = Netdev()
     try:
         out = []
+        underlays = [nd.name(cfg.u1), nd.name(cfg.u2)]
+        states = nd.operstates()      # one dump, not a request a port
         for k, pc in sorted(maps["ports"].items(), key=lambda kv: kv[1].name):
             ip, ip6 = port_ips(pc)
             out.append({
@@ -567,9 +569,9 @@ def list_ports(root):
                 "boundary_services": ip6_str(pc.bsvc_addr),
                 "boundary_vni": pc.bsvc_vni,
                 "underlay_addr": ip6_str(cfg.underlay_addr),
-                "underlays": [nd.name(cfg.u1), nd.name(cfg.u2)],
+                "underlays": underlays,
                 "mtu": pc.mtu,
-                "state": _state(nd, k.value),
+                "state": _state(states.get(k.value)),
             })
         return out
     finally:
@@ -586,9 +588,9 @@ def _readable_gateway(maps, index):
         return {"dns": None, "hostname": None, "domain": None, "gateway_error": str(e)}
 
 
-def _state(nd, dp_index):
-    """The datapath end has carrier while the guest end is up."""
-    state = nd.operstate(dp_index)
+def _state(state):
+    """The datapath end's operstate -> the port's: it has carrier while the
+    guest end is up."""
     return "missing" if state is None else "up" if state == "UP" else "down"
 
 

@@ -7,9 +7,9 @@ import sys
 from ..errors import Incomplete, XdeError
 from .common import app
 # Importing an area registers its commands; --help lists them in this order.
-from . import ports, overlay, firewall, observe, apply, boundary, lab  # noqa: E402,I001
+from . import ports, overlay, firewall, observe, apply, boundary, fleet, lab  # noqa: E402,I001
 
-AREAS = (ports, overlay, firewall, observe, apply, boundary, lab)
+AREAS = (ports, overlay, firewall, observe, apply, boundary, fleet, lab)
 
 
 def run():

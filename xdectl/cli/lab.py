@@ -1,4 +1,5 @@
-"""`xdectl lab`: the namespace lab (xdelab, outside the product package)."""
+"""`xdectl lab`: the namespace lab (xdelab, outside the product package):
+the two-sled lab, or with --sleds a fleet of sleds kept by agents from etcd."""
 import typer
 
 from .common import app
@@ -15,20 +16,43 @@ def lab_main(ctx: typer.Context,
 
 
 def _lab(ctx):
+    """The lab that is up under the prefix: a fleet lab, or the two-sled one."""
+    from xdelab.fleet import FleetLab
     from xdelab.lab import Lab
-    return Lab(ctx.obj)
+    return FleetLab(ctx.obj) if FleetLab.is_fleet(ctx.obj) else Lab(ctx.obj)
+
+
+def _is_fleet(lab):
+    from xdelab.fleet import FleetLab
+    return isinstance(lab, FleetLab)
 
 
 @lab_app.command("up")
-def lab_up(ctx: typer.Context):
-    """Build the lab: switches, sleds, guests, boundary services."""
-    _lab(ctx).up()
+def lab_up(ctx: typer.Context,
+           sleds: int = typer.Option(None, "--sleds", help="A fleet lab of N sleds, each kept "
+                                                           "by an agent from a local etcd."),
+           ports: int = typer.Option(100, "--ports", help="With --sleds: the fleet's ports."),
+           members: int = typer.Option(1, "--etcd-members", min=1, max=5,
+                                       help="With --sleds: etcd cluster members.")):
+    """Build the lab: switches, sleds, guests, boundary services; or, with
+    --sleds, a fleet lab (docs/fleet.md)."""
+    if sleds is None:
+        _lab(ctx).up()
+        return
+    from xdelab.fleet import FleetLab
+    FleetLab(ctx.obj).up(sleds, ports, members)
 
 
 @lab_app.command("ping")
-def lab_ping(ctx: typer.Context):
-    """Check guest-guest, guest-gateway and guest-boundary reachability."""
-    _lab(ctx).check()
+def lab_ping(ctx: typer.Context,
+             samples: int = typer.Option(8, "--samples", help="Fleet lab: pairs to ping.")):
+    """Check reachability: the two-sled lab's guests, gateway and internet,
+    or sampled pairs of a fleet lab's ports across sleds."""
+    lab = _lab(ctx)
+    if _is_fleet(lab):
+        lab.check(samples)
+    else:
+        lab.check()
 
 
 @lab_app.command("down")
@@ -39,5 +63,9 @@ def lab_down(ctx: typer.Context):
 
 @lab_app.command("status")
 def lab_status(ctx: typer.Context):
-    """Show whether the lab is up, and its ports."""
-    _lab(ctx).status()
+    """Show whether the lab is up, and its ports (or its sleds)."""
+    lab = _lab(ctx)
+    if _is_fleet(lab):
+        lab.print_status()
+    else:
+        lab.status()

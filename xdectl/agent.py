@@ -1,0 +1,282 @@
+"""`xdectl agent`: keeps one sled's root matching the fleet in etcd.
+
+    register     the sled's underlay address (/xde/fleet/sled/NAME) and its
+                 report (/xde/status/NAME) under a lease kept alive by a
+                 thread of its own: the report vanishes when the agent does
+    read         everything under /xde/fleet/ at one revision
+    reconcile    plan the root's changes against what the kernel holds
+                 (apply.plan) and make them; one failing change does not
+                 stop the others, and is tried again
+    watch        from the next revision; each batch of events (one etcd
+                 transaction, or several when catching up) is folded into
+                 the state and reconciled
+When etcd cannot be reached the agent says so in its report (and its log)
+and tries again with backoff, watching again from where it was; when that
+revision has been compacted, it reads everything again. It keeps no state
+the kernel does not: every reconcile starts from what the root holds, so
+an agent killed at any point and started again converges.
+
+In boundary mode (--boundary) the root is a boundary-services root, and
+what is reconciled is its NAT table: every external address of every port
+of a registered sled, sent to that sled.
+"""
+import json
+import os
+import random
+import socket
+import sys
+import threading
+
+from . import apply, fleet, validate
+from .errors import XdeError
+from .etcd import Compacted, Etcd, Unavailable
+
+DEFAULT_TTL = 5          # seconds a dead agent's report outlives it
+IDLE = 1.0               # seconds a quiet watch waits before the loop looks around
+RETRY = 1.0              # seconds before a failed change is tried again
+
+
+class Agent:
+    def __init__(self, etcd_urls, sled, root, underlays=(), underlay_addr=None,
+                 boundary=False, ttl=DEFAULT_TTL, report_file=None, log=None):
+        self.sled = fleet.sled_name(sled, "--sled")
+        self.root = root
+        self.boundary = boundary
+        self.underlays = tuple(underlays)
+        self.addr = validate.ipv6(underlay_addr, "--underlay-addr") if underlay_addr else None
+        if not boundary and (len(self.underlays) != 2 or not self.addr):
+            raise XdeError("an agent needs --underlay twice and --underlay-addr "
+                           "(or --boundary on a boundary-services host)")
+        self.ttl = ttl
+        self.report_file = report_file
+        self.urls = etcd_urls
+        self.etcd = Etcd(etcd_urls)
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.stop = threading.Event()
+        self.kvs = None          # key -> value under /xde/fleet/, as of self.rev
+        self.rev = 0
+        self.memo = {}           # apply.port_want per (port, vpc) tables
+        self.report = {"mode": "boundary" if boundary else "sled", "pid": os.getpid(),
+                       "host": socket.gethostname(), "revision": None, "ports": 0,
+                       "error": None, "resyncs": 0, "etcd": "connecting"}
+        self.lease = None
+        self._reported = None
+        self._keeper = None
+
+    # --- the loop ---------------------------------------------------------
+
+    def run(self):
+        """Until stop is set (SIGTERM, SIGINT)."""
+        self.log(f"agent {self.sled}: etcd {self.urls}, root {self.root}")
+        backoff = 0.2
+        while not self.stop.is_set():
+            try:
+                self._connected()
+            except Compacted as e:
+                self.report["resyncs"] += 1
+                self.log(f"agent {self.sled}: {e}; reading the whole state again")
+                self.kvs = None
+                continue
+            except (Unavailable, XdeError) as e:
+                self._etcd_down(str(e))
+                self.stop.wait(backoff * (1 + random.random() / 2))
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+        self._leave()
+
+    def _connected(self):
+        if self.lease is None:
+            self._register()
+        if self.kvs is None:
+            self.rev, kvs = self.etcd.range(fleet.FLEET)
+            self.kvs = {k: v for k, (v, _) in kvs.items()}
+            self.reconcile()
+        self._etcd_up()
+        while not self.stop.is_set():
+            for rev, events in self.etcd.watch(fleet.FLEET, self.rev + 1, idle=IDLE):
+                for key, value in events:
+                    if value is None:
+                        self.kvs.pop(key, None)
+                    else:
+                        self.kvs[key] = value
+                self.rev = rev
+                self.reconcile()
+                if self.stop.is_set():
+                    return
+            if self.lease is None:         # the keeper saw the lease expire
+                self._register()
+            if self.report["error"]:       # a change failed: try again
+                self.reconcile()
+            self._etcd_up()
+
+    # --- registration and the report ----------------------------------------
+
+    def _register(self):
+        """A lease, the report under it (refused while another agent's report
+        for this sled is alive), the sled's underlay address."""
+        lease = self.etcd.grant(self.ttl)
+        key = fleet.STATUS + self.sled
+        ok, _ = self.etcd.txn([(key, 0)], [(key, json.dumps(self.report))], lease=lease)
+        if not ok:
+            self.etcd.revoke(lease)
+            other, _ = self.etcd.get(key)
+            try:
+                who = json.loads(other)
+                who = f"pid {who.get('pid')} on {who.get('host')}"
+            except (TypeError, ValueError):
+                who = "?"
+            raise XdeError(f"sled {self.sled} has a live agent already ({who}); waiting for "
+                           f"it to stop or its lease to end")
+        self.lease = lease
+        self._reported = None
+        if not self.boundary:
+            value = json.dumps({"underlay_addr": self.addr})
+            if self.etcd.get(fleet.SLED + self.sled)[0] != value:
+                self.etcd.put(fleet.SLED + self.sled, value)
+        if self._keeper is None or not self._keeper.is_alive():
+            self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
+            self._keeper.start()
+        self.log(f"agent {self.sled}: registered (lease {lease:x}, ttl {self.ttl} s)")
+
+    def _keep_alive(self):
+        """The lease's heartbeat, in its own thread and with its own client,
+        so that a long reconcile does not let it end."""
+        etcd = Etcd(self.urls)
+        while not self.stop.wait(self.ttl / 3):
+            lease = self.lease
+            if lease is None:
+                continue
+            try:
+                if etcd.keepalive(lease) <= 0:
+                    self.log(f"agent {self.sled}: lease {lease:x} ended; registering again")
+                    self.lease = None
+            except XdeError as e:
+                self._etcd_down(str(e))
+
+    def _etcd_down(self, why):
+        if self.report["etcd"] != why:
+            self.log(f"agent {self.sled}: {why}; the datapath stays as last programmed")
+        self.report["etcd"] = why
+        self._write_report()
+
+    def _etcd_up(self):
+        if self.report["etcd"] != "ok":
+            self.log(f"agent {self.sled}: etcd ok, at revision {self.rev}")
+            self.report["etcd"] = "ok"
+        self._write_report()
+
+    def _write_report(self):
+        text = json.dumps(self.report, sort_keys=True)
+        if self.report_file:      # beside etcd: says so also when etcd is away
+            tmp = f"{self.report_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text + "\n")
+            os.replace(tmp, self.report_file)
+        if self.lease is None or text == self._reported or self.report["etcd"] != "ok":
+            return
+        try:
+            self.etcd.put(fleet.STATUS + self.sled, text, lease=self.lease)
+            self._reported = text
+        except XdeError:
+            pass             # the next turn of the loop finds etcd gone
+
+    def _leave(self):
+        """A clean stop: the report goes at once (not at the lease's end)."""
+        if self.lease is not None:
+            try:
+                self.etcd.revoke(self.lease)
+            except XdeError:
+                pass
+        self.log(f"agent {self.sled}: stopped at revision {self.rev}")
+
+    # --- reconciling -------------------------------------------------------
+
+    def reconcile(self):
+        """Make the root match self.kvs; the report says how that went."""
+        state = fleet.from_keys(self.kvs)
+        try:
+            count, errors = (self._boundary(state) if self.boundary else self._sled(state))
+        except (XdeError, OSError) as e:     # the root itself could not be read
+            count, errors = self.report["ports"], [str(e)]
+        error = None
+        if errors:
+            error = errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+        if error != self.report["error"]:
+            self.log(f"agent {self.sled}: " + (error or "all changes made"))
+        self.report.update(ports=count, error=error)
+        if not errors:
+            self.report["revision"] = self.rev
+        self._write_report()
+
+    def _sled(self, state):
+        want, problems = fleet.sled_desired(state, self.sled, self.underlays, self.addr,
+                                            self.memo)
+        actions = apply.plan(apply.current(self.root), want)
+        errors = list(problems)
+        for a in actions:
+            try:
+                apply.execute(self.root, a)
+            except (XdeError, OSError) as e:
+                errors.append(f"{a.op} {a.target}: {e}")
+        if actions:
+            self.log(f"agent {self.sled}: revision {self.rev}: {len(actions)} changes"
+                     + (f", {len(errors)} failed" if errors else ""))
+        return len(want.ports), errors
+
+    def _boundary(self, state):
+        from . import boundary
+        want = nat_table(state)
+        have = {e["external"]: (e["sled"], e["vni"], e["mac"])
+                for e in boundary.dump_nat(self.root)}
+        errors, changes = [], 0
+        for target in sorted(set(have) - set(want)):
+            changes += 1
+            try:
+                boundary.clear_nat(self.root, target)
+            except (XdeError, OSError) as e:
+                errors.append(f"clear-nat {target}: {e}")
+        for target, owner in sorted(want.items()):
+            if have.get(target) != owner:
+                changes += 1
+                try:
+                    boundary.set_nat(self.root, target, *owner)
+                except (XdeError, OSError) as e:
+                    errors.append(f"set-nat {target}: {e}")
+        if changes:
+            self.log(f"agent {self.sled}: revision {self.rev}: {changes} NAT changes"
+                     + (f", {len(errors)} failed" if errors else ""))
+        return len(want), errors
+
+
+def nat_table(state):
+    """{external address or range: (sled address, VNI, MAC)}: what a boundary
+    host's NAT table holds for the fleet's ports on registered sleds."""
+    from .boundary import NatTarget
+    out = {}
+    for p in state.ports.values():
+        sled = state.sleds.get(p.get("sled"))
+        if not sled:
+            continue
+        try:
+            # validated: canonical addresses, a SNAT IP has its range; a
+            # malformed stored port is skipped, not the agent's end
+            ext = apply._external(p, f"port {p.get('name')}").validated()
+            owner = (sled, p["vni"], validate.mac(p["mac"]))
+        except (XdeError, KeyError):
+            continue
+        for ip in ext.snat_ips:
+            out[str(NatTarget(ip, ext.snat_start, ext.snat_end))] = owner
+        for ip in ext.ephemeral_ips + ext.floating_ips:
+            out[str(NatTarget(ip))] = owner
+    return out
+
+
+def run(etcd_urls, sled, root, underlays, underlay_addr, boundary=False, ttl=DEFAULT_TTL,
+        report_file=None):
+    """The CLI's entry: run until SIGTERM or SIGINT."""
+    import signal
+    agent = Agent(etcd_urls, sled, root, underlays, underlay_addr, boundary, ttl, report_file)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop.set())
+    agent.run()

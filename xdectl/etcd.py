@@ -1,0 +1,238 @@
+"""The fleet's etcd, through etcd3gw (etcd's JSON gateway, /v3/).
+
+etcd3gw does the HTTP and the leases. Three things it does not give, and
+which the fleet needs, are done here on its session: the revision a read
+was made at (its get() drops the response header), transactions with their
+revision, and a watch that says when its start revision has been compacted
+(its watcher drops that notice and the revisions, and ends silently).
+Several endpoints: a call that cannot reach one tries the next.
+"""
+import base64
+import json
+from urllib.parse import urlsplit
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+from etcd3gw.lease import Lease
+
+from .errors import XdeError
+
+DEFAULT_URL = "http://127.0.0.1:2379"
+
+
+class Unavailable(XdeError):
+    """No endpoint answered."""
+
+
+class Compacted(XdeError):
+    """A watch's start revision is older than the oldest etcd keeps."""
+
+    def __init__(self, revision):
+        super().__init__(f"revision {revision} has been compacted")
+        self.revision = revision
+
+
+def _b64(s):
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def _unb64(s):
+    return base64.b64decode(s).decode() if s else ""
+
+
+def prefix_end(prefix):
+    """The end of the key range holding every key that starts with prefix."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def parse_urls(urls):
+    """'http://h:p,http://h2:p2' -> [(scheme, host, port)], or XdeError."""
+    out = []
+    for url in (u.strip() for u in urls.split(",")):
+        try:
+            u = urlsplit(url)
+            port = u.port or 2379
+        except ValueError as e:
+            raise XdeError(f"etcd URL {url!r}: {e}") from None
+        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/"):
+            raise XdeError(f"etcd URL {url!r}: expected http://HOST:PORT (several: comma-separated)")
+        out.append((u.scheme, u.hostname, port))
+    return out
+
+
+class Etcd:
+    def __init__(self, urls=DEFAULT_URL, timeout=2.0):
+        self.urls = urls
+        self.timeout = timeout
+        self.clients = [Etcd3Client(host=h, port=p, protocol=s, timeout=timeout, api_path="/v3/")
+                        for s, h, p in parse_urls(urls)]
+        self.current = 0        # the endpoint that answered last
+
+    def _url(self, c):
+        return c.base_url
+
+    def _post(self, path, body, **kw):
+        """POST to the first endpoint that answers, starting at the last one
+        that did."""
+        errors = []
+        for i in range(len(self.clients)):
+            n = (self.current + i) % len(self.clients)
+            c = self.clients[n]
+            try:
+                out = c.post(c.get_url(path), json=body, **kw)
+            except (ConnectionFailedError, ConnectionTimeoutError) as e:
+                errors.append(f"{self._url(c)}: {_reason(e)}")
+                continue
+            except Etcd3Exception as e:
+                raise XdeError(f"etcd: {_message(e)}") from None
+            self.current = n
+            return out
+        raise Unavailable("etcd unreachable (" + "; ".join(errors) + ")")
+
+    def close(self):
+        for c in self.clients:
+            c.session.close()
+
+    # --- reads and writes ----------------------------------------------
+
+    def range(self, prefix, revision=None):
+        """(revision, {key: (value, mod_revision)}) of every key under prefix."""
+        body = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
+        if revision:
+            body["revision"] = revision
+        r = self._post("/kv/range", body)
+        kvs = {_unb64(kv["key"]): (_unb64(kv.get("value")), int(kv["mod_revision"]))
+               for kv in r.get("kvs", [])}
+        return int(r["header"]["revision"]), kvs
+
+    def get(self, key):
+        """(value, mod_revision) of one key, or (None, 0)."""
+        r = self._post("/kv/range", {"key": _b64(key)})
+        kvs = r.get("kvs", [])
+        return (_unb64(kvs[0].get("value")), int(kvs[0]["mod_revision"])) if kvs else (None, 0)
+
+    def txn(self, compare, puts=(), deletes=(), lease=None):
+        """One transaction: when every (key, mod_revision) of compare holds
+        (0: the key is absent), put each (key, value) and delete each key.
+        Returns (succeeded, revision)."""
+        body = {
+            "compare": [{"key": _b64(k), "result": "EQUAL", "target": "MOD",
+                         "mod_revision": rev} for k, rev in compare],
+            "success": [{"request_put": {"key": _b64(k), "value": _b64(v),
+                                         **({"lease": lease} if lease else {})}}
+                        for k, v in puts]
+                       + [{"request_delete_range": {"key": _b64(k)}} for k in deletes],
+        }
+        r = self._post("/kv/txn", body)
+        return bool(r.get("succeeded")), int(r["header"]["revision"])
+
+    def put(self, key, value, lease=None):
+        body = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        return int(self._post("/kv/put", body)["header"]["revision"])
+
+    def delete(self, key):
+        self._post("/kv/deleterange", {"key": _b64(key)})
+
+    def compact(self, revision):
+        self._post("/kv/compaction", {"revision": revision, "physical": True})
+
+    def grant(self, ttl):
+        """A new lease of ttl seconds: its id."""
+        return int(self._post("/lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+    def keepalive(self, lease):
+        """Refresh a lease: its TTL, or -1 when it has expired."""
+        c = self.clients[self.current]
+        try:
+            return Lease(lease, client=c).refresh()
+        except (ConnectionFailedError, ConnectionTimeoutError) as e:
+            raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
+        except Etcd3Exception as e:
+            raise XdeError(f"etcd: {_message(e)}") from None
+
+    def revoke(self, lease):
+        self._post("/lease/revoke", {"ID": lease})
+
+    def status(self):
+        """Every endpoint's status (or the reason it gave none)."""
+        out = []
+        for c in self.clients:
+            try:
+                s = c.post(c.get_url("/maintenance/status"), json={})
+                out.append({"endpoint": self._url(c), "version": s.get("version"),
+                            "db_size": int(s.get("dbSize", 0)),
+                            "leader": s.get("leader") == s.get("header", {}).get("member_id"),
+                            "revision": int(s["header"]["revision"])})
+            except Etcd3Exception as e:
+                out.append({"endpoint": self._url(c), "error": _reason(e)})
+        return out
+
+    # --- watching -------------------------------------------------------
+
+    def watch(self, prefix, start, idle=3.0):
+        """Yield (revision, events) for each change under prefix from
+        revision start on, events being (key, value or None when deleted).
+        The events of one transaction come together. Returns when nothing
+        came for idle seconds (the caller keeps its lease alive, then
+        watches again from where it is); raises Compacted, Unavailable."""
+        c = self.clients[self.current]
+        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
+                                   "start_revision": start}}
+        try:
+            resp = c.session.post(c.get_url("/watch"), json=body, stream=True,
+                                  timeout=(self.timeout, idle))
+        except requests.RequestException as e:
+            self.current = (self.current + 1) % len(self.clients)
+            raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
+        try:
+            for line in resp.iter_lines(chunk_size=None):
+                if not line:
+                    continue
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise XdeError(f"etcd watch: {msg['error'].get('message', msg['error'])}")
+                r = msg["result"]
+                if int(r.get("compact_revision", 0)):
+                    raise Compacted(start)
+                if r.get("canceled"):
+                    raise XdeError(f"etcd canceled the watch: {r.get('cancel_reason', '?')}")
+                events = r.get("events", [])
+                if not events:
+                    continue
+                out = [(_unb64(e["kv"]["key"]),
+                        None if e.get("type") == "DELETE" else _unb64(e["kv"].get("value")))
+                       for e in events]
+                yield max(int(e["kv"]["mod_revision"]) for e in events), out
+        except requests.exceptions.ConnectionError as e:
+            if "Read timed out" in str(e):
+                return      # idle: the caller's turn
+            self.current = (self.current + 1) % len(self.clients)
+            raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
+        except requests.RequestException as e:
+            raise Unavailable(f"etcd watch ended ({self._url(c)}: {_reason(e)})") from None
+        finally:
+            resp.close()
+        # the stream ended: etcd went away
+        self.current = (self.current + 1) % len(self.clients)
+        raise Unavailable(f"etcd closed the watch ({self._url(c)})")
+
+
+def _reason(e):
+    text = str(e)
+    for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
+                  "Connection reset", "Remote end closed", "Permission denied"):
+        if known.lower() in text.lower():
+            return known.lower()
+    return (text.strip().splitlines() or [type(e).__name__])[0][:120]
+
+
+def _message(e):
+    """The message of an error etcd's gateway answered with."""
+    detail = e.args[0] if e.args else str(e)
+    try:
+        return json.loads(detail).get("message") or detail
+    except (ValueError, AttributeError, TypeError):
+        return str(detail)[:200]
