@@ -16,9 +16,10 @@ fi
 arch=$(dpkg --print-architecture)
 # The datapath (bcc and the headers it compiles against) and the lab (ip and
 # ping are what an operator types in its namespaces; the guests configure
-# themselves with ISC dhclient, over DHCPv4 and DHCPv6, from the gateway).
+# themselves with ISC dhclient, over DHCPv4 and DHCPv6, from the gateway;
+# the fleet lab keeps its desired state in etcd).
 packages=(python3-bpfcc python3-venv "linux-headers-$arch" iproute2 iputils-ping
-          isc-dhcp-client)
+          isc-dhcp-client etcd-server)
 extras=""
 case "$what" in
   lab) ;;

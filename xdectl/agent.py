@@ -33,7 +33,6 @@ from .etcd import Compacted, Etcd, Unavailable
 
 DEFAULT_TTL = 5          # seconds a dead agent's report outlives it
 IDLE = 1.0               # seconds a quiet watch waits before the loop looks around
-RETRY = 1.0              # seconds before a failed change is tried again
 
 
 class Agent:
@@ -62,6 +61,7 @@ class Agent:
         self.lease = None
         self._reported = None
         self._keeper = None
+        self._report_lock = threading.Lock()
 
     # --- the loop ---------------------------------------------------------
 
@@ -167,6 +167,10 @@ class Agent:
         self._write_report()
 
     def _write_report(self):
+        with self._report_lock:       # the keeper thread reports too
+            self._write_report_locked()
+
+    def _write_report_locked(self):
         text = json.dumps(self.report, sort_keys=True)
         if self.report_file:      # beside etcd: says so also when etcd is away
             tmp = f"{self.report_file}.tmp"

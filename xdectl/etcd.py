@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
-from etcd3gw.lease import Lease
 
 from .errors import XdeError
 
@@ -144,14 +143,11 @@ class Etcd:
         return int(self._post("/lease/grant", {"TTL": ttl, "ID": 0})["ID"])
 
     def keepalive(self, lease):
-        """Refresh a lease: its TTL, or -1 when it has expired."""
-        c = self.clients[self.current]
-        try:
-            return Lease(lease, client=c).refresh()
-        except (ConnectionFailedError, ConnectionTimeoutError) as e:
-            raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
-        except Etcd3Exception as e:
-            raise XdeError(f"etcd: {_message(e)}") from None
+        """Refresh a lease: its TTL, or -1 when it has expired (etcd then
+        leaves the TTL out, as etcd3gw's Lease.refresh reads it). Through
+        _post, so that an endpoint that went away is not asked forever."""
+        r = self._post("/lease/keepalive", {"ID": lease})
+        return int(r.get("result", {}).get("TTL", -1))
 
     def revoke(self, lease):
         self._post("/lease/revoke", {"ID": lease})
@@ -192,8 +188,10 @@ class Etcd:
                 if not line:
                     continue
                 msg = json.loads(line)
-                if "error" in msg:
-                    raise XdeError(f"etcd watch: {msg['error'].get('message', msg['error'])}")
+                if "error" in msg:      # the gateway's stream to etcd broke
+                    self.current = (self.current + 1) % len(self.clients)
+                    raise Unavailable(f"etcd watch ended ({self._url(c)}: "
+                                      f"{msg['error'].get('message', msg['error'])})")
                 r = msg["result"]
                 if int(r.get("compact_revision", 0)):
                     raise Compacted(start)
@@ -221,7 +219,8 @@ class Etcd:
 
 
 def _reason(e):
-    text = str(e)
+    # etcd3gw keeps its exceptions' text in detail_text, not in args
+    text = getattr(e, "detail_text", None) or str(e)
     for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
                   "Connection reset", "Remote end closed", "Permission denied"):
         if known.lower() in text.lower():
@@ -231,7 +230,7 @@ def _reason(e):
 
 def _message(e):
     """The message of an error etcd's gateway answered with."""
-    detail = e.args[0] if e.args else str(e)
+    detail = getattr(e, "detail_text", None) or (e.args[0] if e.args else str(e))
     try:
         return json.loads(detail).get("message") or detail
     except (ValueError, AttributeError, TypeError):

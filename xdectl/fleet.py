@@ -255,7 +255,8 @@ def apply_file(etcd, fleet, attempts=3):
 
 
 def status(etcd):
-    """{"revision": the last apply's, "sleds": [...]}: each sled named by a
+    """{"revision": the fleet's (its last change: an apply or a sled's
+    registration), "applied": the last apply's, "sleds": [...]}: each sled named by a
     port, registered or with a live agent (a boundary host's too), whether
     its agent is alive, the revision its datapath matches, its ports, its
     last error."""
@@ -279,7 +280,10 @@ def status(etcd):
                       "revision": r.get("revision"), "ports": r.get("ports"),
                       "desired_ports": wanted.get(name, 0), "error": r.get("error"),
                       "mode": r.get("mode", "sled"), "resyncs": r.get("resyncs")})
-    return {"revision": kvs.get(APPLIED, (None, 0))[1], "sleds": sleds}
+    # what every datapath must have seen: the last apply, and the sleds'
+    # registrations since (a port's V2P waits for its sled's)
+    revision = max((rev for k, (_, rev) in kvs.items() if k.startswith(FLEET)), default=0)
+    return {"revision": revision, "applied": kvs.get(APPLIED, (None, 0))[1], "sleds": sleds}
 
 
 def dump(etcd):

@@ -251,8 +251,10 @@ class FleetLab:
             return fleet.status(e)
 
     def converged(self, revision):
-        """Every sled alive, at revision or later, with no error."""
+        """Every sled alive, with no error, at revision or later and at the
+        fleet's last change (a sled registering changes the others' V2P)."""
         s = self.status()
+        revision = max(revision, s["revision"])
         return all(r["alive"] and r["revision"] is not None and r["revision"] >= revision
                    and not r["error"] for r in s["sleds"] if r["name"] in self.sleds)
 
@@ -272,10 +274,9 @@ class FleetLab:
             time.sleep(0.05)
 
     def desired(self):
-        """The fleet's ports as applied: name -> table."""
-        with self.client() as e:
-            _, kvs = e.range(fleet.FLEET)
-        return fleet.from_keys({k: v for k, (v, _) in kvs.items()}).ports
+        """The ports of the fleet file the lab applied last: name -> table
+        (the lab's own copy, readable while etcd is away)."""
+        return fleet.load(str(self.state / "fleet.toml")).ports
 
     # --- guests ---------------------------------------------------------
 
