@@ -341,8 +341,9 @@ def final_cleanup_is_clean(ns, root, before):
 # --- 1. SIGKILL ---------------------------------------------------------------------------
 
 def test_kill_cold_create_during_compile_and_pinning(privileged):
-    """A create on a fresh root killed while bcc compiles (a random delay
-    within the first 70% of a cold create timed on this machine) and
+    """A create on a fresh root killed while its programs are built (a
+    random delay within the first 70% of a cold create timed on this
+    machine: bcc's compile, or the stored compile's load) and
     the moment the first program is pinned (maps pinned, meta still empty,
     programs incomplete): create again must work, or a one-line refusal
     the operator can act on, and unload --force must leave nothing."""

@@ -383,6 +383,20 @@ def test_the_agent_owns_the_root():
     assert ("delete-port", "a1") not in ops and ("create-port", "a1") not in ops
 
 
+def test_what_a_reconcile_leaves_needs_no_change():
+    """The agent plans the next change against what its last complete
+    reconcile left (agent._as_current): that must be the wanted state
+    itself, with nothing left to do, and a change then plans only itself."""
+    want, _ = fleet.sled_desired(state_of(), "sled-a", ("u1", "u2"), A)
+    known = agent._as_current(want)
+    assert apply.plan(known, want) == []
+    moved = [dict(p, sled="sled-a") if p["name"] == "b1" else p for p in PORTS]
+    later, _ = fleet.sled_desired(state_of(ports=moved), "sled-a", ("u1", "u2"), A)
+    ops = [(a.op, a.target) for a in apply.plan(known, later)]
+    assert ("create-port", "b1") in ops
+    assert not [o for o in ops if o[0] == "delete-port" or o[1] in ("a1", "a2")]
+
+
 # --- the boundary's NAT table ------------------------------------------------------------
 
 def test_nat_table_holds_the_external_addresses_of_registered_sleds_ports():

@@ -26,6 +26,7 @@ import random
 import socket
 import sys
 import threading
+import time
 
 from . import apply, fleet, validate
 from .errors import XdeError
@@ -33,6 +34,10 @@ from .etcd import Compacted, Etcd, Unavailable
 
 DEFAULT_TTL = 5          # seconds a dead agent's report outlives it
 IDLE = 1.0               # seconds a quiet watch waits before the loop looks around
+# A reconcile plans against what the root held after the last one that made
+# every change (the agent is its only writer), and reads the whole root
+# again this often: what someone else changed there is put right.
+FULL_READ_EVERY = 30.0
 
 
 class Agent:
@@ -55,6 +60,8 @@ class Agent:
         self.kvs = None          # key -> value under /xde/fleet/, as of self.rev
         self.rev = 0
         self.memo = {}           # apply.port_want per (port, vpc) tables
+        self.known = None        # apply.Current after the last reconcile; None: read the root
+        self.read_at = 0.0
         self.report = {"mode": "boundary" if boundary else "sled", "pid": os.getpid(),
                        "host": socket.gethostname(), "revision": None, "ports": 0,
                        "error": None, "resyncs": 0, "etcd": "connecting"}
@@ -106,8 +113,8 @@ class Agent:
                     return
             if self.lease is None:         # the keeper saw the lease expire
                 self._register()
-            if self.report["error"]:       # a change failed: try again
-                self.reconcile()
+            if self.report["error"] or time.monotonic() - self.read_at > FULL_READ_EVERY:
+                self.reconcile()           # a change failed, or time to read the root
             self._etcd_up()
 
     # --- registration and the report ----------------------------------------
@@ -216,13 +223,19 @@ class Agent:
     def _sled(self, state):
         want, problems = fleet.sled_desired(state, self.sled, self.underlays, self.addr,
                                             self.memo)
-        actions = apply.plan(apply.current(self.root), want)
+        if self.known is None or time.monotonic() - self.read_at > FULL_READ_EVERY:
+            self.known = apply.current(self.root)
+            self.read_at = time.monotonic()
+        actions = apply.plan(self.known, want)
+        self.known = None          # until every action below is made
         errors = list(problems)
         for a in actions:
             try:
                 apply.execute(self.root, a)
             except (XdeError, OSError) as e:
                 errors.append(f"{a.op} {a.target}: {e}")
+        if len(errors) == len(problems):
+            self.known = _as_current(want)
         if actions:
             self.log(f"agent {self.sled}: revision {self.rev}: {len(actions)} changes"
                      + (f", {len(errors)} failed" if errors else ""))
@@ -231,6 +244,7 @@ class Agent:
     def _boundary(self, state):
         from . import boundary
         want = nat_table(state)
+        self.read_at = time.monotonic()      # the table is read whole each time
         have = {e["external"]: (e["sled"], e["vni"], e["mac"])
                 for e in boundary.dump_nat(self.root)}
         errors, changes = [], 0
@@ -251,6 +265,16 @@ class Agent:
             self.log(f"agent {self.sled}: revision {self.rev}: {changes} NAT changes"
                      + (f", {len(errors)} failed" if errors else ""))
         return len(want), errors
+
+
+def _as_current(want):
+    """The root as a reconcile that made every change leaves it: what it
+    wanted (firewall rules not managed by the fleet left unknown)."""
+    return apply.Current({n: w.spec for n, w in want.ports.items()},
+                         {n: dict(w.routes) for n, w in want.ports.items()},
+                         {n: sorted(w.firewall) for n, w in want.ports.items()
+                          if w.firewall is not None},
+                         dict(want.v2p))
 
 
 def nat_table(state):

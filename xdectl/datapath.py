@@ -13,7 +13,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import libbpf
+from . import compiled, libbpf
 from .errors import XdeError
 from .maps import find_port, open_maps
 
@@ -164,38 +164,72 @@ class Datapath:
             }
         return maps
 
-    def _write_meta(self, b, maps):
+    def _write_meta(self, maps):
         meta = json.dumps({"layout": layout_id(maps), "sources": sources_digest(),
                            "maps": maps}).encode()
-        table = b[b"meta"]
-        leaf = table.Leaf()
-        if len(meta) >= ct.sizeof(leaf):
-            raise XdeError("internal: map type descriptions exceed the meta map")
-        ct.memmove(ct.addressof(leaf), meta, len(meta))
-        table[table.Key(0)] = leaf
+        fd = libbpf.obj_get(self.maps_dir / "meta")
+        try:
+            leaf = ct.create_string_buffer(libbpf.map_value_size(fd))
+            if len(meta) >= len(leaf):
+                raise XdeError("internal: map type descriptions exceed the meta map")
+            ct.memmove(leaf, meta, len(meta))
+            libbpf.update(fd, ct.c_uint32(0), leaf)
+        finally:
+            os.close(fd)
 
-    @staticmethod
-    def _point_tail_calls(b, fds):
+    def _point_tail_calls(self, fds):
         for table, names in TAIL_CALLS.items():
-            for slot, name in enumerate(names):
-                if name:
-                    b[table.encode()][ct.c_int(slot)] = ct.c_int(fds[name])
+            fd = libbpf.obj_get(self.maps_dir / table)
+            try:
+                for slot, name in enumerate(names):
+                    if name:
+                        libbpf.update(fd, ct.c_uint32(slot), ct.c_uint32(fds[name]))
+            finally:
+                os.close(fd)
 
     def load(self):
-        """Compile bpf/ and pin programs and maps under the root (cold start)."""
+        """Build the root (cold start): maps and programs pinned under it,
+        from the stored compile of these sources if there is one
+        (xdectl/compiled.py), else compiled with bcc (and stored)."""
+        text = program_text()
         try:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
             self.progs_dir.mkdir(exist_ok=True)
+            doc = compiled.read(text)
+            if doc is not None and self._load_stored(doc):
+                return
             b, fds = self._compile()
-            self._point_tail_calls(b, fds)
+            maps = self._describe(b)
+            self._point_tail_calls(fds)
             for name, fd in fds.items():
                 libbpf.obj_pin(fd, self.progs_dir / name)
-            self._write_meta(b, self._describe(b))
+            self._write_meta(maps)
+            compiled.save(text, b, programs(), maps)
         except Exception as e:
             self._remove_pins()
             if isinstance(e, XdeError):
                 raise
             raise XdeError(f"cannot load the datapath under {self.root}: {e}") from e
+
+    def _load_stored(self, doc):
+        """Build the root from a stored compile; False (nothing left under
+        the root) when the store does not load: compile instead."""
+        try:
+            map_fds, prog_fds = compiled.load(doc, self.maps_dir, self.progs_dir)
+        except (OSError, KeyError, ValueError, TypeError):
+            self._remove_pins()
+            self.maps_dir.mkdir(parents=True, exist_ok=True)
+            self.progs_dir.mkdir(exist_ok=True)
+            return False
+        try:
+            self._point_tail_calls(prog_fds)
+            for name, fd in prog_fds.items():
+                libbpf.obj_pin(fd, self.progs_dir / name)
+            self._write_meta(doc["maps"])
+        finally:
+            for fd in list(map_fds.values()) + list(prog_fds.values()):
+                os.close(fd)
+        return True
 
     def reload(self):
         """Compile the current sources against the pinned maps, which stay
@@ -219,10 +253,10 @@ class Datapath:
             if isinstance(e, XdeError):
                 raise
             raise XdeError(f"cannot load new programs for {self.root}: {e}") from e
-        self._point_tail_calls(b, fds)
+        self._point_tail_calls(fds)
         for name in fds:
             os.replace(self.progs_dir / f"new_{name}", self.progs_dir / name)
-        self._write_meta(b, maps)
+        self._write_meta(maps)
         return b, fds
 
     # --- open ----------------------------------------------------------

@@ -20,6 +20,10 @@ _lib.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p,
                                       ct.POINTER(ct.c_uint32), ct.c_void_p]
 _lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.c_void_p]
 _lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+_lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
+                                ct.c_void_p]
+_lib.bpf_prog_load.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_char_p, ct.c_size_t,
+                               ct.c_void_p]
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -43,6 +47,27 @@ def obj_get(path):
 
 def obj_pin(fd, path):
     _check(_lib.bpf_obj_pin(fd, str(path).encode()), f"pin {path}")
+
+
+class _MapCreateOpts(ct.Structure):
+    # struct bpf_map_create_opts (libbpf 1.0); sz tells libbpf which fields follow
+    _fields_ = [("sz", ct.c_size_t), ("btf_fd", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+                ("inner_map_fd", ct.c_uint32), ("map_flags", ct.c_uint32),
+                ("map_extra", ct.c_uint64), ("numa_node", ct.c_uint32),
+                ("map_ifindex", ct.c_uint32)]
+
+
+def map_create(map_type, name, key_size, value_size, max_entries, flags):
+    opts = _MapCreateOpts(sz=ct.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(_lib.bpf_map_create(map_type, name.encode()[:15], key_size, value_size,
+                                      max_entries, ct.byref(opts)), f"create map {name}")
+
+
+def prog_load(prog_type, name, insns):
+    """Load a program's instructions (GPL, as bcc loads them); its fd."""
+    return _check(_lib.bpf_prog_load(prog_type, name.encode()[:15], b"GPL", insns,
+                                     len(insns) // 8, None), f"load program {name}")
 
 
 def lookup(fd, key, value):
