@@ -16,7 +16,7 @@ import time
 import pytest
 
 from lab_fixture import XDECTL
-from xdectl import fleet, overlay, ports
+from xdectl import boundary, fleet, overlay, ports
 from xdectl.errors import XdeError
 from xdelab.fleet import FleetLab, fleet_text, port_table, sled_addr
 
@@ -89,10 +89,12 @@ def test_status_and_dump(flab):
                        capture_output=True, text=True, check=True)
     s = json.loads(r.stdout)
     assert s["revision"] > 0
-    assert [x["name"] for x in s["sleds"]] == flab.sleds
+    assert [x["name"] for x in s["sleds"]] == ["bsvc"] + flab.sleds
     for x in s["sleds"]:
-        assert x["alive"] and x["revision"] >= s["revision"] and x["ports"] == 2, x
-        assert x["error"] is None
+        assert x["alive"] and x["revision"] >= s["revision"] and x["error"] is None, x
+        # a sled keeps its two ports; the boundary host its NAT entries (none)
+        assert (x["mode"], x["ports"]) == (("boundary", 0) if x["name"] == "bsvc"
+                                           else ("sled", 2)), x
     dump = subprocess.run(["nsenter", f"--net=/run/netns/{flab.ns('ctl')}", XDECTL, "fleet",
                            "dump", "--etcd", flab.cluster.urls],
                           capture_output=True, text=True, check=True).stdout
@@ -180,8 +182,12 @@ def test_etcd_gone_datapath_keeps_forwarding_then_agents_catch_up(flab):
 
 def test_compacted_revision_forces_whole_resync(flab):
     before = flab.report("sled1")["resyncs"]
-    block = ["ip", "-n", flab.ns("sled1"), "-6", "route", "add", "prohibit", "fd00:ee::1/128"]
-    subprocess.run(block, check=True)
+    # sled1 and etcd cut off from each other, both ways: nothing reaches its
+    # agent's open watch either
+    blocks = [["ip", "-n", flab.ns("sled1"), "-6", "route", "add", "prohibit", "fd00:ee::1/128"],
+              ["ip", "-n", flab.ns("ctl"), "-6", "route", "add", "prohibit", "fd00:1::1/128"]]
+    for block in blocks:
+        subprocess.run(block, check=True)
     tables = [port_table(i, flab.sleds) for i in range(PORTS)]
     extra = dict(port_table(PORTS + 30, flab.sleds), sled="sled1")
     try:
@@ -194,8 +200,9 @@ def test_compacted_revision_forces_whole_resync(flab):
         with flab.client() as e:
             e.compact(rev)
     finally:
-        block[5] = "del"
-        subprocess.run(block, check=True)
+        for block in blocks:
+            block[5] = "del"
+            subprocess.run(block, check=True)
     flab.wait_converged(rev, CONVERGE)
     assert flab.report("sled1")["resyncs"] > before
     assert extra["name"] in sled_ports(flab, "sled1")
@@ -217,6 +224,35 @@ def test_a_member_killed_the_fleet_keeps_converging(flab):
         m.start()
         flab.cluster.wait_ready()
     apply_and_wait(flab, base(flab))
+
+
+def nat(lab):
+    with lab.inside("bsvc"):
+        return {e["external"]: (e["sled"], e["vni"], e["mac"])
+                for e in boundary.dump_nat(lab.root("bsvc"))}
+
+
+def test_the_boundary_nat_table_follows_the_ports_external_addresses(flab):
+    tables = [port_table(i, flab.sleds) for i in range(PORTS)]
+    assert nat(flab) == {}
+    floating = dict(tables[2], floating_ips=["198.51.100.20"])          # p2 on sled3
+    snat = dict(tables[3], snat_ip=["198.51.100.10", "2001:db8:51::10"],  # p3 on sled4
+                snat_start=1024, snat_end=2047, ip6="fd00:10::4")
+    vpc6 = "subnet6 = \"fd00:10::/64\"\n"
+    try:
+        text = fleet_text(0, flab.sleds, tables[:2] + [floating, snat] + tables[4:])
+        apply_and_wait(flab, text.replace("[[vpc]]\n", "[[vpc]]\n" + vpc6))
+        assert nat(flab) == {
+            "198.51.100.20": (sled_addr(3), 100, tables[2]["mac"]),
+            "198.51.100.10:1024-2047": (sled_addr(4), 100, tables[3]["mac"]),
+            "[2001:db8:51::10]:1024-2047": (sled_addr(4), 100, tables[3]["mac"])}
+        # the floating IP's port moves: the boundary sends it to the new sled
+        text = fleet_text(0, flab.sleds, tables[:2] + [dict(floating, sled="sled1")] + tables[3:])
+        apply_and_wait(flab, text)
+        assert nat(flab) == {"198.51.100.20": (sled_addr(1), 100, tables[2]["mac"])}
+    finally:
+        apply_and_wait(flab, base(flab))
+    assert nat(flab) == {}
 
 
 # each edit of the module's fleet file (whose last port, p7, is 10.0.0.8)

@@ -431,8 +431,11 @@ def test_watch_rates_follow_traffic(mlab):
     root = mlab.lab.root("sled1")
     code = ("import sys; from xdectl.metrics import watch; "
             "watch(sys.argv[1], 'xde0', 0.5)")
+    # Ctrl-C as at a terminal, however the tests were started: a shell's
+    # background job has SIGINT ignored, and Python keeps it so
     proc = subprocess.Popen([sys.executable, "-c", code, root], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(1.2)
         ok, out = mlab.ping("g1", G2_IP, count=10)

@@ -2,10 +2,12 @@
 
     sled1 ─u1─ sw1 ─u1─ sled2 ...  sledN        sw1, sw2: IPv6 routers
           └u2─ sw2 ─u2┘                         ctl: etcd, on the underlay
-                 sw1, sw2 ─ ctl
+             sw1, sw2 ─ ctl, bsvc               bsvc: boundary services
 
 Every sled runs `xdectl agent` in its namespace with a root of its own;
-ctl runs etcd (one member, or a cluster of several on its address). The
+bsvc runs boundary services and an agent in boundary mode, which keeps
+its NAT table; ctl runs etcd (one member, or a cluster of several on its
+address). The
 lab writes a fleet file of M ports spread over the sleds (VPCs of up to
 100 ports, one VNI each) and applies it; the agents do the rest. A port's
 guest end stays in its sled's namespace until `lab ping` takes it into a
@@ -92,7 +94,12 @@ class FleetLab:
 
     @property
     def hosts(self):
-        return [*SWITCHES, "ctl", *self.sleds]
+        return [*SWITCHES, "ctl", "bsvc", *self.sleds]
+
+    @property
+    def agent_hosts(self):
+        """Where an agent runs: every sled, and bsvc in boundary mode."""
+        return [*self.sleds, "bsvc"]
 
     @contextmanager
     def inside(self, host):
@@ -148,8 +155,25 @@ class FleetLab:
                 sysctl("net/ipv6/conf/all/forwarding", 1)
         self._underlay()
         self.cluster.start()
-        for sled in self.sleds:
-            self.start_agent(sled)
+        # before the agents: on a machine's first run it compiles the
+        # programs the sleds' roots then load from the store
+        self._boundary()
+        for host in self.agent_hosts:
+            self.start_agent(host)
+
+    def _boundary(self):
+        """bsvc: boundary services up, with an external link that leads
+        nowhere (a veth whose peer stays in bsvc: the fleet lab has no
+        internet); its agent keeps the NAT table."""
+        from xdectl import boundary
+        with self.inside("bsvc"), IPRoute() as ipr:
+            ipr.link("add", ifname="ext", kind="veth", peer={"ifname": "ext-end"})
+            for name in ("ext", "ext-end"):
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+            for path in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+                sysctl(path, 1)
+            sysctl("net/ipv4/conf/all/rp_filter", 0)
+            boundary.up(self.root("bsvc"), ["u1", "u2"], BSVC_ADDR, "ext", BSVC_VNI)
 
     def _link(self, host, sw, i, n):
         tmp = (f"{self.prefix}t0"[-15:], f"{self.prefix}t1"[-15:])
@@ -170,7 +194,7 @@ class FleetLab:
     def _underlay(self):
         """Each host to both switches; ECMP to the whole underlay prefix."""
         hosts = [(s, n, sled_addr(n)) for n, s in enumerate(self.sleds, 1)] + \
-                [("ctl", 0xee, CTL_ADDR)]
+                [("ctl", 0xee, CTL_ADDR), ("bsvc", 0x99, BSVC_ADDR)]
         for host, n, addr in hosts:
             for i, sw in enumerate(SWITCHES, 1):
                 self._link(host, sw, i, n)
@@ -194,14 +218,15 @@ class FleetLab:
         return {k: self.state / f"agent-{sled}.{k}" for k in ("log", "report", "pid")}
 
     def start_agent(self, sled):
-        n = self.sleds.index(sled) + 1
         f = self.agent_files(sled)
+        where = (["--boundary"] if sled == "bsvc" else
+                 ["--underlay", "u1", "--underlay", "u2",
+                  "--underlay-addr", sled_addr(self.sleds.index(sled) + 1)])
         with open(f["log"], "a") as log:
             p = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{self.ns(sled)}", sys.executable, "-c",
                  "from xdectl.cli import run; run()", "--root", self.root(sled), "agent",
-                 "--etcd", self.cluster.urls, "--sled", sled, "--underlay", "u1",
-                 "--underlay", "u2", "--underlay-addr", sled_addr(n), "--ttl", "3",
+                 "--etcd", self.cluster.urls, "--sled", sled, *where, "--ttl", "3",
                  "--report", str(f["report"])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
@@ -251,12 +276,13 @@ class FleetLab:
             return fleet.status(e)
 
     def converged(self, revision):
-        """Every sled alive, with no error, at revision or later and at the
+        """Every agent alive, with no error, at revision or later and at the
         fleet's last change (a sled registering changes the others' V2P)."""
         s = self.status()
         revision = max(revision, s["revision"])
-        return all(r["alive"] and r["revision"] is not None and r["revision"] >= revision
-                   and not r["error"] for r in s["sleds"] if r["name"] in self.sleds)
+        rows = {r["name"]: r for r in s["sleds"]}
+        return all(h in rows and rows[h]["alive"] and not rows[h]["error"]
+                   and (rows[h]["revision"] or 0) >= revision for h in self.agent_hosts)
 
     def wait_converged(self, revision, timeout=30):
         deadline = time.monotonic() + timeout
@@ -348,10 +374,10 @@ class FleetLab:
 
     def down(self, quiet=False):
         td = Teardown()
-        for sled in self.sleds:
+        for sled in self.agent_hosts:
             td.step(f"stop the agent of {sled}", self.stop_agent, sled)
         td.step("stop etcd", self._stop_etcd)
-        for sled in self.sleds:
+        for sled in self.agent_hosts:
             td.step(f"unload {self.root(sled)}", self._unload, sled)
         for n in sorted(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
             if n.startswith(self.prefix) and self._ours(n):
