@@ -1,7 +1,7 @@
 """The fleet at scale on one machine: N sleds (namespaces), M ports, an
 agent per sled, one etcd (xdelab/fleet.py).
 
-    .venv/bin/python bench/fleet.py [--sleds 8] [--ports 1000] [--changes 10]
+    .venv/bin/python bench/fleet.py [--sleds 8] [--ports 1000] [--changes 10] [--model 1000:8,100000:100]
                                     [--out bench/results/fleet.json]
 
 Measures, in one run:
@@ -17,6 +17,10 @@ Measures, in one run:
   agents    memory (RSS) and CPU of each agent at rest (10 s with no
             change) and under churn (--changes applies of ten ports each,
             back to back); etcd's memory, CPU and database size beside them.
+  model     first, without a lab: what an agent computes for one change
+            (read the keys, derive its share, plan) and fleet apply's check,
+            for fleets of --model sizes (100,000 ports on 100 sleds by
+            default): what the lab cannot hold on this machine.
 "Matched" is the agent's own report (its --report file, written once a
 reconcile has made every change): the datapath holds the revision.
 Run as root; timings on a 2-core machine with N agents are what they are:
@@ -35,7 +39,7 @@ import time
 from common import write_result  # (first: it puts the checkout on the import path)
 
 from xdectl.etcd import Etcd
-from xdelab.fleet import FleetLab, fleet_text, port_table
+from xdelab.fleet import FleetLab, fleet_text, port_table, vpc_prefix
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -129,16 +133,58 @@ def summary(xs):
             "min_s": round(min(xs), 3), "n": len(xs)}
 
 
+def model(n_ports, n_sleds):
+    """What an agent computes for one change, without a kernel: a fleet of
+    n_ports over n_sleds parsed and checked (fleet apply), read from its keys,
+    one sled's share derived (cold, and again with its memo) and planned
+    against what the last reconcile left. Seconds each."""
+    import json as _json
+
+    from xdectl import agent, apply, fleet
+    sleds = [f"sled{i}" for i in range(1, n_sleds + 1)]
+    out = {"ports": n_ports, "sleds": n_sleds}
+    text = fleet_text(n_ports, sleds)
+    t = time.perf_counter()
+    f = fleet.parse(text)
+    out["parse_s"] = round(time.perf_counter() - t, 3)
+    keys = fleet.to_keys(f)
+    out["etcd_bytes"] = sum(len(k) + len(v) for k, v in keys.items())
+    for i, sled in enumerate(sleds, 1):
+        keys[fleet.SLED + sled] = _json.dumps({"underlay_addr": f"fd00:{i:x}::1"})
+    t = time.perf_counter()
+    state = fleet.from_keys(keys)
+    out["from_keys_s"] = round(time.perf_counter() - t, 3)
+    memo = {}
+    for label in ("derive_cold_s", "derive_s"):
+        t = time.perf_counter()
+        want, _ = fleet.sled_desired(state, "sled1", ("u1", "u2"), "fd00:1::1", memo)
+        out[label] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    apply.plan(agent._as_current(want), want)
+    out["plan_s"] = round(time.perf_counter() - t, 3)
+    out.update(sled_ports=len(want.ports), sled_v2p=len(want.v2p))
+    out["per_change_s"] = round(out["from_keys_s"] + out["derive_s"] + out["plan_s"], 3)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sleds", type=int, default=8)
     ap.add_argument("--ports", type=int, default=1000)
     ap.add_argument("--changes", type=int, default=10)
+    ap.add_argument("--model", default="1000:8,100000:100",
+                    help="PORTS:SLEDS,... : the agent's computation alone, at these sizes")
     ap.add_argument("--out", default="bench/results/fleet.json")
     a = ap.parse_args()
+    models = [model(*map(int, m.split(":"))) for m in a.model.split(",") if m]
+    for m in models:
+        print(f"model {m['ports']} ports / {m['sleds']} sleds: parse {m['parse_s']} s, one "
+              f"change on a sled ({m['sled_ports']} ports, {m['sled_v2p']} V2P): read "
+              f"{m['from_keys_s']} + derive {m['derive_s']} + plan {m['plan_s']} = "
+              f"{m['per_change_s']} s", flush=True)
     assert os.geteuid() == 0, "run as root"
     lab = FleetLab(f"xb{secrets.token_hex(2)[:3]}-")
-    res = {"sleds": a.sleds, "ports": a.ports}
+    res = {"sleds": a.sleds, "ports": a.ports, "model": models}
     try:
         t0 = time.monotonic()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -173,7 +219,7 @@ def main():
 
         def churn():
             for k in range(a.changes):
-                changed = [dict(t, ip=f"10.{i // 100}.0.{200 + k % 50}") if i % 100 == k
+                changed = [dict(t, ip=f"{vpc_prefix(i // 100)}.{200 + k % 50}") if i % 100 == k
                            else t for i, t in enumerate(tables)]
                 timed_apply(lab, fleet_text(0, lab.sleds, changed))
         res["churn"], wall = usage(lab, 0, churn)

@@ -261,7 +261,7 @@ BAD = [
     (lambda t: t.replace("vni = 100\nsubnet", "vni = 100\nsubnett"), "unknown key subnett"),
     (lambda t: t.replace('ip = "10.0.0.8"', 'ip = "10.0.1.8"'), "is not inside"),
     (lambda t: t.replace('ip = "10.0.0.8"', 'ip = "10.0.0.1"'), "address 10.0.0.1 in VNI 100"),
-    (lambda t: t.replace('mac = "a8:40:25:00:00:07", ', ""), "port #8: missing mac"),
+    (lambda t: t.replace('mac = "a8:40:00:00:00:07", ', ""), "port #8: missing mac"),
     (lambda t: t.replace("[[vpc]]", "[[vpc", 1), "bad.toml: "),
 ]
 

@@ -15,6 +15,7 @@ compiled as if there were none, and the store written again.
 """
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -31,10 +32,19 @@ def directory():
 
 
 def key(text):
-    import bcc
     h = hashlib.sha256(text.encode())
-    h.update(f"\0{getattr(bcc, '__version__', '?')}\0{platform.release()}".encode())
+    h.update(f"\0{_bcc_version()}\0{platform.release()}".encode())
     return h.hexdigest()[:24]
+
+
+def _bcc_version():
+    """bcc's version file, read rather than imported: importing bcc loads
+    its compiler, which a root built from the store does without."""
+    spec = importlib.util.find_spec("bcc")
+    try:
+        return Path(spec.origin).with_name("version.py").read_text()
+    except (AttributeError, TypeError, OSError):
+        return "?"
 
 
 def path(text):

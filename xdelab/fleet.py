@@ -46,17 +46,22 @@ def sled_addr(n):
     return f"fd00:{n:x}::1"
 
 
+def vpc_prefix(vpc):
+    """The first three octets of VPC vpc's /24: 10.0.0, 10.0.1, ... 10.1.0."""
+    return f"10.{vpc >> 8}.{vpc & 0xff}"
+
+
 def port_table(i, sleds):
     """Port i of the lab's fleet: VPC i // 100 (VNI 100 + that), on sled
     i mod the number of sleds."""
     vpc, k = divmod(i, PORTS_PER_VPC)
     return {"name": f"p{i}", "sled": sleds[i % len(sleds)], "vni": 100 + vpc,
-            "mac": f"a8:40:25:{vpc:02x}:{k >> 8:02x}:{k & 0xff:02x}",
-            "ip": f"10.{vpc}.0.{k + 1}"}
+            "mac": f"a8:40:{vpc >> 8:02x}:{vpc & 0xff:02x}:{k >> 8:02x}:{k & 0xff:02x}",
+            "ip": f"{vpc_prefix(vpc)}.{k + 1}"}
 
 
 def vpc_table(vpc):
-    return {"vni": 100 + vpc, "subnet": f"10.{vpc}.0.0/24", "gateway_ip": GW_IP,
+    return {"vni": 100 + vpc, "subnet": f"{vpc_prefix(vpc)}.0/24", "gateway_ip": GW_IP,
             "gateway_mac": GW_MAC, "boundary_services": BSVC_ADDR, "boundary_vni": BSVC_VNI}
 
 
@@ -126,8 +131,8 @@ class FleetLab:
     def up(self, n_sleds, n_ports, members=1, timeout=None):
         if n_sleds < 1 or n_sleds > 64:
             raise XdeError("--sleds: 1 to 64")
-        if n_ports < 0 or n_ports > 25600:
-            raise XdeError("--ports: 0 to 25600")
+        if n_ports < 0 or n_ports > 100000:
+            raise XdeError("--ports: 0 to 100000")
         if self.meta_file.exists() or os.path.exists(f"/run/netns/{self.ns('sw1')}"):
             raise XdeError(f"a lab with prefix {self.prefix} is up: 'xdectl lab down' first")
         self.sleds = [f"sled{n}" for n in range(1, n_sleds + 1)]
