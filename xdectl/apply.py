@@ -302,10 +302,11 @@ def _check_external(ports, source):
                 raise XdeError(f"{source} port {name}: {why}")
 
 
-def load(path):
+def load(path, parse_text=parse):
+    """The file at path, parsed (by default as an apply file)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return parse(f.read(), path)
+            return parse_text(f.read(), path)
     except OSError as e:
         raise XdeError(f"cannot read {path}: {e.strerror}") from None
 

@@ -186,11 +186,7 @@ def _check_across(ports, external, source):
 
 
 def load(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return parse(f.read(), path)
-    except OSError as e:
-        raise XdeError(f"cannot read {path}: {e.strerror}") from None
+    return apply.load(path, parse)
 
 
 # --- the fleet in etcd ---------------------------------------------------

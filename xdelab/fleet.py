@@ -28,12 +28,13 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
-from xdectl import fleet, ports
+from xdectl import fleet
 from xdectl.errors import Teardown, XdeError
 from xdectl.etcd import Etcd
 from xdectl.netdev import sysctl
 
 from . import etcd as etcd_server
+from .lab import unload_root
 
 UNDERLAY_MTU = 1600
 CTL_ADDR = "fd00:ee::1"
@@ -318,7 +319,7 @@ class FleetLab:
         g = self.ns(f"g-{port}")
         if not os.path.exists(f"/run/netns/{g}"):
             netns.create(g)
-        with netns_ctx(g), IPRoute() as ipr:
+        with self.inside(f"g-{port}"), IPRoute() as ipr:
             here = ipr.link_lookup(ifname=port)
         if not here:
             with self.inside(p["sled"]), IPRoute() as ipr:
@@ -327,7 +328,7 @@ class FleetLab:
                     raise XdeError(f"port {port} has no guest end on {p['sled']}")
                 ipr.link("set", index=idx[0], net_ns_fd=g)
             net = ipaddress.ip_network(f"{p['ip']}/24", strict=False)
-            with netns_ctx(g), IPRoute() as ipr:
+            with self.inside(f"g-{port}"), IPRoute() as ipr:
                 idx = ipr.link_lookup(ifname=port)[0]
                 ipr.addr("add", index=idx, address=p["ip"], prefixlen=net.prefixlen)
                 ipr.link("set", index=idx, state="up")
@@ -383,7 +384,7 @@ class FleetLab:
             td.step(f"stop the agent of {sled}", self.stop_agent, sled)
         td.step("stop etcd", self._stop_etcd)
         for sled in self.agent_hosts:
-            td.step(f"unload {self.root(sled)}", self._unload, sled)
+            td.step(f"unload {self.root(sled)}", unload_root, self.ns(sled), self.root(sled))
         for n in sorted(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
             if n.startswith(self.prefix) and self._ours(n):
                 td.step(f"remove namespace {n}", netns.remove, n)
@@ -401,31 +402,10 @@ class FleetLab:
         self.cluster.stop()
         etcd_server.kill_recorded(self.state / "etcd")
 
-    def _unload(self, sled):
-        root = self.root(sled)
-        if not Path(root).exists():
-            return
-        try:
-            netns.pushns(self.ns(sled))
-        except OSError:
-            ports.unpin(root)
-            return
-        try:
-            ports.unload(root, force=True)
-        finally:
-            netns.popns()
-
-
-@contextmanager
-def netns_ctx(name):
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
-
 
 def _wait_gone(pid, timeout=15):
+    """Until process pid (one another command started) has exited; killed
+    if it takes longer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -117,6 +117,24 @@ def _p2p(host_n, sw_i):
     return f"fd10:{host_n}:{sw_i}::"
 
 
+def unload_root(ns, root):
+    """Unload a host's root inside its namespace ns. A namespace that is
+    gone or stale took its links with it: only the pins are left to remove."""
+    if not Path(root).exists():
+        return
+    try:
+        netns.pushns(ns)
+    except OSError:
+        ports.unpin(root)
+        return
+    try:
+        ports.unload(root, force=True)
+    finally:
+        netns.popns()
+    if Path(root).exists():
+        raise XdeError(f"it holds what xdectl did not make: {', '.join(os.listdir(root))}")
+
+
 class Lab:
     """One lab. Its namespaces, roots and state carry `prefix`, so tests
     build their own beside an operator's (`xl-` by default)."""
@@ -425,23 +443,7 @@ class Lab:
         (self.state / "inet.log").unlink(missing_ok=True)
 
     def _unload(self, host):
-        """Unload a sled's (or bsvc's) root inside its namespace. A namespace
-        that is gone or stale took its links with it: only the pins are left
-        to remove."""
-        root = self.root(host)
-        if not Path(root).exists():
-            return
-        try:
-            netns.pushns(self.ns(host))
-        except OSError:
-            ports.unpin(root)
-            return
-        try:
-            ports.unload(root, force=True)
-        finally:
-            netns.popns()
-        if Path(root).exists():
-            raise XdeError(f"it holds what xdectl did not make: {', '.join(os.listdir(root))}")
+        unload_root(self.ns(host), self.root(host))
 
     # --- checking -------------------------------------------------------
 
