@@ -65,8 +65,9 @@ struct port_key {
 };
 
 XDE_MAP("array", u32, struct xde_cfg, config, 1);
-XDE_MAP("hash", u32, struct port_cfg, ports, 1024);
-XDE_MAP("hash", struct port_key, u32, port_index, 1024);
+#define XDE_MAX_PORTS 1024        /* ports a root holds */
+XDE_MAP("hash", u32, struct port_cfg, ports, XDE_MAX_PORTS);
+XDE_MAP("hash", struct port_key, u32, port_index, XDE_MAX_PORTS);
 /* the passthrough ports' ifindexes, 0-terminated */
 XDE_MAP("array", u32, u32, passthru, XDE_MAX_PASSTHROUGH);
 

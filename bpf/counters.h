@@ -10,6 +10,7 @@
 #ifndef XDE_COUNTERS_H
 #define XDE_COUNTERS_H
 
+#include "config.h"
 #include "pin.h"
 
 /* Direction, from the port's point of view: out of the guest, or into it. */
@@ -88,7 +89,7 @@ enum global_event { XDE_GLOBAL_EVENTS(XDE_INDEX) G_MAX };
 enum drop_reason { XDE_DROP_REASONS(XDE_INDEX) DROP_MAX };
 #undef XDE_INDEX
 
-XDE_MAP("percpu_hash", u32, struct port_stats, port_stats, 1024);
+XDE_MAP("percpu_hash", u32, struct port_stats, port_stats, XDE_MAX_PORTS);
 XDE_MAP("percpu_array", u32, struct global_stats, global_stats, 1);
 
 /* A program looks a port's counters up once per packet and counts through

@@ -56,7 +56,7 @@ def enum(name):
 D = defines()
 
 
-@pytest.mark.parametrize("name", ["PORT_F_PASSTHROUGH", "PORT_F_IP4", "PORT_F_IP6",
+@pytest.mark.parametrize("name", ["PORT_F_PASSTHROUGH", "PORT_F_IP4", "PORT_F_IP6", "XDE_MAX_PORTS",
                                   "ROUTE_KEY_BITS", "VNI_PASSTHROUGH", "GENEVE_PORT",
                                   "GENEVE_PROTO_ETH", "GENEVE_OPT_CLASS_OXIDE", "FW_PROTO_ANY",
                                   "FW_PROTO_ARP", "FW_MAX_PORTS", "GW_TMPL_MAX", "GW_ECHO_MAX",

@@ -10,7 +10,7 @@ import pytest
 
 from netns import BPFFS, short_id
 from xdectl import compiled, libbpf
-from xdectl.datapath import Datapath, program_text
+from xdectl.datapath import Datapath, compile_input
 
 pytestmark = pytest.mark.usefixtures("privileged")
 
@@ -19,19 +19,40 @@ TINY_XDP = bytes([0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
 
 
 class _Info(ct.Structure):
+    # the leading fields of struct bpf_prog_info, up to its name
     _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
-                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32)]
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64), ("name", ct.c_char * 16)]
+
+
+def _info(fd, info):
+    n = ct.c_uint32(ct.sizeof(info))
+    assert libbpf._lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) == 0
 
 
 def programs(dp):
-    """{program: (tag, xlated length)} of a root's pinned programs."""
+    """{program: (tag, xlated length, names of the maps it uses)} of a
+    root's pinned programs. The kernel's tag leaves map references out:
+    the maps' names say each reference went to the map of that name."""
+    libbpf._lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
     out = {}
     for p in dp.progs_dir.iterdir():
         fd = libbpf.obj_get(p)
         try:
-            info, n = _Info(), ct.c_uint32(ct.sizeof(_Info))
-            assert libbpf._lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) == 0
-            out[p.name] = (bytes(info.tag), info.xlated_prog_len)
+            ids = (ct.c_uint32 * 64)()
+            info = _Info(nr_map_ids=64, map_ids=ct.addressof(ids))
+            _info(fd, info)
+            names = []
+            for map_id in ids[:info.nr_map_ids]:
+                mfd = libbpf._lib.bpf_map_get_fd_by_id(map_id)
+                assert mfd >= 0
+                try:
+                    names.append(libbpf.map_info(mfd).name.decode())
+                finally:
+                    os.close(mfd)
+            out[p.name] = (bytes(info.tag), info.xlated_prog_len, sorted(names))
         finally:
             os.close(fd)
     return out
@@ -57,7 +78,7 @@ def roots():
 def test_a_root_from_the_store_runs_what_the_compile_gave_and_a_bad_store_is_compiled_over(
         roots, tmp_path, monkeypatch):
     monkeypatch.setenv("XDE_CACHE_DIR", str(tmp_path))
-    store = compiled.path(program_text())
+    store = compiled.path(compile_input())
     assert not store.exists()
     first = roots()                                   # compiled, and stored
     assert store.exists()

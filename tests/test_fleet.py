@@ -212,7 +212,9 @@ def test_compacted_revision_forces_whole_resync(flab):
 
 
 def test_a_member_killed_the_fleet_keeps_converging(flab):
-    m = flab.cluster.members[0]          # the first URL every agent tries
+    # the member sled1's agent is talking to: it has to move to another
+    used = flab.report("sled1")["endpoint"]
+    m = next(m for m in flab.cluster.members if m.client_url == used)
     m.signal(signal.SIGKILL)
     tables = [port_table(i, flab.sleds) for i in range(PORTS)]
     extra = port_table(PORTS + 40, flab.sleds)
@@ -220,6 +222,7 @@ def test_a_member_killed_the_fleet_keeps_converging(flab):
         apply_and_wait(flab, fleet_text(0, flab.sleds, tables + [extra]))
         for sled in flab.sleds:
             assert (100, extra["ip"]) in v2p(flab, sled)
+        assert flab.report("sled1")["endpoint"] != used
     finally:
         m.start()
         flab.cluster.wait_ready()

@@ -115,7 +115,10 @@ BAD = [
                 VPC20, VPC30], ports=[]), "vpc #1: missing subnet (or subnet6)"),
     # VNIs
     (text(vpcs=[VPC10, dict(VPC20, vni=16777216), VPC30]), "vpc #2: vni 16777216 is outside"),
-    (text(vpcs=[VPC10, dict(VPC20, vni="x"), VPC30]), "vpc #2: vni 'x' is not a number"),
+    (text(vpcs=[VPC10, dict(VPC20, vni="x"), VPC30]), "vpc #2: vni must be an integer, not 'x'"),
+    (text(vpcs=[VPC10, dict(VPC20, vni=20.0), VPC30]), "vpc #2: vni must be an integer"),
+    (text(vpcs=[VPC10, dict(VPC20, boundary_vni=True), VPC30]),
+     "vpc #2: boundary_vni must be an integer"),
     (text(vpcs=[VPC10, VPC20, VPC30, dict(VPC20, subnet="10.21.0.0/24")]),
      "vpc 20: a second VPC with that VNI"),
     (with_port(vni=40), "port a1: VNI 40 is no [[vpc]] of the file"),
@@ -143,6 +146,9 @@ BAD = [
                          port("longportname2", "sled-a", 20, "a8:40:25:ff:00:99",
                               ip="10.20.0.99")]),
      "port longportname2: on sled sled-a the link longportname_dp is port longportname1's too"),
+    # a port named as another's datapath end
+    (text(ports=PORTS + [port("a2_dp", "sled-a", 20, "a8:40:25:ff:00:99", ip="10.20.0.99")]),
+     "port a2_dp: on sled sled-a the link a2_dp is port a2's too"),
     # sled names
     (with_port(sled="sled a"), "port a1: sled 'sled a': 1 to 63 of"),
     (with_port(sled="-a"), "port a1: sled '-a'"),
@@ -381,6 +387,28 @@ def test_the_agent_owns_the_root():
     ops = [(a.op, a.target) for a in apply.plan(cur, want)]
     assert ("delete-port", "stray") in ops and ("create-port", "a2") in ops
     assert ("delete-port", "a1") not in ops and ("create-port", "a1") not in ops
+
+
+def test_a_sled_holds_at_most_its_roots_ports():
+    many = [port(f"p{i}", "sled-a", 20, f"a8:40:25:ee:{i >> 8:02x}:{i & 0xff:02x}",
+                 ip6=f"fd20::{i + 1:x}") for i in range(fleet.XDE_MAX_PORTS + 1)]
+    vpc = dict(VPC20, subnet6="fd20::/64")
+    del vpc["subnet"]
+    assert "sled sled-a has 1025 ports; a sled's root holds 1024" in refused(
+        text(vpcs=[vpc], ports=many))
+    fleet.parse(text(vpcs=[vpc], ports=many[:-1]))       # 1024 fit
+
+
+def test_a_port_whose_links_are_gone_is_made_again():
+    """What a re-read of the root finds gone (a VM's namespace deleted with
+    the guest end) is replaced, not taken for matching."""
+    want, _ = fleet.sled_desired(state_of(), "sled-a", ("u1", "u2"), A)
+    known = agent._as_current(want)
+    known.missing = {"a2"}
+    ops = [(a.op, a.target, a.detail) for a in apply.plan(known, want)]
+    assert ("delete-port", "a2", "replaced: its links are gone") in ops
+    assert [o for o in ops if o[0] == "create-port"] == [
+        ("create-port", "a2", "10.20.0.10 a8:40:25:ff:00:21 vni 20")]
 
 
 def test_what_a_reconcile_leaves_needs_no_change():
@@ -683,6 +711,8 @@ class _Stream:
     """A watch response as requests gives it: lines, then the end (or an
     exception, as a read timeout arrives)."""
 
+    status_code, text = 200, ""
+
     def __init__(self, messages, end=None):
         self.lines = [json.dumps(m).encode() for m in messages]
         self.end = end
@@ -738,6 +768,16 @@ def test_watch_says_when_its_start_was_compacted_or_etcd_went():
     e, _, _ = _watching([{"result": {"created": True}}])           # the stream just ends
     with pytest.raises(etcd.Unavailable, match="closed the watch"):
         list(e.watch(fleet.FLEET, 8))
+
+
+def test_a_quiet_watch_etcd_never_confirmed_is_an_outage():
+    import requests
+    quiet = requests.exceptions.ConnectionError("Read timed out.")
+    e, _, _ = _watching([{"result": {"created": True}}], end=quiet)
+    assert list(e.watch(fleet.FLEET, 8, idle=1)) == []              # idle: the caller's turn
+    e, _, _ = _watching([], end=quiet)                              # e.g. a dead connection
+    with pytest.raises(etcd.Unavailable, match="watch ended"):
+        list(e.watch(fleet.FLEET, 8, idle=1))
 
 
 def test_prefix_end():

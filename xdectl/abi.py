@@ -8,6 +8,7 @@ PORT_F_PASSTHROUGH = 1              # port_cfg.flags
 PORT_F_IP4 = 2
 PORT_F_IP6 = 4
 VNI_PASSTHROUGH = 0xFFFFFFFF        # port_index key of passthrough ports
+XDE_MAX_PORTS = 1024                # ports a root holds (the ports map's size)
 # bpf/wire.h
 ENCAP_LEN = 14 + 40 + 8 + 8         # outer Ethernet, IPv6, UDP, Geneve (no options)
 GENEVE_PORT = 6081

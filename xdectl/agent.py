@@ -12,9 +12,11 @@
                  the state and reconciled
 When etcd cannot be reached the agent says so in its report (and its log)
 and tries again with backoff, watching again from where it was; when that
-revision has been compacted, it reads everything again. It keeps no state
-the kernel does not: every reconcile starts from what the root holds, so
-an agent killed at any point and started again converges.
+revision has been compacted, it reads everything again. What it knows of
+the root between reconciles is what the last one left (it is the root's
+only writer); it reads the root itself at start, after a failure and every
+30 s, and keeps nothing across runs: an agent killed at any point and
+started again converges.
 
 In boundary mode (--boundary) the root is a boundary-services root, and
 what is reconciled is its NAT table: every external address of every port
@@ -64,7 +66,7 @@ class Agent:
         self.read_at = 0.0
         self.report = {"mode": "boundary" if boundary else "sled", "pid": os.getpid(),
                        "host": socket.gethostname(), "revision": None, "ports": 0,
-                       "error": None, "resyncs": 0, "etcd": "connecting"}
+                       "error": None, "resyncs": 0, "etcd": "connecting", "endpoint": None}
         self.lease = None
         self._reported = None
         self._keeper = None
@@ -93,14 +95,15 @@ class Agent:
         self._leave()
 
     def _connected(self):
-        if self.lease is None:
-            self._register()
+        self._upkeep()
         if self.kvs is None:
             self.rev, kvs = self.etcd.range(fleet.FLEET)
             self.kvs = {k: v for k, (v, _) in kvs.items()}
             self.reconcile()
-        self._etcd_up()
+            self._etcd_up()
         while not self.stop.is_set():
+            # returns when the watch has been quiet for IDLE seconds (etcd
+            # having answered it: else it raises)
             for rev, events in self.etcd.watch(fleet.FLEET, self.rev + 1, idle=IDLE):
                 for key, value in events:
                     if value is None:
@@ -109,13 +112,22 @@ class Agent:
                         self.kvs[key] = value
                 self.rev = rev
                 self.reconcile()
+                self._etcd_up()
                 if self.stop.is_set():
                     return
-            if self.lease is None:         # the keeper saw the lease expire
-                self._register()
+                self._upkeep()
             if self.report["error"] or time.monotonic() - self.read_at > FULL_READ_EVERY:
                 self.reconcile()           # a change failed, or time to read the root
             self._etcd_up()
+            self._upkeep()
+
+    def _upkeep(self):
+        """A lease and its keeper, whatever happened to them."""
+        if self.lease is None:
+            self._register()
+        if self._keeper is None or not self._keeper.is_alive():
+            self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
+            self._keeper.start()
 
     # --- registration and the report ----------------------------------------
 
@@ -123,27 +135,32 @@ class Agent:
         """A lease, the report under it (refused while another agent's report
         for this sled is alive), the sled's underlay address."""
         lease = self.etcd.grant(self.ttl)
-        key = fleet.STATUS + self.sled
-        ok, _ = self.etcd.txn([(key, 0)], [(key, json.dumps(self.report))], lease=lease)
-        if not ok:
-            self.etcd.revoke(lease)
-            other, _ = self.etcd.get(key)
+        try:
+            key = fleet.STATUS + self.sled
+            ok, _ = self.etcd.txn([(key, 0)], [(key, json.dumps(self.report))], lease=lease)
+            if not ok:
+                other, _ = self.etcd.get(key)
+                try:
+                    who = json.loads(other)
+                    who = f"pid {who.get('pid')} on {who.get('host')}"
+                except (TypeError, ValueError):
+                    who = "?"
+                raise XdeError(f"sled {self.sled} has a live agent already ({who}); waiting "
+                               f"for it to stop or its lease to end")
+            if not self.boundary:
+                value = json.dumps({"underlay_addr": self.addr})
+                if self.etcd.get(fleet.SLED + self.sled)[0] != value:
+                    self.etcd.put(fleet.SLED + self.sled, value)
+        except BaseException:
+            # registered whole or not at all: the next turn starts again
             try:
-                who = json.loads(other)
-                who = f"pid {who.get('pid')} on {who.get('host')}"
-            except (TypeError, ValueError):
-                who = "?"
-            raise XdeError(f"sled {self.sled} has a live agent already ({who}); waiting for "
-                           f"it to stop or its lease to end")
-        self.lease = lease
-        self._reported = None
-        if not self.boundary:
-            value = json.dumps({"underlay_addr": self.addr})
-            if self.etcd.get(fleet.SLED + self.sled)[0] != value:
-                self.etcd.put(fleet.SLED + self.sled, value)
-        if self._keeper is None or not self._keeper.is_alive():
-            self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
-            self._keeper.start()
+                self.etcd.revoke(lease)
+            except XdeError:
+                pass
+            raise
+        with self._report_lock:
+            self.lease = lease
+            self._reported = None
         self.log(f"agent {self.sled}: registered (lease {lease:x}, ttl {self.ttl} s)")
 
     def _keep_alive(self):
@@ -157,9 +174,13 @@ class Agent:
             try:
                 if etcd.keepalive(lease) <= 0:
                     self.log(f"agent {self.sled}: lease {lease:x} ended; registering again")
-                    self.lease = None
+                    with self._report_lock:
+                        if self.lease == lease:
+                            self.lease = None
             except XdeError as e:
                 self._etcd_down(str(e))
+            except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any surprise
+                self._etcd_down(f"etcd keepalive: {e}")
 
     def _etcd_down(self, why):
         if self.report["etcd"] != why:
@@ -169,8 +190,10 @@ class Agent:
 
     def _etcd_up(self):
         if self.report["etcd"] != "ok":
-            self.log(f"agent {self.sled}: etcd ok, at revision {self.rev}")
+            self.log(f"agent {self.sled}: etcd ok ({self.etcd.endpoint()}), at revision "
+                     f"{self.rev}")
             self.report["etcd"] = "ok"
+        self.report["endpoint"] = self.etcd.endpoint()
         self._write_report()
 
     def _write_report(self):
@@ -184,10 +207,11 @@ class Agent:
             with open(tmp, "w") as f:
                 f.write(text + "\n")
             os.replace(tmp, self.report_file)
-        if self.lease is None or text == self._reported or self.report["etcd"] != "ok":
+        lease = self.lease          # never written without one: it would not expire
+        if lease is None or text == self._reported or self.report["etcd"] != "ok":
             return
         try:
-            self.etcd.put(fleet.STATUS + self.sled, text, lease=self.lease)
+            self.etcd.put(fleet.STATUS + self.sled, text, lease=lease)
             self._reported = text
         except XdeError:
             pass             # the next turn of the loop finds etcd gone
@@ -208,8 +232,9 @@ class Agent:
         state = fleet.from_keys(self.kvs)
         try:
             count, errors = (self._boundary(state) if self.boundary else self._sled(state))
-        except (XdeError, OSError) as e:     # the root itself could not be read
-            count, errors = self.report["ports"], [str(e)]
+        except Exception as e:  # noqa: BLE001 - the root could not be read: say so, go on
+            self.known = None
+            count, errors = self.report["ports"], [_why(e)]
         error = None
         if errors:
             error = errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
@@ -230,10 +255,13 @@ class Agent:
         self.known = None          # until every action below is made
         errors = list(problems)
         for a in actions:
+            if self.stop.is_set():
+                errors.append("stopped before every change was made")
+                break
             try:
                 apply.execute(self.root, a)
-            except (XdeError, OSError) as e:
-                errors.append(f"{a.op} {a.target}: {e}")
+            except Exception as e:  # noqa: BLE001 - netlink's too; one change, not all
+                errors.append(f"{a.op} {a.target}: {_why(e)}")
         if len(errors) == len(problems):
             self.known = _as_current(want)
         if actions:
@@ -252,19 +280,25 @@ class Agent:
             changes += 1
             try:
                 boundary.clear_nat(self.root, target)
-            except (XdeError, OSError) as e:
-                errors.append(f"clear-nat {target}: {e}")
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"clear-nat {target}: {_why(e)}")
         for target, owner in sorted(want.items()):
             if have.get(target) != owner:
                 changes += 1
                 try:
                     boundary.set_nat(self.root, target, *owner)
-                except (XdeError, OSError) as e:
-                    errors.append(f"set-nat {target}: {e}")
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"set-nat {target}: {_why(e)}")
         if changes:
             self.log(f"agent {self.sled}: revision {self.rev}: {changes} NAT changes"
                      + (f", {len(errors)} failed" if errors else ""))
         return len(want), errors
+
+
+def _why(e):
+    """An error as one line; a programming error names its type."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if isinstance(e, (XdeError, OSError)) else f"{type(e).__name__}: {text}"
 
 
 def _as_current(want):

@@ -319,6 +319,7 @@ class Current:
     routes: dict      # name -> {dest: target} (custom routes)
     firewall: dict    # name -> sorted rule texts
     v2p: dict         # (vni, ip) -> (mac, underlay)
+    missing: set = field(default_factory=set)   # ports whose links are gone
 
 
 def _spec_of(p):
@@ -344,21 +345,23 @@ def current(root):
     from .ports import list_ports
 
     dp = Datapath(root)
-    if not dp.exists():
-        return Current({}, {}, {}, {})
+    if not dp.exists() or dp.interrupted():
+        return Current({}, {}, {}, {})     # (a killed first load: create clears it)
     maps = dp.maps()
     custom = {}       # one pass over the custom routes, grouped by port
     for k, v in maps["routes"].items():
         custom.setdefault(k.port, {})[str(route_dest(k))] = target_str(v)
-    ports, routes, firewall = {}, {}, {}
+    ports, routes, firewall, missing = {}, {}, {}, set()
     for p in list_ports(root):
         name = p["name"]
         ports[name] = _spec_of(p)
+        if p["state"] == "missing":
+            missing.add(name)
         index, _ = find_port(maps, name)
         routes[name] = custom.get(index, {})
         firewall[name] = sorted(r.text() for r in read_rules(maps, index))
     v2p = {(e["vni"], e["ip"]): (e["mac"], e["underlay"]) for e in dump_v2p(root)}
-    return Current(ports, routes, firewall, v2p)
+    return Current(ports, routes, firewall, v2p, missing)
 
 
 # --- the plan ----------------------------------------------------------------
@@ -427,7 +430,8 @@ def plan(cur, want):
             deletes.append(Action("delete-port", name, "not in the file", (name,)))
             own_v2p_removed(have)
             continue
-        diff = _changed(SPEC_FIELDS, have, w.spec)
+        diff = (["its links are gone"] if name in cur.missing else []) + \
+            _changed(SPEC_FIELDS, have, w.spec)
         if diff:
             deletes.append(Action("delete-port", name, "replaced: " + ", ".join(diff), (name,)))
             own_v2p_removed(have)

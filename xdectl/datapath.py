@@ -29,6 +29,16 @@ TAIL_CALLS = {"xdp_progs": ("xdp_underlay", "xdp_fw_eval", None, "xdp_nat"),
               "tc_progs": ("tc_port_out", "tc_fw_eval", "tc_gateway", "tc_nat", "tc_snat")}
 
 
+# what the compile depends on beside the text (the pin directory is only
+# where bcc pins the maps, not in the instructions)
+CFLAGS = ("-Wno-unused-function",)
+
+
+def compile_input():
+    """What a compile is made from: the key of its stored instructions."""
+    return program_text() + "\0" + " ".join(CFLAGS)
+
+
 def programs():
     """{program: bcc program type}: every non-static function of an entry
     file is a program, of the hook its context argument names."""
@@ -139,8 +149,7 @@ class Datapath:
         as it."""
         from bcc import BPF
         b = BPF(text=program_text().encode(),
-                cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"',
-                        "-Wno-unused-function"])
+                cflags=[f"-I{BPF_DIR}", f'-DXDE_PIN_DIR="{self.maps_dir}"', *CFLAGS])
         fds = {name: b.load_func(name, kind).fd for name, kind in programs().items()}
         return b, fds
 
@@ -191,7 +200,7 @@ class Datapath:
         """Build the root (cold start): maps and programs pinned under it,
         from the stored compile of these sources if there is one
         (xdectl/compiled.py), else compiled with bcc (and stored)."""
-        text = program_text()
+        text = compile_input()
         try:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
             self.progs_dir.mkdir(exist_ok=True)
@@ -216,10 +225,11 @@ class Datapath:
         the root) when the store does not load: compile instead."""
         try:
             map_fds, prog_fds = compiled.load(doc, self.maps_dir, self.progs_dir)
-        except (OSError, KeyError, ValueError, TypeError):
-            self._remove_pins()
-            self.maps_dir.mkdir(parents=True, exist_ok=True)
-            self.progs_dir.mkdir(exist_ok=True)
+        except Exception:  # noqa: BLE001 - any store that does not load is compiled over
+            # the pins only: the root stays, locked by this process
+            for d in (self.maps_dir, self.progs_dir):
+                for p in d.iterdir():
+                    p.unlink()
             return False
         try:
             self._point_tail_calls(prog_fds)

@@ -71,6 +71,10 @@ class Etcd:
     def _url(self, c):
         return c.base_url
 
+    def endpoint(self):
+        """The URL the next call tries first (the last that answered)."""
+        return self._url(self.clients[self.current])
+
     def _post(self, path, body, **kw):
         """POST to the first endpoint that answers, starting at the last one
         that did."""
@@ -80,7 +84,9 @@ class Etcd:
             c = self.clients[n]
             try:
                 out = c.post(c.get_url(path), json=body, **kw)
-            except (ConnectionFailedError, ConnectionTimeoutError) as e:
+            except (ConnectionFailedError, ConnectionTimeoutError,
+                    requests.RequestException, ValueError) as e:
+                # (a member killed mid-answer: a cut or unreadable body)
                 errors.append(f"{self._url(c)}: {_reason(e)}")
                 continue
             except Etcd3Exception as e:
@@ -172,8 +178,9 @@ class Etcd:
         """Yield (revision, events) for each change under prefix from
         revision start on, events being (key, value or None when deleted).
         The events of one transaction come together. Returns when nothing
-        came for idle seconds (the caller keeps its lease alive, then
-        watches again from where it is); raises Compacted, Unavailable."""
+        came for idle seconds after etcd confirmed the watch (the caller
+        looks around, then watches again from where it is); raises
+        Compacted, Unavailable (also when etcd did not confirm it)."""
         c = self.clients[self.current]
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
                                    "start_revision": start}}
@@ -183,7 +190,10 @@ class Etcd:
         except requests.RequestException as e:
             self.current = (self.current + 1) % len(self.clients)
             raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
+        created = False
         try:
+            if resp.status_code != 200:
+                raise XdeError(f"etcd watch: HTTP {resp.status_code} {resp.text[:200]}")
             for line in resp.iter_lines(chunk_size=None):
                 if not line:
                     continue
@@ -197,6 +207,7 @@ class Etcd:
                     raise Compacted(start)
                 if r.get("canceled"):
                     raise XdeError(f"etcd canceled the watch: {r.get('cancel_reason', '?')}")
+                created = created or bool(r.get("created"))
                 events = r.get("events", [])
                 if not events:
                     continue
@@ -204,12 +215,10 @@ class Etcd:
                         None if e.get("type") == "DELETE" else _unb64(e["kv"].get("value")))
                        for e in events]
                 yield max(int(e["kv"]["mod_revision"]) for e in events), out
-        except requests.exceptions.ConnectionError as e:
-            if "Read timed out" in str(e):
+        except (requests.RequestException, ValueError) as e:
+            if created and "Read timed out" in str(e):
                 return      # idle: the caller's turn
             self.current = (self.current + 1) % len(self.clients)
-            raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
-        except requests.RequestException as e:
             raise Unavailable(f"etcd watch ended ({self._url(c)}: {_reason(e)})") from None
         finally:
             resp.close()

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from . import apply, validate
+from .abi import XDE_MAX_PORTS
 from .errors import XdeError
 
 PREFIX = "/xde/"
@@ -95,6 +96,9 @@ def _check_vpc(v, where):
         missing.append("subnet (or subnet6)")
     if missing:
         raise XdeError(f"{where}: missing {', '.join(missing)}")
+    for key in ("vni", "boundary_vni"):      # TOML integers (int() takes 10.5 or true)
+        if isinstance(v[key], bool) or not isinstance(v[key], int):
+            raise XdeError(f"{where}: {key} must be an integer, not {v[key]!r}")
     vni = validate.vni(v["vni"], f"{where}: vni")
     where = f"{where.rsplit(' ', 2)[0]} vpc {vni}"
     for key in ("subnet", "subnet6", "gateway_ip", "gateway_mac", "boundary_services", "domain"):
@@ -167,7 +171,8 @@ def _check_across(ports, external, source):
         where = f"{source} port {name}"
         taken = [("MAC", validate.mac(p["mac"]))] + [
             ("address", str(ipaddress.ip_address(p[k]))) for k in ("ip", "ip6") if k in p]
-        taken.append(("link", (p["sled"], datapath_end(name))))
+        # both of its links: a port's name may be another's datapath end
+        taken += [("link", (p["sled"], link)) for link in (name, datapath_end(name))]
         for kind, value in taken:
             key = (kind, p["vni"] if kind != "link" else None, value)
             if key in seen:
@@ -175,6 +180,13 @@ def _check_across(ports, external, source):
                         f"on sled {p['sled']} the link {value[1]}")
                 raise XdeError(f"{where}: {what} is port {seen[key]}'s too")
             seen[key] = name
+    per_sled = {}
+    for p in ports.values():
+        per_sled[p["sled"]] = per_sled.get(p["sled"], 0) + 1
+    for sled, n in sorted(per_sled.items()):
+        if n > XDE_MAX_PORTS:
+            raise XdeError(f"{source}: sled {sled} has {n} ports; a sled's root holds "
+                           f"{XDE_MAX_PORTS}")
     claimed = {}
     for name, ext in external.items():
         if ext:
@@ -300,19 +312,20 @@ def sled_desired(state, sled, underlays, underlay_addr, memo=None):
     from the ports' registered sleds; a port on an unregistered sled
     waits (no mapping)."""
     memo = {} if memo is None else memo
-    ports, problems = {}, []
+    ports, problems, used = {}, [], set()
     for name, p in sorted(state.ports.items()):
         if p.get("sled") != sled:
             continue
         vpc = state.vpcs.get(p.get("vni"))
         key = (_json(p), _json(vpc))
+        used.add(key)
         if key not in memo:
             try:
                 if vpc is None:
                     raise XdeError(f"port {name}: VNI {p.get('vni')} has no VPC")
                 memo[key] = apply.port_want(port_fields(p, vpc, underlays, underlay_addr), p,
                                             f"port {name}")
-            except (XdeError, KeyError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 - a stored port of any shape
                 memo[key] = XdeError(str(e) if isinstance(e, XdeError)
                                      else f"port {name}: malformed ({e})")
         want = memo[key]
@@ -320,6 +333,8 @@ def sled_desired(state, sled, underlays, underlay_addr, memo=None):
             problems.append(str(want))
         else:
             ports[name] = want
+    for key in set(memo) - used:          # what no port is any more
+        del memo[key]
     vnis = {w.spec.vni for w in ports.values()}
     v2p = {}
     for name, p in state.ports.items():

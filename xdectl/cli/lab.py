@@ -2,6 +2,7 @@
 the two-sled lab, or with --sleds a fleet of sleds kept by agents from etcd."""
 import typer
 
+from ..errors import XdeError
 from .common import app
 
 lab_app = typer.Typer(no_args_is_help=True, help='The namespace lab (docs/design.md, "The lab").')
@@ -37,7 +38,10 @@ def lab_up(ctx: typer.Context,
     """Build the lab: switches, sleds, guests, boundary services; or, with
     --sleds, a fleet lab (docs/fleet.md)."""
     if sleds is None:
-        _lab(ctx).up()
+        lab = _lab(ctx)
+        if _is_fleet(lab):
+            raise XdeError(f"a fleet lab is up under prefix {ctx.obj}: 'xdectl lab down' first")
+        lab.up()
         return
     from xdelab.fleet import FleetLab
     FleetLab(ctx.obj).up(sleds, ports, members)
