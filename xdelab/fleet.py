@@ -17,7 +17,6 @@ import ipaddress
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -34,13 +33,12 @@ from xdectl.etcd import Etcd
 from xdectl.netdev import sysctl
 
 from . import etcd as etcd_server
-from .lab import unload_root
+from .lab import DEFAULT_PREFIX, SWITCHES, Hosts, unload_root
 
 UNDERLAY_MTU = 1600
 CTL_ADDR = "fd00:ee::1"
 PORTS_PER_VPC = 100
 GW_MAC, GW_IP, BSVC_ADDR, BSVC_VNI = "a8:40:25:00:00:01", "172.30.0.5", "fd00:99::1", 99
-SWITCHES = ("sw1", "sw2")
 
 
 def sled_addr(n):
@@ -74,12 +72,9 @@ def fleet_text(n_ports, sleds, extra=()):
     return tomli_w.dumps({"vpc": [vpc_table(v - 100) for v in vnis], "port": tables})
 
 
-class FleetLab:
-    def __init__(self, prefix="xl-"):
-        if not re.fullmatch(r"[a-z][a-z0-9-]{0,9}", prefix):
-            raise XdeError(f"lab prefix {prefix!r}: 1 to 10 of a-z, 0-9, '-', starting with a letter")
-        self.prefix = prefix
-        self.state = Path(f"/run/xde-lab/{prefix.rstrip('-')}")
+class FleetLab(Hosts):
+    def __init__(self, prefix=DEFAULT_PREFIX):
+        super().__init__(prefix)
         self.meta_file = self.state / "fleet.json"
         meta = json.loads(self.meta_file.read_text()) if self.meta_file.exists() else {}
         self.sleds = meta.get("sleds", [])
@@ -92,12 +87,6 @@ class FleetLab:
     def is_fleet(prefix):
         return Path(f"/run/xde-lab/{prefix.rstrip('-')}/fleet.json").exists()
 
-    def ns(self, host):
-        return self.prefix + host
-
-    def root(self, sled):
-        return f"/sys/fs/bpf/xde-lab-{self.prefix}{sled}"
-
     @property
     def hosts(self):
         return [*SWITCHES, "ctl", "bsvc", *self.sleds]
@@ -106,17 +95,6 @@ class FleetLab:
     def agent_hosts(self):
         """Where an agent runs: every sled, and bsvc in boundary mode."""
         return [*self.sleds, "bsvc"]
-
-    @contextmanager
-    def inside(self, host):
-        netns.pushns(self.ns(host))
-        try:
-            yield
-        finally:
-            netns.popns()
-
-    def run(self, host, *cmd, **kw):
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns(host)}", *cmd], **kw)
 
     @contextmanager
     def client(self):
@@ -152,13 +130,7 @@ class FleetLab:
     def _build(self):
         self.state.mkdir(parents=True, exist_ok=True)
         self.meta_file.write_text(json.dumps({"sleds": self.sleds, "members": self.members}))
-        for h in self.hosts:
-            netns.create(self.ns(h))
-            with self.inside(h), IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        for sw in SWITCHES:
-            with self.inside(sw):
-                sysctl("net/ipv6/conf/all/forwarding", 1)
+        self.make_hosts(self.hosts)
         self._underlay()
         self.cluster.start()
         # before the agents: on a machine's first run it compiles the

@@ -135,18 +135,16 @@ def unload_root(ns, root):
         raise XdeError(f"it holds what xdectl did not make: {', '.join(os.listdir(root))}")
 
 
-class Lab:
-    """One lab. Its namespaces, roots and state carry `prefix`, so tests
-    build their own beside an operator's (`xl-` by default)."""
+class Hosts:
+    """What every lab has: its hosts' namespaces, roots and state carry
+    `prefix`, so tests build their own beside an operator's (`xl-` by
+    default)."""
 
     def __init__(self, prefix=DEFAULT_PREFIX):
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,9}", prefix):
             raise XdeError(f"lab prefix {prefix!r}: 1 to 10 of a-z, 0-9, '-', starting with a letter")
         self.prefix = prefix
-        self.namespaces = [prefix + h for h in HOSTS]
         self.state = Path(f"/run/xde-lab/{prefix.rstrip('-')}")
-        self._dhclients = {}      # (guest, family) -> Popen, reaped when stopped
-        self._servers = []        # Popen of inet's server, reaped when stopped
 
     def ns(self, host):
         return self.prefix + host
@@ -166,6 +164,26 @@ class Lab:
     def run(self, host, *cmd, **kw):
         """Run a command in host's namespace (nsenter keeps bpffs visible)."""
         return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns(host)}", *cmd], **kw)
+
+    def make_hosts(self, hosts):
+        """A namespace each, loopback up; the switches forward IPv6."""
+        for h in hosts:
+            netns.create(self.ns(h))
+            with self.inside(h), IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for sw in SWITCHES:
+            with self.inside(sw):
+                sysctl("net/ipv6/conf/all/forwarding", 1)
+
+
+class Lab(Hosts):
+    """The two-sled lab."""
+
+    def __init__(self, prefix=DEFAULT_PREFIX):
+        super().__init__(prefix)
+        self.namespaces = [prefix + h for h in HOSTS]
+        self._dhclients = {}      # (guest, family) -> Popen, reaped when stopped
+        self._servers = []        # Popen of inet's server, reaped when stopped
 
     def is_up(self):
         return all(os.path.exists(f"/run/netns/{n}") for n in self.namespaces)
@@ -214,14 +232,7 @@ class Lab:
 
     def _build(self):
         self.state.mkdir(parents=True, exist_ok=True)
-        for n in self.namespaces:
-            netns.create(n)
-        for h in HOSTS:
-            with self.inside(h), IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        for sw in SWITCHES:
-            with self.inside(sw):
-                sysctl("net/ipv6/conf/all/forwarding", 1)
+        self.make_hosts(HOSTS)
         self._underlay()
         self._internet()
         # boundary services compile their root while the sleds compile theirs
