@@ -182,8 +182,9 @@ def test_etcd_gone_datapath_keeps_forwarding_then_agents_catch_up(flab):
 
 def test_compacted_revision_forces_whole_resync(flab):
     before = flab.report("sled1")["resyncs"]
-    # sled1 and etcd cut off from each other, both ways: nothing reaches its
-    # agent's open watch either
+    # sled1 and etcd cut off from each other, both ways, and the agent's open
+    # connections (its watch, its pooled ones) ended: an established socket
+    # keeps the route it had, a new route does not stop it
     blocks = [["ip", "-n", flab.ns("sled1"), "-6", "route", "add", "prohibit", "fd00:ee::1/128"],
               ["ip", "-n", flab.ns("ctl"), "-6", "route", "add", "prohibit", "fd00:1::1/128"]]
     for block in blocks:
@@ -191,6 +192,8 @@ def test_compacted_revision_forces_whole_resync(flab):
     tables = [port_table(i, flab.sleds) for i in range(PORTS)]
     extra = dict(port_table(PORTS + 30, flab.sleds), sled="sled1")
     try:
+        flab.run("sled1", "ss", "-K", "-t", "dst", "[fd00:ee::1]", check=True,
+                 capture_output=True)
         deadline = time.monotonic() + 15
         while flab.report("sled1").get("etcd") == "ok" and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -204,7 +207,8 @@ def test_compacted_revision_forces_whole_resync(flab):
             block[5] = "del"
             subprocess.run(block, check=True)
     flab.wait_converged(rev, CONVERGE)
-    assert flab.report("sled1")["resyncs"] > before
+    log = flab.agent_files("sled1")["log"].read_text()[-1500:]
+    assert flab.report("sled1")["resyncs"] > before, log
     assert extra["name"] in sled_ports(flab, "sled1")
     assert v2p(flab, "sled2")[(100, "10.0.0.99")] == sled_addr(1)
     apply_and_wait(flab, base(flab))
