@@ -124,6 +124,16 @@ def _check_keys(table, allowed, where):
                        f"{', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _require(table, required, where, either=None):
+    """XdeError naming what table lacks: the keys of required, and one of
+    the pair either (at least one of the two)."""
+    missing = sorted(set(required) - set(table))
+    if either and not any(k in table for k in either):
+        missing.append(f"{either[0]} (or {either[1]})")
+    if missing:
+        raise XdeError(f"{where}: missing {', '.join(missing)}")
+
+
 def _check_types(f, where):
     """The fields TOML could give a wrong type that validation would misread."""
     if not isinstance(f["underlays"], list) or len(f["underlays"]) != 2:
@@ -193,11 +203,7 @@ def parse(text, source="FILE"):
         where = f"{source} port #{n}"
         _check_keys(p, PORT_KEYS, where)
         f = dict(defaults, **{k: v for k, v in p.items() if k in PORT_FIELDS})
-        missing = sorted(PORT_FIELDS - OPTIONAL_FIELDS - set(f))
-        if "ip" not in f and "ip6" not in f:
-            missing.append("ip (or ip6)")
-        if missing:
-            raise XdeError(f"{where}: missing {', '.join(missing)}")
+        _require(f, PORT_FIELDS - OPTIONAL_FIELDS, where, ("ip", "ip6"))
         where = f"{source} port {f['name']}"
         want = port_want(f, p, where)
         if want.spec.name in ports:
@@ -340,7 +346,6 @@ def _spec_of(p):
 def current(root):
     from .datapath import Datapath
     from .fw import read_rules
-    from .maps import find_port
     from .overlay import dump_v2p, route_dest, target_str
     from .ports import list_ports
 
@@ -348,6 +353,7 @@ def current(root):
     if not dp.exists() or dp.interrupted():
         return Current({}, {}, {}, {})     # (a killed first load: create clears it)
     maps = dp.maps()
+    index_of = {pc.name.decode(): k.value for k, pc in maps["ports"].items()}
     custom = {}       # one pass over the custom routes, grouped by port
     for k, v in maps["routes"].items():
         custom.setdefault(k.port, {})[str(route_dest(k))] = target_str(v)
@@ -357,7 +363,7 @@ def current(root):
         ports[name] = _spec_of(p)
         if p["state"] == "missing":
             missing.add(name)
-        index, _ = find_port(maps, name)
+        index = index_of[name]
         routes[name] = custom.get(index, {})
         firewall[name] = sorted(r.text() for r in read_rules(maps, index))
     v2p = {(e["vni"], e["ip"]): (e["mac"], e["underlay"]) for e in dump_v2p(root)}

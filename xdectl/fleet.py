@@ -91,11 +91,7 @@ def _version(addr):
 
 def _check_vpc(v, where):
     apply._check_keys(v, VPC_KEYS, where)
-    missing = sorted(VPC_REQUIRED - set(v))
-    if "subnet" not in v and "subnet6" not in v:
-        missing.append("subnet (or subnet6)")
-    if missing:
-        raise XdeError(f"{where}: missing {', '.join(missing)}")
+    apply._require(v, VPC_REQUIRED, where, ("subnet", "subnet6"))
     for key in ("vni", "boundary_vni"):      # TOML integers (int() takes 10.5 or true)
         if isinstance(v[key], bool) or not isinstance(v[key], int):
             raise XdeError(f"{where}: {key} must be an integer, not {v[key]!r}")
@@ -136,11 +132,7 @@ def parse(text, source="FILE"):
     for n, p in enumerate(doc.get("port", []), 1):
         where = f"{source} port #{n}"
         apply._check_keys(p, PORT_KEYS, where)
-        missing = sorted(PORT_REQUIRED - set(p))
-        if "ip" not in p and "ip6" not in p:
-            missing.append("ip (or ip6)")
-        if missing:
-            raise XdeError(f"{where}: missing {', '.join(missing)}")
+        apply._require(p, PORT_REQUIRED, where, ("ip", "ip6"))
         where = f"{source} port {p['name']}"
         sled_name(p["sled"], f"{where}: sled")
         vni = p["vni"]
