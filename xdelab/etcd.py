@@ -121,11 +121,6 @@ class Cluster:
         for m in self.members:
             m.signal(signal.SIGTERM)
 
-    def remove(self):
-        self.stop()
-        for m in self.members:
-            subprocess.run(["rm", "-rf", str(m.data)], check=False)
-
 
 def kill_recorded(directory):
     """Kill the members whose pid files a lab left in directory (a lab

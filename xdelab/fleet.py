@@ -33,9 +33,8 @@ from xdectl.etcd import Etcd
 from xdectl.netdev import sysctl
 
 from . import etcd as etcd_server
-from .lab import DEFAULT_PREFIX, SWITCHES, Hosts, unload_root
+from .lab import DEFAULT_PREFIX, SWITCHES, UNDERLAY_MTU, Hosts, unload_root
 
-UNDERLAY_MTU = 1600
 CTL_ADDR = "fd00:ee::1"
 PORTS_PER_VPC = 100
 GW_MAC, GW_IP, BSVC_ADDR, BSVC_VNI = "a8:40:25:00:00:01", "172.30.0.5", "fd00:99::1", 99
