@@ -240,7 +240,7 @@ static __always_inline int bsvc_encap(struct __sk_buff *skb, struct bsvc_cfg *cf
 	__u32 vni = e->vni;
 
 	__u32 hash = flow_hash(p, cfg->hash_seed);
-	__u32 label = hash & 0xFFFFF;
+	__u32 label = flow_label(hash);
 	__u32 inner_len = skb->len;
 	if (bpf_skb_adjust_room(skb, BSVC_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |

@@ -89,7 +89,7 @@ static __always_inline int encap_and_send(struct __sk_buff *skb, struct xde_cfg 
 	/* Entropy for ECMP: the flow's hash, in the flow label and the UDP
 	 * source port (49152-65535, RFC 8926). */
 	__u32 hash = flow_hash(p, cfg->hash_seed);
-	__u32 label = hash & 0xFFFFF;
+	__u32 label = flow_label(hash);
 	__u16 sport = 0xC000 | ((hash >> 16) & 0x3FFF);
 
 	__u32 inner_len = skb->len;

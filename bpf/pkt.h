@@ -241,4 +241,12 @@ static __always_inline __u32 flow_hash(struct pkt *p, __u32 seed)
 	return h;
 }
 
+/* The outer IPv6 flow label: the hash's low 20 bits, never 0, which
+ * RFC 6437 reserves for "unlabelled" (ECMP would then ignore it). */
+static __always_inline __u32 flow_label(__u32 hash)
+{
+	__u32 label = hash & 0xFFFFF;
+	return label ? label : 1;
+}
+
 #endif

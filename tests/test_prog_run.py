@@ -116,7 +116,7 @@ def test_encap_exact_bytes_to_boundary_services(xlab, runner):
 
 def test_encap_entropy_is_per_flow(xlab, runner):
     """The same frame gives the same bytes; 16 flows (UDP source ports) give
-    16 different flow labels, each consistent with its UDP source port, and
+    different flow labels, each consistent with its UDP source port, and
     the kernel's FIB spreads them over both underlays."""
     xlab.resolve_underlay_neighbours(("sled1",))
     f = g1_frame(UDP(sport=40000, dport=53) / Raw(b"q"))
@@ -129,7 +129,9 @@ def test_encap_entropy_is_per_flow(xlab, runner):
         check_entropy(label, sport)
         labels.add(label)
         links.add(out[:12])
-    assert len(labels) == 16
+    # The seed is random per root: two of 16 flows share a 20-bit label about
+    # once in 9000 roots; a hash blind to the port gives one label.
+    assert len(labels) >= 15, sorted(labels)
     assert links == set(runner.links.values()), "all 16 flows chose the same underlay"
 
 
