@@ -8,6 +8,7 @@ apply their own file and leave the module's base file applied again.
 """
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -231,6 +232,36 @@ def test_a_member_killed_the_fleet_keeps_converging(flab):
         m.start()
         flab.cluster.wait_ready()
     apply_and_wait(flab, base(flab))
+
+
+def test_a_member_without_quorum_is_left_for_another(flab):
+    """A member cut off from the others (here: they are frozen) still answers
+    but, without a leader, hears of no change: the agent's watch through it
+    must end (etcd's require-leader) rather than wait on it for ever."""
+    used = flab.report("sled1")["endpoint"]
+    others = [m for m in flab.cluster.members if m.client_url != used]
+    log = flab.agent_files("sled1")["log"]
+    seen = len(log.read_text())
+    # the watch's own words: one endpoint, the one it used (the lease
+    # keeper's errors name every endpoint it tried)
+    left = re.compile(r"etcd (watch ended|unreachable) \(" + re.escape(used) + r": [^;)]*no leader\)")
+    for m in others:
+        m.freeze()
+    try:
+        deadline = time.monotonic() + 20
+        while not left.search(log.read_text()[seen:]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left.search(log.read_text()[seen:]), log.read_text()[seen:][-2000:]
+    finally:
+        for m in others:
+            m.freeze(False)
+    tables = [port_table(i, flab.sleds) for i in range(PORTS)]
+    extra = port_table(PORTS + 50, flab.sleds)
+    try:
+        apply_and_wait(flab, fleet_text(0, flab.sleds, tables + [extra]))
+        assert (100, extra["ip"]) in v2p(flab, "sled1")
+    finally:
+        apply_and_wait(flab, base(flab))
 
 
 def nat(lab):

@@ -780,6 +780,46 @@ def test_a_quiet_watch_etcd_never_confirmed_is_an_outage():
         list(e.watch(fleet.FLEET, 8, idle=1))
 
 
+NO_LEADER = {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader",
+             "http_status": "Service Unavailable"}
+
+
+def test_a_member_without_a_leader_is_left_for_the_next():
+    """Every call asks for a member with a leader; one without refuses a
+    new watch (503), ends a running one, and refuses unary calls: each time
+    the next member is tried."""
+    e = etcd.Etcd("http://127.0.0.1:1,http://127.0.0.1:2")
+    assert all(c.session.headers["Grpc-Metadata-hasleader"] == "true" for c in e.clients)
+    refused = _Stream([])
+    refused.status_code, refused.text = 503, json.dumps({"error": NO_LEADER})
+    e.clients[0].session.post = lambda url, json=None, **kw: refused
+    with pytest.raises(etcd.Unavailable) as exc:
+        list(e.watch(fleet.FLEET, 8))
+    assert str(exc.value) == "etcd unreachable (http://127.0.0.1:1: etcdserver: no leader)"
+    assert e.current == 1 and refused.closed
+
+    e, _, _ = _watching([{"result": {"created": True}}, {"error": NO_LEADER}])
+    with pytest.raises(etcd.Unavailable, match=r"watch ended \(http://127.0.0.1:1: "
+                                               r"etcdserver: no leader\)"):
+        list(e.watch(fleet.FLEET, 8))
+
+    from etcd3gw.exceptions import ConnectionFailedError
+    e = etcd.Etcd("http://127.0.0.1:1,http://127.0.0.1:2")
+
+    body = json.dumps(NO_LEADER)
+
+    def leaderless(url, json=None, **kw):
+        raise ConnectionFailedError(body, "Service Unavailable")
+    e.clients[0].post = leaderless
+    e.clients[1].post = lambda url, json=None, **kw: {"header": {"revision": "3"}}
+    assert e.range("/xde/fleet/") == (3, {}) and e.current == 1
+    e.clients[1].post = leaderless
+    with pytest.raises(etcd.Unavailable) as exc:
+        e.range("/xde/fleet/")
+    assert str(exc.value) == ("etcd unreachable (http://127.0.0.1:2: no leader; "
+                              "http://127.0.0.1:1: no leader)")
+
+
 def test_prefix_end():
     assert etcd.prefix_end("/xde/") == "/xde0"
     assert etcd.prefix_end("/xde/fleet/port/") == "/xde/fleet/port0"

@@ -66,6 +66,12 @@ class Etcd:
         self.timeout = timeout
         self.clients = [Etcd3Client(host=h, port=p, protocol=s, timeout=timeout, api_path="/v3/")
                         for s, h, p in parse_urls(urls)]
+        for c in self.clients:
+            # etcd's "require leader": a member cut off from the others' quorum
+            # refuses calls and ends its watches (the gateway passes
+            # Grpc-Metadata-* on as gRPC metadata), so that we move to another
+            # member instead of waiting on one that no longer hears of changes
+            c.session.headers["Grpc-Metadata-hasleader"] = "true"
         self.current = 0        # the endpoint that answered last
 
     def _url(self, c):
@@ -192,8 +198,12 @@ class Etcd:
             raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
         created = False
         try:
+            if resp.status_code >= 500:      # e.g. 503: this member has no leader
+                self.current = (self.current + 1) % len(self.clients)
+                raise Unavailable(f"etcd unreachable ({self._url(c)}: "
+                                  f"{_message_of(resp.text)})")
             if resp.status_code != 200:
-                raise XdeError(f"etcd watch: HTTP {resp.status_code} {resp.text[:200]}")
+                raise XdeError(f"etcd watch: HTTP {resp.status_code} {_message_of(resp.text)}")
             for line in resp.iter_lines(chunk_size=None):
                 if not line:
                     continue
@@ -231,7 +241,7 @@ def _reason(e):
     # etcd3gw keeps its exceptions' text in detail_text, not in args
     text = getattr(e, "detail_text", None) or str(e)
     for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
-                  "Connection reset", "Remote end closed", "Permission denied"):
+                  "Connection reset", "Remote end closed", "Permission denied", "no leader"):
         if known.lower() in text.lower():
             return known.lower()
     return (text.strip().splitlines() or [type(e).__name__])[0][:120]
@@ -239,8 +249,14 @@ def _reason(e):
 
 def _message(e):
     """The message of an error etcd's gateway answered with."""
-    detail = getattr(e, "detail_text", None) or (e.args[0] if e.args else str(e))
+    return _message_of(getattr(e, "detail_text", None) or (e.args[0] if e.args else str(e)))
+
+
+def _message_of(body):
+    """{"message": ...} of a unary call, {"error": {"message": ...}} of a watch."""
     try:
-        return json.loads(detail).get("message") or detail
-    except (ValueError, AttributeError, TypeError):
-        return str(detail)[:200]
+        doc = json.loads(body)
+        message = doc.get("message") or doc["error"].get("message")
+    except (ValueError, AttributeError, TypeError, KeyError):
+        message = None
+    return message or str(body)[:200]

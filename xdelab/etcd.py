@@ -66,6 +66,11 @@ class Member:
         self.proc = None
         self.pidfile.unlink(missing_ok=True)
 
+    def freeze(self, frozen=True):
+        """SIGSTOP it (a member that stops answering without going away), or
+        SIGCONT it."""
+        os.killpg(self.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
     @property
     def running(self):
         return self.proc is not None and self.proc.poll() is None
