@@ -255,6 +255,7 @@ def test_a_member_without_quorum_is_left_for_another(flab):
     finally:
         for m in others:
             m.freeze(False)
+        flab.cluster.wait_ready()            # a leader again
     tables = [port_table(i, flab.sleds) for i in range(PORTS)]
     extra = port_table(PORTS + 50, flab.sleds)
     try:

@@ -523,7 +523,8 @@ def test_apply_writes_the_fleet_in_one_transaction():
     compare, written, _ = e.txns[0]
     assert compare == [(fleet.APPLIED, 0)]
     assert len(written) == len(f.ports) + len(f.vpcs) + 1      # + the applied marker
-    assert json.loads(e.get(fleet.APPLIED)[0]) == {"ports": 5, "vpcs": 3}
+    marker = json.loads(e.get(fleet.APPLIED)[0])
+    assert marker == {"ports": 5, "vpcs": 3, "id": marker["id"]} and len(marker["id"]) == 16
     assert {k: v for k, (v, _) in e.range(fleet.FLEET)[1].items() if k != fleet.APPLIED} == \
         fleet.to_keys(f)
     # the same again: only the marker is written, at a new revision
@@ -573,7 +574,58 @@ def test_apply_tries_again_when_another_apply_came_between():
     assert e.txns[1][0] == [(fleet.APPLIED, 0)]          # read before the racer wrote
     assert e.txns[2][0] == [(fleet.APPLIED, 2)]
     assert revision == e.rev == 3 and puts == 8
-    assert json.loads(e.get(fleet.APPLIED)[0]) == {"ports": 5, "vpcs": 3}
+    assert json.loads(e.get(fleet.APPLIED)[0])["ports"] == 5
+
+
+class LosingEtcd(FakeEtcd):
+    """The answers of the first `losses` transactions are lost (a timeout):
+    each is made at once ("now"), made only after the next read ("late",
+    still in flight when the apply looks), or not at all ("never")."""
+
+    def __init__(self, losses, made):
+        super().__init__()
+        self.losses, self.made, self.in_flight = losses, made, None
+
+    def range(self, prefix):
+        out = super().range(prefix)
+        if self.in_flight:
+            super().txn(*self.in_flight)
+            self.in_flight = None
+        return out
+
+    def txn(self, compare, puts=(), deletes=(), lease=None):
+        if not self.losses:
+            return super().txn(compare, puts, deletes)
+        self.losses -= 1
+        if self.made == "now":
+            super().txn(compare, puts, deletes)
+        elif self.made == "late":
+            self.in_flight = (compare, puts, deletes)
+        raise etcd.Unavailable("etcd unreachable (http://127.0.0.1:1: timed out)")
+
+
+def test_apply_whose_answer_was_lost_finds_it_made():
+    e = LosingEtcd(losses=1, made="now")
+    assert fleet.apply_file(e, fleet.parse(text())) == (2, 8, 0)
+    assert len(e.txns) == 1                   # found made: not sent again
+
+    e = LosingEtcd(losses=1, made="late")     # read before it landed: sent again, which fails
+    assert fleet.apply_file(e, fleet.parse(text())) == (2, 8, 0)
+    assert len(e.txns) == 2 and e.rev == 2    # the second's compare failed: written once
+
+    e = LosingEtcd(losses=1, made="never")
+    assert fleet.apply_file(e, fleet.parse(text())) == (2, 8, 0)
+    assert len(e.txns) == 1                   # the lost one never reached the fake's store
+
+
+def test_apply_never_answered_says_it_may_still_be_made():
+    e = LosingEtcd(losses=3, made="never")
+    with pytest.raises(XdeError) as exc:
+        fleet.apply_file(e, fleet.parse(text()))
+    assert str(exc.value) == ("etcd unreachable (http://127.0.0.1:1: timed out); the apply may "
+                              "still be made: `xdectl fleet status` shows the last applied "
+                              "revision, and applying the file again is safe")
+    assert fleet.PORT + "a1" not in e.kv
 
 
 def test_apply_gives_up_after_three_races():
@@ -816,8 +868,8 @@ def test_a_member_without_a_leader_is_left_for_the_next():
     e.clients[1].post = leaderless
     with pytest.raises(etcd.Unavailable) as exc:
         e.range("/xde/fleet/")
-    assert str(exc.value) == ("etcd unreachable (http://127.0.0.1:2: no leader; "
-                              "http://127.0.0.1:1: no leader)")
+    assert str(exc.value) == ("etcd unreachable (http://127.0.0.1:2: etcdserver: no leader; "
+                              "http://127.0.0.1:1: etcdserver: no leader)")
 
 
 def test_prefix_end():

@@ -61,10 +61,14 @@ def parse_urls(urls):
 
 
 class Etcd:
-    def __init__(self, urls=DEFAULT_URL, timeout=2.0):
+    def __init__(self, urls=DEFAULT_URL, timeout=2.0, answer_timeout=None):
+        """timeout: seconds to connect, and for an answer unless answer_timeout
+        says otherwise (a large transaction takes etcd seconds: waiting less
+        would send it to the next member while the first may make it)."""
         self.urls = urls
         self.timeout = timeout
-        self.clients = [Etcd3Client(host=h, port=p, protocol=s, timeout=timeout, api_path="/v3/")
+        self.clients = [Etcd3Client(host=h, port=p, protocol=s, api_path="/v3/",
+                                    timeout=(timeout, answer_timeout or timeout))
                         for s, h, p in parse_urls(urls)]
         for c in self.clients:
             # etcd's "require leader": a member cut off from the others' quorum
@@ -96,7 +100,7 @@ class Etcd:
                 errors.append(f"{self._url(c)}: {_reason(e)}")
                 continue
             except Etcd3Exception as e:
-                raise XdeError(f"etcd: {_message(e)}") from None
+                raise XdeError(f"etcd: {_reason(e)}") from None
             self.current = n
             return out
         raise Unavailable("etcd unreachable (" + "; ".join(errors) + ")")
@@ -198,12 +202,12 @@ class Etcd:
             raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
         created = False
         try:
-            if resp.status_code >= 500:      # e.g. 503: this member has no leader
-                self.current = (self.current + 1) % len(self.clients)
-                raise Unavailable(f"etcd unreachable ({self._url(c)}: "
-                                  f"{_message_of(resp.text)})")
             if resp.status_code != 200:
-                raise XdeError(f"etcd watch: HTTP {resp.status_code} {_message_of(resp.text)}")
+                why = _message_of(resp.text) or resp.text[:200]
+                if resp.status_code < 500:
+                    raise XdeError(f"etcd watch: HTTP {resp.status_code} {why}")
+                self.current = (self.current + 1) % len(self.clients)     # e.g. 503: no leader
+                raise Unavailable(f"etcd unreachable ({self._url(c)}: {why})")
             for line in resp.iter_lines(chunk_size=None):
                 if not line:
                     continue
@@ -238,25 +242,24 @@ class Etcd:
 
 
 def _reason(e):
+    """Why a call failed, in a few words: etcd's message when etcd answered,
+    else what went wrong with the connection."""
     # etcd3gw keeps its exceptions' text in detail_text, not in args
     text = getattr(e, "detail_text", None) or str(e)
+    if _message_of(text):
+        return _message_of(text)
     for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
-                  "Connection reset", "Remote end closed", "Permission denied", "no leader"):
+                  "Connection reset", "Remote end closed", "Permission denied"):
         if known.lower() in text.lower():
             return known.lower()
     return (text.strip().splitlines() or [type(e).__name__])[0][:120]
 
 
-def _message(e):
-    """The message of an error etcd's gateway answered with."""
-    return _message_of(getattr(e, "detail_text", None) or (e.args[0] if e.args else str(e)))
-
-
 def _message_of(body):
-    """{"message": ...} of a unary call, {"error": {"message": ...}} of a watch."""
+    """The message of etcd's answer: {"message": ...} of a unary call,
+    {"error": {"message": ...}} of a watch; None if it is not such."""
     try:
         doc = json.loads(body)
-        message = doc.get("message") or doc["error"].get("message")
+        return doc.get("message") or doc["error"].get("message")
     except (ValueError, AttributeError, TypeError, KeyError):
-        message = None
-    return message or str(body)[:200]
+        return None

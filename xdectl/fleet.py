@@ -22,11 +22,13 @@ reports.
 import ipaddress
 import json
 import re
+import secrets
 from dataclasses import dataclass
 
 from . import apply, validate
 from .abi import XDE_MAX_PORTS
 from .errors import XdeError
+from .etcd import Unavailable
 
 PREFIX = "/xde/"
 FLEET = PREFIX + "fleet/"
@@ -240,17 +242,39 @@ def from_keys(kvs):
 def apply_file(etcd, fleet, attempts=3):
     """Write fleet as the whole desired state in one transaction: changed
     and new keys put, keys of what the file no longer has deleted, applied
-    marker bumped. Returns (revision, puts, deletes)."""
+    marker bumped. Returns (revision, puts, deletes).
+
+    The marker carries an id of this apply: a transaction whose answer was
+    lost (a timeout, a member gone mid-answer: etcd may have made it, or
+    may still) is known made when the marker is ours, and otherwise tried
+    again against the marker's revision, which fails if it was made after
+    all."""
     want = to_keys(fleet)
-    for _ in range(attempts):
+    marker = _json({"ports": len(fleet.ports), "vpcs": len(fleet.vpcs),
+                    "id": secrets.token_hex(8)})
+    sent, lost = None, None
+    for attempt in range(attempts + 1):
         _, have = etcd.range(FLEET)
+        value, mod_revision = have.get(APPLIED, (None, 0))
+        if value == marker:
+            return mod_revision, *sent
+        if attempt == attempts:
+            break
         puts = [(k, v) for k, v in sorted(want.items()) if have.get(k, (None,))[0] != v]
         deletes = sorted(k for k in have if k.startswith((VPC, PORT)) and k not in want)
-        marker = _json({"ports": len(fleet.ports), "vpcs": len(fleet.vpcs)})
-        ok, revision = etcd.txn([(APPLIED, have.get(APPLIED, (None, 0))[1])],
-                                puts + [(APPLIED, marker)], deletes)
+        sent = len(puts), len(deletes)
+        try:
+            ok, revision = etcd.txn([(APPLIED, mod_revision)], puts + [(APPLIED, marker)],
+                                    deletes)
+        except Unavailable as e:
+            lost = e            # made or not: the next read tells
+            continue
         if ok:
-            return revision, len(puts), len(deletes)
+            return revision, *sent
+        lost = None
+    if lost:
+        raise XdeError(f"{lost}; the apply may still be made: `xdectl fleet status` shows "
+                       f"the last applied revision, and applying the file again is safe")
     raise XdeError("the fleet changed while it was being applied, three times: apply again")
 
 
