@@ -1,0 +1,102 @@
+"""A large first `fleet apply`, against a three-member etcd of its own (in a
+namespace of its own, on loopback), for each size in --ports:
+
+    .venv/bin/python bench/fleet_apply.py [--ports 20000,80000] [--out bench/results/fleet_apply.json]
+
+  parse     the file checked whole (`fleet.parse`), as `fleet apply` does first
+  apply     `fleet.apply_file` with the CLI's client: read, diff, one transaction
+  baseline  the same keys written by one bare transaction to a fresh cluster
+            of the same kind, in the same run: etcd's own cost of the write
+  reported  the keys the apply said it wrote, against the keys it had to
+            (an answer lost and the transaction sent again used to report 0)
+Run as root.
+"""
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import write_result  # (first: it puts the checkout on the import path)
+
+from pyroute2 import netns
+
+from xdectl import fleet
+from xdectl.etcd import Etcd
+from xdelab.etcd import Cluster
+from xdelab.fleet import fleet_text
+
+SLEDS = [f"sled{i}" for i in range(1, 101)]
+
+
+def cluster():
+    ns = f"xba{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    c = Cluster(ns, "127.0.0.1", tempfile.mkdtemp(prefix="xde-bench-", dir="/var/tmp"), size=3)
+    c.start()
+    return ns, c
+
+
+def removed(ns, c):
+    c.stop()
+    subprocess.run(["rm", "-rf", str(c.dir)], check=True)
+    subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+def one(n):
+    text = fleet_text(n, SLEDS)
+    t = time.perf_counter()
+    f = fleet.parse(text)
+    out = {"ports": n, "parse_s": round(time.perf_counter() - t, 3)}
+    keys = fleet.to_keys(f)
+    out["keys"] = len(keys)
+    for label in ("baseline_s", "apply_s"):
+        ns, c = cluster()
+        try:
+            with netns_of(ns):
+                e = Etcd(c.urls, answer_timeout=60)     # as `xdectl fleet apply`
+                t = time.perf_counter()
+                if label == "baseline_s":
+                    e.txn([], sorted(keys.items()))
+                else:
+                    _, puts, _ = fleet.apply_file(e, f)
+                    out["reported_puts"] = puts
+                out[label] = round(time.perf_counter() - t, 3)
+        finally:
+            removed(ns, c)
+    out["apply_vs_baseline"] = round(out["apply_s"] / out["baseline_s"], 2)
+    return out
+
+
+@contextlib.contextmanager
+def netns_of(ns):
+    netns.pushns(ns)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ports", default="20000,80000")
+    ap.add_argument("--out", default="bench/results/fleet_apply.json")
+    a = ap.parse_args()
+    if os.geteuid():
+        sys.exit("bench/fleet_apply.py: run as root (it makes network namespaces)")
+    rows = []
+    for n in (int(x) for x in a.ports.split(",")):
+        r = one(n)
+        rows.append(r)
+        print(f"{r['ports']:7} ports ({r['keys']} keys): parse {r['parse_s']:.2f} s, apply "
+              f"{r['apply_s']:.2f} s, one bare transaction {r['baseline_s']:.2f} s "
+              f"(x{r['apply_vs_baseline']}); reported {r['reported_puts']} keys written",
+              flush=True)
+    print("wrote", write_result(a.out, {"sizes": rows}))
+
+
+if __name__ == "__main__":
+    main()
