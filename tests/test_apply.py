@@ -674,8 +674,7 @@ def test_external_changes_run_before_creations(monkeypatch):
     calls = []
     monkeypatch.setattr(nat, "set_external_ips", lambda *a: calls.append(("set", *a)) or 0)
     monkeypatch.setattr("xdectl.ports.create", lambda *a: calls.append(("create", a[1].name)))
-    for a in actions:
-        apply_mod.execute("/nowhere", a)
+    assert [error for _, error in apply_mod.execute_all("/nowhere", actions)] == [None, None]
     assert calls == [("set", "/nowhere", "xde0", dataclasses.replace(XDE0_EXTERNAL, snat_start=2048,
                                                                     snat_end=4095)),
                      ("create", "xde7")]
@@ -779,3 +778,53 @@ def test_external_addresses_change_in_place_live(host, tmp_path):
               check=False)
     assert "outside 1..65535" in one_error_line(p)
     assert lines(apply(hv, root, tmp_path, changed)) == ["no changes"]
+
+
+def test_execute_all_opens_the_root_once_per_run_of_v2p_changes(monkeypatch):
+    """V2P changes in a row share one locked, opened root; another change
+    between them ends the run; a V2P change that fails fails alone, and a
+    root that does not open fails each change of the run."""
+    from contextlib import contextmanager
+
+    from xdectl import overlay
+    opened, made = [], []
+
+    @contextmanager
+    def session(root):
+        opened.append(root)
+        yield "dp", None
+
+    def remove(maps, ip, mac, underlay, vni):
+        if ip == "10.0.0.9":
+            raise XdeError(f"no V2P mapping {ip} -> {mac} at {underlay} in VNI {vni}")
+        made.append(("clear", ip, vni))
+
+    monkeypatch.setattr("xdectl.datapath.session", session)
+    monkeypatch.setattr(overlay, "loaded", lambda dp: {"dp": dp})
+    monkeypatch.setattr(overlay, "put_v2p", lambda maps, ip, mac, u, vni: made.append(
+        ("set", ip, mac, vni, maps["dp"])))
+    monkeypatch.setattr(overlay, "remove_v2p", remove)
+    monkeypatch.setattr(apply_mod, "_execute", lambda root, a: made.append(("other", a.op)))
+
+    def v2p(op, ip):
+        return apply_mod.Action(op, ip, args=(ip, "A8:40:25:00:00:01", "fd00:2::1", "10"))
+    actions = [v2p("set-v2p", "10.0.0.2"), v2p("clear-v2p", "10.0.0.9"),
+               v2p("set-v2p", "10.0.0.3"), apply_mod.Action("set-fw", "xde0"),
+               v2p("set-v2p", "10.0.0.4"), v2p("set-v2p", "10.0.0.300")]
+    errors = [str(e) if e else None for _, e in apply_mod.execute_all("/r", actions)]
+    assert opened == ["/r", "/r"]
+    assert errors == [None, "no V2P mapping 10.0.0.9 -> a8:40:25:00:00:01 at fd00:2::1 in VNI 10",
+                      None, None, None, errors[5]] and "10.0.0.300" in errors[5]
+    # arguments checked and made canonical, as set-v2p does them
+    assert made == [("set", "10.0.0.2", "a8:40:25:00:00:01", 10, "dp"),
+                    ("set", "10.0.0.3", "a8:40:25:00:00:01", 10, "dp"), ("other", "set-fw"),
+                    ("set", "10.0.0.4", "a8:40:25:00:00:01", 10, "dp")]
+
+    @contextmanager
+    def unopenable(root):
+        raise XdeError("nothing is loaded under /r: create a port first")
+        yield
+    monkeypatch.setattr("xdectl.datapath.session", unopenable)
+    got = [(a.target, str(e)) for a, e in apply_mod.execute_all("/r", actions[:3])]
+    assert got == [(ip, "nothing is loaded under /r: create a port first")
+                   for ip in ("10.0.0.2", "10.0.0.9", "10.0.0.3")]

@@ -254,14 +254,12 @@ class Agent:
         actions = apply.plan(self.known, want)
         self.known = None          # until every action below is made
         errors = list(problems)
-        for a in actions:
-            if self.stop.is_set():
+        for n, (a, error) in enumerate(apply.execute_all(self.root, actions), 1):
+            if error is not None:       # netlink's too: one change fails, not all
+                errors.append(f"{a.op} {a.target}: {_why(error)}")
+            if self.stop.is_set() and n < len(actions):
                 errors.append("stopped before every change was made")
                 break
-            try:
-                apply.execute(self.root, a)
-            except Exception as e:  # noqa: BLE001 - netlink's too; one change, not all
-                errors.append(f"{a.op} {a.target}: {_why(e)}")
         if len(errors) == len(problems):
             self.known = _as_current(want)
         if actions:

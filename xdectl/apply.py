@@ -503,7 +503,8 @@ def _dest_order(dest):
 
 # --- executing -----------------------------------------------------------------
 
-def execute(root, action):
+def _execute(root, action):
+    """One change but V2P's (see execute_all)."""
     from . import fw, nat, overlay, ports
     op, a = action.op, action.args
     if op == "delete-port":
@@ -514,10 +515,6 @@ def execute(root, action):
         ports.set_gateway(root, *a)
     elif op == "set-external-ips":
         nat.set_external_ips(root, *a)
-    elif op == "set-v2p":
-        overlay.set_v2p(root, *a)
-    elif op == "clear-v2p":
-        overlay.clear_v2p(root, *a)
     elif op == "add-route":
         name, dest, target = a
         # replace, not add: the route may exist with another target
@@ -530,17 +527,69 @@ def execute(root, action):
         raise XdeError(f"internal: unknown action {op}")
 
 
+V2P_OPS = ("set-v2p", "clear-v2p")
+
+
+def execute_all(root, actions):
+    """Make actions in order, yielding (action, None or the exception it
+    raised) after each: the caller may stop between them. A run of V2P
+    changes, most of a sled's first convergence, shares one locked, opened
+    root (opening it per change cost 2.5 ms, the change itself 15 us)."""
+    i = 0
+    while i < len(actions):
+        if actions[i].op not in V2P_OPS:
+            yield actions[i], _error_of(_execute, root, actions[i])
+            i += 1
+            continue
+        run = []
+        while i < len(actions) and actions[i].op in V2P_OPS:
+            run.append(actions[i])
+            i += 1
+        yield from _v2p_run(root, run)
+
+
+def _v2p_run(root, run):
+    from . import overlay
+    from .datapath import session
+
+    def change(maps, a):
+        args = overlay.parse_v2p(*a.args)
+        (overlay.put_v2p if a.op == "set-v2p" else overlay.remove_v2p)(maps, *args)
+
+    done = 0
+    try:
+        with session(root) as (dp, _):
+            maps = overlay.loaded(dp)
+            for a in run:
+                yield a, _error_of(change, maps, a)
+                done += 1
+    except Exception as e:  # noqa: BLE001 - the root would not open: each change failed
+        for a in run[done:]:
+            yield a, e
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the caller decides what a failure stops
+        return e
+    return None
+
+
 def apply(root, path, dry_run=False, out=None):
     """Plan, and unless dry_run execute; returns the list of actions."""
     out = out or (lambda line: print(line, flush=True))
     want = load(path)
     actions = plan(current(root), want)
-    for n, a in enumerate(actions, 1):
-        if not dry_run:
-            try:
-                execute(root, a)
-            except XdeError as e:
-                raise XdeError(f"{a.op} {a.target}: {e} (after {n - 1} of {len(actions)} "
-                               f"changes; apply again to finish)") from None
+    if dry_run:
+        for a in actions:
+            out(a.line())
+        return actions
+    for n, (a, error) in enumerate(execute_all(root, actions), 1):
+        if isinstance(error, XdeError):
+            raise XdeError(f"{a.op} {a.target}: {error} (after {n - 1} of {len(actions)} "
+                           f"changes; apply again to finish)") from None
+        if error is not None:
+            raise error
         out(a.line())
     return actions

@@ -50,18 +50,23 @@ def put_v2p(maps, ip, mac, underlay, vni):
 def set_v2p(root, ip, mac, underlay, vni):
     ip, mac, underlay, vni = parse_v2p(ip, mac, underlay, vni)
     with session(root) as (dp, _):
-        put_v2p(_loaded(dp), ip, mac, underlay, vni)
+        put_v2p(loaded(dp), ip, mac, underlay, vni)
+
+
+def remove_v2p(maps, ip, mac, underlay, vni):
+    """Remove a mapping, which must be exactly this one."""
+    m = maps["v2p"]
+    k = v2p_key(m, vni, ip)
+    cur = m.get(k)
+    if cur is None or mac_str(cur.mac) != mac or ip6_str(cur.underlay) != underlay:
+        raise XdeError(f"no V2P mapping {ip} -> {mac} at {underlay} in VNI {vni}")
+    m.delete(k)
 
 
 def clear_v2p(root, ip, mac, underlay, vni):
     ip, mac, underlay, vni = parse_v2p(ip, mac, underlay, vni)
     with session(root) as (dp, _):
-        m = _loaded(dp)["v2p"]
-        k = v2p_key(m, vni, ip)
-        cur = m.get(k)
-        if cur is None or mac_str(cur.mac) != mac or ip6_str(cur.underlay) != underlay:
-            raise XdeError(f"no V2P mapping {ip} -> {mac} at {underlay} in VNI {vni}")
-        m.delete(k)
+        remove_v2p(loaded(dp), ip, mac, underlay, vni)
 
 
 def dump_v2p(root):
@@ -89,7 +94,7 @@ def load_v2p(root, stream):
         except XdeError as e:
             raise XdeError(f"line {n}: {e}") from None
     with session(root) as (dp, _):
-        m = _loaded(dp)["v2p"]
+        m = loaded(dp)["v2p"]
         for i in range(0, len(rows), BATCH):
             chunk = rows[i:i + BATCH]
             m.update_batch([(v2p_key(m, vni, ip), _v2p_val(m, mac, u)) for ip, mac, u, vni in chunk])
@@ -234,7 +239,7 @@ def remove_port_routes(maps, index):
                 m.delete(k)
 
 
-def _loaded(dp):
+def loaded(dp):
     if not dp.exists():
         raise XdeError(f"nothing is loaded under {dp.root}: create a port first")
     return dp.maps()
