@@ -246,8 +246,8 @@ def _reason(e):
     else what went wrong with the connection."""
     # etcd3gw keeps its exceptions' text in detail_text, not in args
     text = getattr(e, "detail_text", None) or str(e)
-    if _message_of(text):
-        return _message_of(text)
+    if message := _message_of(text):
+        return message
     for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
                   "Connection reset", "Remote end closed", "Permission denied"):
         if known.lower() in text.lower():
