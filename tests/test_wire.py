@@ -196,8 +196,11 @@ def test_flow_label_and_source_port_per_flow(wire):
         assert len(vals) == 1, f"flow {k} used several labels/ports/links: {vals}"
     labels = [next(iter(v))[0] for v in by_flow.values()]
     sports = [next(iter(v))[1] for v in by_flow.values()]
-    assert len(set(labels)) == len(labels), f"flows share a flow label: {dict(by_flow)}"
-    assert len(set(sports)) == len(sports), f"flows share a source port: {dict(by_flow)}"
+    # the seed is random per root: two of these flows share a 14-bit source
+    # port about once in 1,100 roots (a 20-bit label once in 70,000); a hash
+    # blind to the flow gives them all one
+    assert len(set(labels)) >= len(labels) - 1, f"flows share a flow label: {dict(by_flow)}"
+    assert len(set(sports)) >= len(sports) - 1, f"flows share a source port: {dict(by_flow)}"
 
 
 def test_flow_label_is_a_function_of_the_inner_five_tuple(wire):

@@ -1518,7 +1518,7 @@ def _route_out(inst, res, port, frame, p, tos):
                  "tc": tos}
     if inst.hash_seed is not None:
         h = flow_hash(p, inst.hash_seed)
-        res.encap["label"] = h & 0xFFFFF
+        res.encap["label"] = h & 0xFFFFF or 1        # never 0: "unlabelled"
         res.encap["sport"] = 0xC000 | ((h >> 16) & 0x3FFF)
     return res
 
