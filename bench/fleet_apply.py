@@ -1,7 +1,7 @@
 """A large first `fleet apply`, against a three-member etcd of its own (in a
 namespace of its own, on loopback), for each size in --ports:
 
-    .venv/bin/python bench/fleet_apply.py [--ports 20000,80000] [--out bench/results/fleet_apply.json]
+    .venv/bin/python bench/fleet_apply.py [--ports 20000,100000] [--out bench/results/fleet_apply.json]
 
   parse     the file checked whole (`fleet.parse`), as `fleet apply` does first
   apply     `fleet.apply_file` with the CLI's client: read, diff, one transaction
@@ -31,19 +31,26 @@ from xdelab.fleet import fleet_text
 SLEDS = [f"sled{i}" for i in range(1, 101)]
 
 
+@contextlib.contextmanager
 def cluster():
+    """A three-member etcd in a namespace of its own, and a client there."""
     ns = f"xba{os.getpid()}-{time.monotonic_ns() % 10**6}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
     c = Cluster(ns, "127.0.0.1", tempfile.mkdtemp(prefix="xde-bench-", dir="/var/tmp"), size=3)
-    c.start()
-    return ns, c
-
-
-def removed(ns, c):
-    c.stop()
-    subprocess.run(["rm", "-rf", str(c.dir)], check=True)
-    subprocess.run(["ip", "netns", "del", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        c.start()
+        netns.pushns(ns)
+        e = Etcd(c.urls, txn_timeout=30)     # as `xdectl fleet apply`
+        try:
+            yield e
+        finally:
+            e.close()
+            netns.popns()
+    finally:
+        c.stop()
+        subprocess.run(["rm", "-rf", str(c.dir)], check=True)
+        subprocess.run(["ip", "netns", "del", ns], check=True)
 
 
 def one(n):
@@ -54,35 +61,24 @@ def one(n):
     keys = fleet.to_keys(f)
     out["keys"] = len(keys)
     for label in ("baseline_s", "apply_s"):
-        ns, c = cluster()
-        try:
-            with netns_of(ns):
-                e = Etcd(c.urls, answer_timeout=60)     # as `xdectl fleet apply`
-                t = time.perf_counter()
-                if label == "baseline_s":
-                    e.txn([], sorted(keys.items()))
-                else:
-                    _, puts, _ = fleet.apply_file(e, f)
-                    out["reported_puts"] = puts
-                out[label] = round(time.perf_counter() - t, 3)
-        finally:
-            removed(ns, c)
+        with cluster() as e:
+            t = time.perf_counter()
+            if label == "baseline_s":
+                e.txn([], sorted(keys.items()))
+            else:
+                _, puts, _ = fleet.apply_file(e, f)
+                out["reported_puts"] = puts
+            out[label] = round(time.perf_counter() - t, 3)
     out["apply_vs_baseline"] = round(out["apply_s"] / out["baseline_s"], 2)
+    if out["reported_puts"] != out["keys"]:
+        sys.exit(f"bench/fleet_apply.py: the apply of {n} ports reported {out['reported_puts']} "
+                 f"keys written, not {out['keys']}")
     return out
-
-
-@contextlib.contextmanager
-def netns_of(ns):
-    netns.pushns(ns)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ports", default="20000,80000")
+    ap.add_argument("--ports", default="20000,100000")
     ap.add_argument("--out", default="bench/results/fleet_apply.json")
     a = ap.parse_args()
     if os.geteuid():

@@ -585,8 +585,12 @@ class LosingEtcd(FakeEtcd):
     def __init__(self, losses, made):
         super().__init__()
         self.losses, self.made, self.in_flight = losses, made, None
+        self.down_after_loss, self.lost, self.reads = False, False, []
 
     def range(self, prefix):
+        self.reads.append(prefix)
+        if self.down_after_loss and self.lost:
+            raise etcd.Unavailable("etcd unreachable (http://127.0.0.1:1: connection refused)")
         out = super().range(prefix)
         if self.in_flight:
             super().txn(*self.in_flight)
@@ -597,6 +601,7 @@ class LosingEtcd(FakeEtcd):
         if not self.losses:
             return super().txn(compare, puts, deletes)
         self.losses -= 1
+        self.lost = True
         if self.made == "now":
             super().txn(compare, puts, deletes)
         elif self.made == "late":
@@ -623,14 +628,22 @@ def test_apply_never_answered_says_it_may_still_be_made():
     with pytest.raises(XdeError) as exc:
         fleet.apply_file(e, fleet.parse(text()))
     assert str(exc.value) == ("etcd unreachable (http://127.0.0.1:1: timed out); the apply may "
-                              "still be made: `xdectl fleet status` shows the last applied "
+                              "have been made: `xdectl fleet status` shows the last applied "
                               "revision, and applying the file again is safe")
-    assert fleet.PORT + "a1" not in e.kv
+    assert fleet.PORT + "a1" not in e.kv and len(e.reads) == 4     # each try's, and a last look
+
+
+def test_apply_whose_answer_was_lost_and_etcd_then_went_says_it_may_be_made():
+    e = LosingEtcd(losses=1, made="now")
+    e.down_after_loss = True
+    with pytest.raises(XdeError, match=r"etcd unreachable \(http://127.0.0.1:1: connection "
+                                       r"refused\); the apply may have been made"):
+        fleet.apply_file(e, fleet.parse(text()))
 
 
 def test_apply_gives_up_after_three_races():
     e = RacingEtcd(races=3)
-    with pytest.raises(XdeError, match="changed while it was being applied, three times"):
+    with pytest.raises(XdeError, match="changed while it was being applied, 3 times"):
         fleet.apply_file(e, fleet.parse(text()))
     assert fleet.PORT + "a1" not in e.kv
 

@@ -61,14 +61,16 @@ def parse_urls(urls):
 
 
 class Etcd:
-    def __init__(self, urls=DEFAULT_URL, timeout=2.0, answer_timeout=None):
-        """timeout: seconds to connect, and for an answer unless answer_timeout
-        says otherwise (a large transaction takes etcd seconds: waiting less
-        would send it to the next member while the first may make it)."""
+    """One thread's client (a call sets its endpoint's timeout)."""
+
+    def __init__(self, urls=DEFAULT_URL, timeout=2.0, txn_timeout=None):
+        """timeout: seconds to connect, and for an answer; txn_timeout: for a
+        transaction's answer (a large one takes etcd seconds: waiting less
+        sends it to the next member while the first may still make it)."""
         self.urls = urls
         self.timeout = timeout
-        self.clients = [Etcd3Client(host=h, port=p, protocol=s, api_path="/v3/",
-                                    timeout=(timeout, answer_timeout or timeout))
+        self.txn_timeout = txn_timeout or timeout
+        self.clients = [Etcd3Client(host=h, port=p, protocol=s, timeout=timeout, api_path="/v3/")
                         for s, h, p in parse_urls(urls)]
         for c in self.clients:
             # etcd's "require leader": a member cut off from the others' quorum
@@ -85,7 +87,7 @@ class Etcd:
         """The URL the next call tries first (the last that answered)."""
         return self._url(self.clients[self.current])
 
-    def _post(self, path, body, **kw):
+    def _post(self, path, body, answer_timeout=None):
         """POST to the first endpoint that answers, starting at the last one
         that did."""
         errors = []
@@ -93,7 +95,7 @@ class Etcd:
             n = (self.current + i) % len(self.clients)
             c = self.clients[n]
             try:
-                out = c.post(c.get_url(path), json=body, **kw)
+                out = self._ask(c, path, body, answer_timeout)
             except (ConnectionFailedError, ConnectionTimeoutError,
                     requests.RequestException, ValueError) as e:
                 # (a member killed mid-answer: a cut or unreadable body)
@@ -104,6 +106,11 @@ class Etcd:
             self.current = n
             return out
         raise Unavailable("etcd unreachable (" + "; ".join(errors) + ")")
+
+    def _ask(self, c, path, body, answer_timeout=None):
+        # etcd3gw's post() takes its timeout from the client: (connect, answer)
+        c.timeout = (self.timeout, answer_timeout or self.timeout)
+        return c.post(c.get_url(path), json=body)
 
     def close(self):
         for c in self.clients:
@@ -139,7 +146,7 @@ class Etcd:
                         for k, v in puts]
                        + [{"request_delete_range": {"key": _b64(k)}} for k in deletes],
         }
-        r = self._post("/kv/txn", body)
+        r = self._post("/kv/txn", body, answer_timeout=self.txn_timeout)
         return bool(r.get("succeeded")), int(r["header"]["revision"])
 
     def put(self, key, value, lease=None):
@@ -173,7 +180,7 @@ class Etcd:
         out = []
         for c in self.clients:
             try:
-                s = c.post(c.get_url("/maintenance/status"), json={})
+                s = self._ask(c, "/maintenance/status", {})
                 out.append({"endpoint": self._url(c), "version": s.get("version"),
                             "db_size": int(s.get("dbSize", 0)),
                             "leader": s.get("leader") == s.get("header", {}).get("member_id"),

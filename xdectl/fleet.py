@@ -248,18 +248,17 @@ def apply_file(etcd, fleet, attempts=3):
     lost (a timeout, a member gone mid-answer: etcd may have made it, or
     may still) is known made when the marker is ours, and otherwise tried
     again against the marker's revision, which fails if it was made after
-    all."""
+    all. Another apply landing between two tries is overwritten, as when
+    it lands between a read and a transaction."""
     want = to_keys(fleet)
     marker = _json({"ports": len(fleet.ports), "vpcs": len(fleet.vpcs),
                     "id": secrets.token_hex(8)})
-    sent, lost = None, None
-    for attempt in range(attempts + 1):
-        _, have = etcd.range(FLEET)
+    sent = lost = None
+    for _ in range(attempts):
+        have = _read(etcd, lost)
         value, mod_revision = have.get(APPLIED, (None, 0))
         if value == marker:
             return mod_revision, *sent
-        if attempt == attempts:
-            break
         puts = [(k, v) for k, v in sorted(want.items()) if have.get(k, (None,))[0] != v]
         deletes = sorted(k for k in have if k.startswith((VPC, PORT)) and k not in want)
         sent = len(puts), len(deletes)
@@ -273,9 +272,28 @@ def apply_file(etcd, fleet, attempts=3):
             return revision, *sent
         lost = None
     if lost:
-        raise XdeError(f"{lost}; the apply may still be made: `xdectl fleet status` shows "
-                       f"the last applied revision, and applying the file again is safe")
-    raise XdeError("the fleet changed while it was being applied, three times: apply again")
+        value, mod_revision = _read(etcd, lost).get(APPLIED, (None, 0))
+        if value == marker:
+            return mod_revision, *sent
+        raise _maybe_made(lost)
+    raise XdeError(f"the fleet changed while it was being applied, {attempts} times: "
+                   f"apply again")
+
+
+def _read(etcd, lost):
+    """The fleet's keys; after a lost answer, not being able to read them
+    says the apply may have been made."""
+    try:
+        return etcd.range(FLEET)[1]
+    except Unavailable as e:
+        if lost:
+            raise _maybe_made(e) from None
+        raise
+
+
+def _maybe_made(why):
+    return XdeError(f"{why}; the apply may have been made: `xdectl fleet status` shows the "
+                    f"last applied revision, and applying the file again is safe")
 
 
 def status(etcd):

@@ -18,7 +18,8 @@ from xdectl.errors import XdeError
 from xdectl.etcd import Etcd
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
-FLEET_FLAGS = ["--max-txn-ops", "100000", "--max-request-bytes", str(32 << 20),
+# a fleet apply is one transaction: a key per port and VPC, and the marker
+FLEET_FLAGS = ["--max-txn-ops", "200000", "--max-request-bytes", str(32 << 20),
                "--heartbeat-interval", "50", "--election-timeout", "500"]
 
 

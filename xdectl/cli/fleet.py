@@ -39,8 +39,9 @@ def fleet_apply(file: str = typer.Argument(..., help="The fleet file (TOML)."),
     from .. import fleet
     from ..etcd import Etcd
     desired = fleet.load(file)
-    # etcd answers a large apply in seconds (bench/fleet_apply.py: 80,000 ports, 2.7 s)
-    revision, puts, deletes = fleet.apply_file(Etcd(etcd, answer_timeout=60), desired)
+    # etcd answers a large apply in seconds (bench/fleet_apply.py: 100,000 ports, 3 s),
+    # or says itself that it timed out (after about 7 s)
+    revision, puts, deletes = fleet.apply_file(Etcd(etcd, txn_timeout=30), desired)
     if as_json:
         print(json.dumps({"revision": revision, "put": puts, "deleted": deletes}))
     else:
