@@ -789,10 +789,15 @@ def test_execute_all_opens_the_root_once_per_run_of_v2p_changes(monkeypatch):
     from xdectl import overlay
     opened, made = [], []
 
+    closed = []
+
     @contextmanager
     def session(root):
         opened.append(root)
-        yield "dp", None
+        try:
+            yield "dp", None
+        finally:
+            closed.append(root)
 
     def remove(maps, ip, mac, underlay, vni):
         if ip == "10.0.0.9":
@@ -812,13 +817,20 @@ def test_execute_all_opens_the_root_once_per_run_of_v2p_changes(monkeypatch):
                v2p("set-v2p", "10.0.0.3"), apply_mod.Action("set-fw", "xde0"),
                v2p("set-v2p", "10.0.0.4"), v2p("set-v2p", "10.0.0.300")]
     errors = [str(e) if e else None for _, e in apply_mod.execute_all("/r", actions)]
-    assert opened == ["/r", "/r"]
+    assert opened == ["/r", "/r"] and closed == opened
     assert errors == [None, "no V2P mapping 10.0.0.9 -> a8:40:25:00:00:01 at fd00:2::1 in VNI 10",
                       None, None, None, errors[5]] and "10.0.0.300" in errors[5]
     # arguments checked and made canonical, as set-v2p does them
     assert made == [("set", "10.0.0.2", "a8:40:25:00:00:01", 10, "dp"),
                     ("set", "10.0.0.3", "a8:40:25:00:00:01", 10, "dp"), ("other", "set-fw"),
                     ("set", "10.0.0.4", "a8:40:25:00:00:01", 10, "dp")]
+
+    # a caller that stops mid-run and closes the generator unlocks the root
+    from contextlib import closing
+    with closing(apply_mod.execute_all("/r", actions)) as making:
+        next(making)
+        assert len(closed) == 2 < len(opened)
+    assert closed == opened
 
     @contextmanager
     def unopenable(root):

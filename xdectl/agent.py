@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import closing
 
 from . import apply, fleet, validate
 from .errors import XdeError
@@ -254,12 +255,14 @@ class Agent:
         actions = apply.plan(self.known, want)
         self.known = None          # until every action below is made
         errors = list(problems)
-        for n, (a, error) in enumerate(apply.execute_all(self.root, actions), 1):
-            if error is not None:       # netlink's too: one change fails, not all
-                errors.append(f"{a.op} {a.target}: {_why(error)}")
-            if self.stop.is_set() and n < len(actions):
-                errors.append("stopped before every change was made")
-                break
+        with closing(apply.execute_all(self.root, actions)) as making:
+            for _ in actions:
+                if self.stop.is_set():
+                    errors.append("stopped before every change was made")
+                    break
+                a, error = next(making)
+                if error is not None:       # netlink's too: one change fails, not all
+                    errors.append(f"{a.op} {a.target}: {_why(error)}")
         if len(errors) == len(problems):
             self.known = _as_current(want)
         if actions:
@@ -271,22 +274,7 @@ class Agent:
         from . import boundary
         want = nat_table(state)
         self.read_at = time.monotonic()      # the table is read whole each time
-        have = {e["external"]: (e["sled"], e["vni"], e["mac"])
-                for e in boundary.dump_nat(self.root)}
-        errors, changes = [], 0
-        for target in sorted(set(have) - set(want)):
-            changes += 1
-            try:
-                boundary.clear_nat(self.root, target)
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"clear-nat {target}: {_why(e)}")
-        for target, owner in sorted(want.items()):
-            if have.get(target) != owner:
-                changes += 1
-                try:
-                    boundary.set_nat(self.root, target, *owner)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(f"set-nat {target}: {_why(e)}")
+        changes, errors = boundary.sync_nat(self.root, want)
         if changes:
             self.log(f"agent {self.sled}: revision {self.rev}: {changes} NAT changes"
                      + (f", {len(errors)} failed" if errors else ""))

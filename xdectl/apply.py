@@ -82,6 +82,7 @@ again finishes the job.
 """
 import dataclasses
 import ipaddress
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from .errors import XdeError
@@ -532,9 +533,11 @@ V2P_OPS = ("set-v2p", "clear-v2p")
 
 def execute_all(root, actions):
     """Make actions in order, yielding (action, None or the exception it
-    raised) after each: the caller may stop between them. A run of V2P
-    changes, most of a sled's first convergence, shares one locked, opened
-    root (opening it per change cost 2.5 ms, the change itself 15 us)."""
+    raised) after each: the caller may stop between them, and closes the
+    generator (contextlib.closing) when it does. A run of V2P changes, most
+    of a sled's first convergence, shares one locked, opened root (opening
+    it per change cost 2.5 ms, the change itself 15 us): the root stays
+    locked while the caller holds a V2P change's result."""
     i = 0
     while i < len(actions):
         if actions[i].op not in V2P_OPS:
@@ -585,11 +588,12 @@ def apply(root, path, dry_run=False, out=None):
         for a in actions:
             out(a.line())
         return actions
-    for n, (a, error) in enumerate(execute_all(root, actions), 1):
-        if isinstance(error, XdeError):
-            raise XdeError(f"{a.op} {a.target}: {error} (after {n - 1} of {len(actions)} "
-                           f"changes; apply again to finish)") from None
-        if error is not None:
-            raise error
-        out(a.line())
+    with closing(execute_all(root, actions)) as making:
+        for n, (a, error) in enumerate(making, 1):
+            if isinstance(error, XdeError):
+                raise XdeError(f"{a.op} {a.target}: {error} (after {n - 1} of {len(actions)} "
+                               f"changes; apply again to finish)") from None
+            if error is not None:
+                raise error
+            out(a.line())
     return actions
