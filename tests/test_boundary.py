@@ -359,6 +359,46 @@ def test_nat_table(net):
     assert net.json("boundary", "stats")["nat_entries"] == 4
 
 
+SYNC_NAT = """
+import json, sys
+from xdectl import boundary
+want = {k: tuple(v) for k, v in json.loads(sys.stdin.read()).items()}
+print(json.dumps(boundary.sync_nat(sys.argv[1], want)))
+"""
+
+
+def _sync_nat(net, want):
+    """boundary.sync_nat in the boundary's namespace: (changes, errors)."""
+    p = net.bsvc.run(PY, "-c", SYNC_NAT, str(net.root), input=json.dumps(want))
+    assert p.returncode == 0, p.stderr
+    return tuple(json.loads(p.stdout))
+
+
+def test_sync_nat_makes_the_table_whole(net):
+    """What the boundary agent keeps: the table made equal to a wanted one
+    in one pass, what goes cleared before what comes (a range shrunk in
+    place), each failure alone."""
+    before = net.json("boundary", "dump-nat")
+    owners = {e["external"]: (e["sled"], e["vni"], e["mac"]) for e in before}
+    assert owners and _sync_nat(net, owners) == (0, [])          # as it is: nothing to do
+    want = {k: v for k, v in owners.items() if k != FLOATING6}
+    want[FLOATING] = (PEER_ADDR, 10, G1_MAC)                     # another owner
+    want[f"{SNAT}:1024-1535"] = want.pop(f"{SNAT}:1024-2047")    # overlaps what it replaces
+    want["203.0.113.9"] = (PEER_ADDR, 11, G2_MAC)                # new
+    want[f"{SNAT}:3000-3100"] = (PEER_ADDR, 10, G1_MAC)          # overlaps :2048-3071
+    want["300.1.1.1"] = (PEER_ADDR, 10, G1_MAC)                  # not an address
+    changes, errors = _sync_nat(net, want)
+    assert changes == 6 and len(errors) == 2, errors       # 2 cleared, 4 set (1 refused)
+    assert errors[0].startswith("set-nat 300.1.1.1: external address '300.1.1.1'")
+    assert errors[1].startswith(f"set-nat {SNAT}:3000-3100: {SNAT}:3000-3100 overlaps "
+                                f"{SNAT}:2048-3071 ->")
+    got = {e["external"]: (e["sled"], e["vni"], e["mac"]) for e in net.json("boundary", "dump-nat")}
+    assert got == {k: v for k, v in want.items() if k not in ("300.1.1.1", f"{SNAT}:3000-3100")}
+    assert _sync_nat(net, owners) == (5, [])                    # and back
+    assert net.json("boundary", "dump-nat") == before
+    assert net.json("boundary", "stats")["nat_entries"] == len(before)
+
+
 def test_decap_hands_the_packet_to_the_kernel(net):
     """Geneve in VNI 99 for the boundary: the inner packet, IPv4 and IPv6,
     leaves toward inet routed by the kernel, its source kept."""
