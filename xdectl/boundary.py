@@ -523,7 +523,7 @@ def sync_nat(root, want):
     """Make the NAT table hold exactly want ({external: (sled, vni, mac)},
     as set-nat takes them), through one read of the table: entries not
     wanted are cleared first, then the missing and changed ones set.
-    Returns (changes made, one line for each change that failed)."""
+    Returns (changes tried, one line for each change that failed)."""
     errors, wanted = [], {}
     for text, owner in sorted(want.items()):
         try:
