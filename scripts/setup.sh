@@ -27,9 +27,10 @@ case "$what" in
     # sysctl (procps) and ip in test namespaces; captures and their decoder;
     # TCP load; Open vSwitch as a foreign Geneve peer; systemd-analyze,
     # vagrant and shellcheck check deploy/ and vagrant/; a real Prometheus;
-    # rdisc6 (ndisc6) asks the gateway for a router advertisement.
+    # rdisc6 (ndisc6) asks the gateway for a router advertisement; openssl
+    # makes the certificates of the etcd the TLS tests start.
     packages+=(procps ethtool tcpdump tshark iperf3 openvswitch-switch systemd
-               prometheus vagrant vagrant-libvirt shellcheck ndisc6)
+               prometheus vagrant vagrant-libvirt shellcheck ndisc6 openssl)
     extras="test"
     if [ "$what" = bench ]; then
       packages+=(bpftool linux-perf)

@@ -845,6 +845,59 @@ def test_a_quiet_watch_etcd_never_confirmed_is_an_outage():
         list(e.watch(fleet.FLEET, 8, idle=1))
 
 
+def test_tls_files_are_checked_before_etcd_is_asked(tmp_path):
+    import requests
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.pem", "c.key"))
+    for f in (ca, cert, key):
+        f.write_text("x")
+    https = "https://10.0.0.1:2379,https://10.0.0.2:2379"
+    assert etcd.check_tls(https) is None
+    assert etcd.check_tls(https, str(ca)) == etcd.Tls(str(ca))
+    assert etcd.check_tls(https, None, str(cert), str(key)) == etcd.Tls(None, str(cert), str(key))
+    for args, why in (
+            ((str(ca), str(cert), None), "give the client certificate and its key together"),
+            ((None, None, str(key)), "give the client certificate and its key together"),
+            ((str(tmp_path / "none.pem"),), f"CA {tmp_path}/none.pem: No such file"),
+            ((str(ca), str(tmp_path), str(key)), f"client certificate {tmp_path}: Is a directory")):
+        with pytest.raises(XdeError) as exc:
+            etcd.check_tls(https, *args)
+        assert str(exc.value).startswith("etcd TLS") and why in str(exc.value), exc.value
+    with pytest.raises(XdeError, match=r"TLS files given, but http://10.0.0.3:2379 is not "
+                                       r"https://: they would not be used"):
+        etcd.check_tls(https + ",http://10.0.0.3:2379", str(ca))
+    # every request verifies with the CA (given with the request: requests prefers
+    # REQUESTS_CA_BUNDLE to a session's own) and shows the client certificate
+    e = etcd.Etcd(https, tls=etcd.Tls(str(ca), str(cert), str(key)))
+    asked = []
+
+    def post(url, **kw):
+        asked.append(kw)
+        raise requests.ConnectionError("refused")
+    for c in e.clients:
+        assert c.session.cert == (str(cert), str(key))
+        c.session.post = post
+    with pytest.raises(etcd.Unavailable):
+        e.range("/x/")
+    with pytest.raises(etcd.Unavailable):
+        list(e.watch("/x/", 1))
+    assert len(asked) == 3 and all(kw["verify"] == str(ca) for kw in asked)
+
+
+def test_tls_errors_say_why_in_a_few_words():
+    from etcd3gw.exceptions import ConnectionFailedError
+    text = ("HTTPSConnectionPool(host='10.0.0.1', port=2379): Max retries exceeded with url: "
+            "/v3/kv/range (Caused by SSLError(SSLCertVerificationError(1, '[SSL: "
+            "CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
+            "certificate (_ssl.c:1032)')))")
+    assert etcd._reason(ConnectionFailedError(text)) == \
+        "TLS: certificate verify failed: unable to get local issuer certificate"
+    text = ("HTTPSConnectionPool(host='127.0.0.1', port=2379): Max retries exceeded with url: "
+            "/v3/kv/range (Caused by SSLError(SSLEOFError(8, 'EOF occurred in violation of "
+            "protocol (_ssl.c:2393)')))")
+    assert etcd._reason(ConnectionFailedError(text)) == \
+        "TLS: etcd ended the handshake (does it trust this client's certificate?)"
+
+
 NO_LEADER = {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader",
              "http_status": "Service Unavailable"}
 

@@ -45,7 +45,7 @@ FULL_READ_EVERY = 30.0
 
 class Agent:
     def __init__(self, etcd_urls, sled, root, underlays=(), underlay_addr=None,
-                 boundary=False, ttl=DEFAULT_TTL, report_file=None, log=None):
+                 boundary=False, ttl=DEFAULT_TTL, report_file=None, log=None, tls=None):
         self.sled = fleet.sled_name(sled, "--sled")
         self.root = root
         self.boundary = boundary
@@ -56,8 +56,8 @@ class Agent:
                            "(or --boundary on a boundary-services host)")
         self.ttl = ttl
         self.report_file = report_file
-        self.urls = etcd_urls
-        self.etcd = Etcd(etcd_urls)
+        self.urls, self.tls = etcd_urls, tls
+        self.etcd = self.client()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.stop = threading.Event()
         self.kvs = None          # key -> value under /xde/fleet/, as of self.rev
@@ -74,6 +74,10 @@ class Agent:
         self._report_lock = threading.Lock()
 
     # --- the loop ---------------------------------------------------------
+
+    def client(self):
+        """An etcd client (one per thread)."""
+        return Etcd(self.urls, tls=self.tls)
 
     def run(self):
         """Until stop is set (SIGTERM, SIGINT)."""
@@ -167,7 +171,7 @@ class Agent:
     def _keep_alive(self):
         """The lease's heartbeat, in its own thread and with its own client,
         so that a long reconcile does not let it end."""
-        etcd = Etcd(self.urls)
+        etcd = self.client()
         while not self.stop.wait(self.ttl / 3):
             lease = self.lease
             if lease is None:
@@ -321,10 +325,11 @@ def nat_table(state):
 
 
 def run(etcd_urls, sled, root, underlays, underlay_addr, boundary=False, ttl=DEFAULT_TTL,
-        report_file=None):
+        report_file=None, tls=None):
     """The CLI's entry: run until SIGTERM or SIGINT."""
     import signal
-    agent = Agent(etcd_urls, sled, root, underlays, underlay_addr, boundary, ttl, report_file)
+    agent = Agent(etcd_urls, sled, root, underlays, underlay_addr, boundary, ttl, report_file,
+                  tls=tls)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
     agent.run()

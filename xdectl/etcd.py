@@ -9,6 +9,8 @@ Several endpoints: a call that cannot reach one tries the next.
 """
 import base64
 import json
+import re
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
@@ -60,18 +62,58 @@ def parse_urls(urls):
     return out
 
 
+@dataclass(frozen=True)
+class Tls:
+    """How to reach etcd over https: the CA that signed its members'
+    certificates (None: the system's), and this client's certificate and
+    key (None: none; etcd with --client-cert-auth refuses such a client)."""
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+def check_tls(urls, ca=None, cert=None, key=None):
+    """The Tls for urls from the files named (all None: None), or XdeError:
+    a certificate without its key, a file that cannot be read, or TLS files
+    with http:// URLs (they would be ignored)."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise XdeError("etcd TLS: give the client certificate and its key together "
+                       "(--etcd-cert, --etcd-key)")
+    for what, path in (("CA", ca), ("client certificate", cert), ("client key", key)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise XdeError(f"etcd TLS: {what} {path}: {e.strerror}") from None
+    plain = [f"{s}://{h}:{p}" for s, h, p in parse_urls(urls) if s != "https"]
+    if plain:
+        raise XdeError(f"etcd TLS files given, but {plain[0]} is not https://: "
+                       f"they would not be used")
+    return Tls(ca, cert, key)
+
+
 class Etcd:
     """One thread's client (a call sets its endpoint's timeout)."""
 
-    def __init__(self, urls=DEFAULT_URL, timeout=2.0, txn_timeout=None):
+    def __init__(self, urls=DEFAULT_URL, timeout=2.0, txn_timeout=None, tls=None):
         """timeout: seconds to connect, and for an answer; txn_timeout: for a
         transaction's answer (a large one takes etcd seconds: waiting less
-        sends it to the next member while the first may still make it)."""
+        sends it to the next member while the first may still make it);
+        tls: a Tls (check_tls) for https:// URLs."""
         self.urls = urls
         self.timeout = timeout
         self.txn_timeout = txn_timeout or timeout
-        self.clients = [Etcd3Client(host=h, port=p, protocol=s, timeout=timeout, api_path="/v3/")
+        self.tls = tls
+        tls = tls or Tls()
+        self.clients = [Etcd3Client(host=h, port=p, protocol=s, timeout=timeout, api_path="/v3/",
+                                    cert_cert=tls.cert, cert_key=tls.key)
                         for s, h, p in parse_urls(urls)]
+        # the CA with each request: requests lets REQUESTS_CA_BUNDLE win over
+        # a session's own, which would silently ignore --etcd-ca
+        self.verify = {"verify": tls.ca} if tls.ca else {}
         for c in self.clients:
             # etcd's "require leader": a member cut off from the others' quorum
             # refuses calls and ends its watches (the gateway passes
@@ -110,7 +152,7 @@ class Etcd:
     def _ask(self, c, path, body, answer_timeout=None):
         # etcd3gw's post() takes its timeout from the client: (connect, answer)
         c.timeout = (self.timeout, answer_timeout or self.timeout)
-        return c.post(c.get_url(path), json=body)
+        return c.post(c.get_url(path), json=body, **self.verify)
 
     def close(self):
         for c in self.clients:
@@ -202,7 +244,7 @@ class Etcd:
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
                                    "start_revision": start}}
         try:
-            resp = c.session.post(c.get_url("/watch"), json=body, stream=True,
+            resp = c.session.post(c.get_url("/watch"), json=body, stream=True, **self.verify,
                                   timeout=(self.timeout, idle))
         except requests.RequestException as e:
             self.current = (self.current + 1) % len(self.clients)
@@ -255,6 +297,12 @@ def _reason(e):
     text = getattr(e, "detail_text", None) or str(e)
     if message := _message_of(text):
         return message
+    if tls := re.search(r"SSLError\(\w+\(\d+, '(?:\[\w+: \w+\] )?(.+?)(?: \(_ssl\.c:\d+\))?'",
+                        text):
+        why = tls.group(1)            # e.g. certificate verify failed: ...
+        if why.startswith("EOF occurred"):      # what etcd's refusal looks like
+            why = "etcd ended the handshake (does it trust this client's certificate?)"
+        return f"TLS: {why}"
     for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
                   "Connection reset", "Remote end closed", "Permission denied"):
         if known.lower() in text.lower():

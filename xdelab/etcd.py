@@ -15,7 +15,7 @@ from pathlib import Path
 from pyroute2 import netns
 
 from xdectl.errors import XdeError
-from xdectl.etcd import Etcd
+from xdectl.etcd import Etcd, Tls
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
 # a fleet apply is one transaction: a key per port and VPC, and the marker
@@ -23,12 +23,40 @@ FLEET_FLAGS = ["--max-txn-ops", "200000", "--max-request-bytes", str(32 << 20),
                "--heartbeat-interval", "50", "--election-timeout", "500"]
 
 
+def make_certs(directory, addr):
+    """A CA, a server certificate for addr and a client certificate, made
+    with openssl in directory: (server cert, server key, Tls of the client)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", *key, "-keyout", d / "ca.key", "-out", d / "ca.pem", "-days", "2",
+        "-subj", "/CN=xde lab CA")
+    # (etcd's HTTP gateway reaches its own gRPC server with the server's
+    # certificate: it must be good for clients too)
+    for name, ext in (("server", f"subjectAltName=IP:{addr}\n"
+                                 "extendedKeyUsage=serverAuth,clientAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        (d / f"{name}.ext").write_text(ext)
+        run("req", *key, "-keyout", d / f"{name}.key", "-out", d / f"{name}.csr",
+            "-subj", f"/CN=xde lab {name}")
+        run("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", d / f"{name}.ext",
+            "-out", d / f"{name}.pem")
+    return (str(d / "server.pem"), str(d / "server.key"),
+            Tls(str(d / "ca.pem"), str(d / "client.pem"), str(d / "client.key")))
+
+
 class Member:
     def __init__(self, cluster, n):
         self.name = f"m{n}"
         host = f"[{cluster.addr}]" if ":" in cluster.addr else cluster.addr
+        scheme = "https" if cluster.certs else "http"
         # members share the host's address, one port pair each
-        self.client_url = f"http://{host}:{CLIENT_PORT + 10000 * (n - 1)}"
+        self.client_url = f"{scheme}://{host}:{CLIENT_PORT + 10000 * (n - 1)}"
         self.peer_url = f"http://{host}:{PEER_PORT + 10000 * (n - 1)}"
         self.data = cluster.dir / f"{self.name}.data"
         self.log = cluster.dir / f"{self.name}.log"
@@ -45,6 +73,10 @@ class Member:
                "--initial-cluster", initial, "--initial-cluster-token", c.token,
                "--initial-cluster-state", "new", "--logger", "zap",
                "--log-outputs", str(self.log), *FLEET_FLAGS]
+        if c.certs:        # clients over TLS, with a certificate of the lab's CA
+            cert, key, client = c.certs
+            cmd += ["--cert-file", cert, "--key-file", key, "--client-cert-auth",
+                    "--trusted-ca-file", client.ca]
         self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{c.netns}", *cmd],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
@@ -78,10 +110,12 @@ class Member:
 
 
 class Cluster:
-    """size members on addr (in netns), their files under directory."""
+    """size members on addr (in netns), their files under directory; with
+    certs (make_certs), clients reach them over TLS with a certificate."""
 
-    def __init__(self, netns, addr, directory, size=1):
-        self.netns, self.addr = netns, addr
+    def __init__(self, netns, addr, directory, size=1, certs=None):
+        self.netns, self.addr, self.certs = netns, addr, certs
+        self.tls = certs[2] if certs else None       # what a client needs
         self.dir = Path(directory)
         self.token = f"xde-{os.getpid()}-{time.monotonic_ns()}"
         self.members = [Member(self, n) for n in range(1, size + 1)]
@@ -110,7 +144,7 @@ class Cluster:
         for m in self.members:
             if not m.running:
                 continue
-            etcd = Etcd(m.client_url, timeout=1)
+            etcd = Etcd(m.client_url, timeout=1, tls=self.tls)
             while True:
                 try:
                     etcd.range("/health-check/")
