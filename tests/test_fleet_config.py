@@ -896,6 +896,9 @@ def test_tls_errors_say_why_in_a_few_words():
             "protocol (_ssl.c:2393)')))")
     assert etcd._reason(ConnectionFailedError(text)) == \
         "TLS: etcd ended the handshake (does it trust this client's certificate?)"
+    text = text.replace("SSLEOFError(8, 'EOF occurred in violation of protocol",
+                        "SSLError(1, '[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+    assert etcd._reason(ConnectionFailedError(text)).startswith("TLS: etcd ended the handshake")
 
 
 NO_LEADER = {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader",

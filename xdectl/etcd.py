@@ -300,7 +300,7 @@ def _reason(e):
     if tls := re.search(r"SSLError\(\w+\(\d+, '(?:\[\w+: \w+\] )?(.+?)(?: \(_ssl\.c:\d+\))?'",
                         text):
         why = tls.group(1)            # e.g. certificate verify failed: ...
-        if why.startswith("EOF occurred"):      # what etcd's refusal looks like
+        if why.startswith("EOF occurred") or " alert " in why:     # etcd's refusal, TLS 1.3, 1.2
             why = "etcd ended the handshake (does it trust this client's certificate?)"
         return f"TLS: {why}"
     for known in ("Connection refused", "timed out", "No route to host", "Network is unreachable",
