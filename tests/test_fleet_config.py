@@ -667,6 +667,14 @@ def test_dump_is_a_fleet_file_of_what_was_applied():
         assert fleet.apply_file(e, fleet.parse(dumped))[1:] == (0, 0)
 
 
+def test_dump_orders_vpcs_by_vni():
+    e = FakeEtcd()
+    vpcs = [dict(VPC20, vni=vni, subnet=f"10.{n}.0.0/24", gateway_ip=f"10.{n}.0.1")
+            for n, vni in enumerate((100, 9, 20), 1)]
+    fleet.apply_file(e, fleet.parse(text(vpcs=vpcs, ports=[])))
+    assert [int(m) for m in re.findall(r"^vni = (\d+)$", fleet.dump(e), re.M)] == [9, 20, 100]
+
+
 def test_dump_of_nothing_is_an_empty_fleet():
     assert fleet.parse(fleet.dump(FakeEtcd())) == fleet.Fleet({}, {})
 

@@ -333,7 +333,7 @@ def dump(etcd):
     import tomli_w
     _, kvs = etcd.range(FLEET)
     state = from_keys({k: v for k, (v, _) in kvs.items()})
-    doc = {"vpc": [state.vpcs[k] for k in sorted(state.vpcs, key=str)],
+    doc = {"vpc": [state.vpcs[k] for k in sorted(state.vpcs)],          # by VNI (integers)
            "port": [state.ports[k] for k in sorted(state.ports)]}
     return tomli_w.dumps({k: v for k, v in doc.items() if v})
 
