@@ -14,7 +14,6 @@ Run as root.
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pyroute2 import netns
 
 from xdectl import fleet
 from xdectl.etcd import Etcd
-from xdelab.etcd import Cluster
+from xdelab.etcd import standalone
 from xdelab.fleet import fleet_text
 
 SLEDS = [f"sled{i}" for i in range(1, 101)]
@@ -34,23 +33,15 @@ SLEDS = [f"sled{i}" for i in range(1, 101)]
 @contextlib.contextmanager
 def cluster():
     """A three-member etcd in a namespace of its own, and a client there."""
-    ns = f"xba{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    c = Cluster(ns, "127.0.0.1", tempfile.mkdtemp(prefix="xde-bench-", dir="/var/tmp"), size=3)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        c.start()
-        netns.pushns(ns)
+    with tempfile.TemporaryDirectory(prefix="xde-bench-", dir="/var/tmp") as d, \
+            standalone(d, size=3) as c:
+        netns.pushns(c.netns)
         e = Etcd(c.urls, txn_timeout=30)     # as `xdectl fleet apply`
         try:
             yield e
         finally:
             e.close()
             netns.popns()
-    finally:
-        c.stop()
-        subprocess.run(["rm", "-rf", str(c.dir)], check=True)
-        subprocess.run(["ip", "netns", "del", ns], check=True)
 
 
 def one(n):

@@ -787,9 +787,7 @@ def test_execute_all_opens_the_root_once_per_run_of_v2p_changes(monkeypatch):
     from contextlib import contextmanager
 
     from xdectl import overlay
-    opened, made = [], []
-
-    closed = []
+    opened, closed, made = [], [], []
 
     @contextmanager
     def session(root):

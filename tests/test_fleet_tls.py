@@ -15,7 +15,7 @@ from pyroute2 import netns
 
 from lab_fixture import XDECTL
 from xdectl.etcd import Etcd
-from xdelab.etcd import Cluster, make_certs
+from xdelab.etcd import make_certs, standalone
 from xdelab.fleet import fleet_text
 
 pytestmark = pytest.mark.usefixtures("privileged")
@@ -23,17 +23,9 @@ pytestmark = pytest.mark.usefixtures("privileged")
 
 @pytest.fixture(scope="module")
 def tls_etcd(tmp_path_factory):
-    ns = f"xt{secrets.token_hex(3)}"
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    c = Cluster(ns, "127.0.0.1", d / "etcd", certs=make_certs(d / "certs", "127.0.0.1"))
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        c.start()
-        yield ns, c
-    finally:
-        c.stop()
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with standalone(d / "etcd", certs=make_certs(d / "certs", "127.0.0.1")) as c:
+        yield c.netns, c
 
 
 def xdectl(ns, *args, check=True):

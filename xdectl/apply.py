@@ -84,6 +84,7 @@ import dataclasses
 import ipaddress
 from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import groupby
 
 from .errors import XdeError
 
@@ -538,17 +539,12 @@ def execute_all(root, actions):
     of a sled's first convergence, shares one locked, opened root (opening
     it per change cost 2.5 ms, the change itself 15 us): the root stays
     locked while the caller holds a V2P change's result."""
-    i = 0
-    while i < len(actions):
-        if actions[i].op not in V2P_OPS:
-            yield actions[i], _error_of(_execute, root, actions[i])
-            i += 1
-            continue
-        run = []
-        while i < len(actions) and actions[i].op in V2P_OPS:
-            run.append(actions[i])
-            i += 1
-        yield from _v2p_run(root, run)
+    for v2p, run in groupby(actions, key=lambda a: a.op in V2P_OPS):
+        if v2p:
+            yield from _v2p_run(root, list(run))
+        else:
+            for a in run:
+                yield a, _error_of(_execute, root, a)
 
 
 def _v2p_run(root, run):

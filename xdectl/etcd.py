@@ -247,24 +247,21 @@ class Etcd:
             resp = c.session.post(c.get_url("/watch"), json=body, stream=True, **self.verify,
                                   timeout=(self.timeout, idle))
         except requests.RequestException as e:
-            self.current = (self.current + 1) % len(self.clients)
-            raise Unavailable(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
+            raise self._moved_on(f"etcd unreachable ({self._url(c)}: {_reason(e)})") from None
         created = False
         try:
             if resp.status_code != 200:
                 why = _message_of(resp.text) or resp.text[:200]
                 if resp.status_code < 500:
                     raise XdeError(f"etcd watch: HTTP {resp.status_code} {why}")
-                self.current = (self.current + 1) % len(self.clients)     # e.g. 503: no leader
-                raise Unavailable(f"etcd unreachable ({self._url(c)}: {why})")
+                raise self._moved_on(f"etcd unreachable ({self._url(c)}: {why})")  # 503: no leader
             for line in resp.iter_lines(chunk_size=None):
                 if not line:
                     continue
                 msg = json.loads(line)
                 if "error" in msg:      # the gateway's stream to etcd broke
-                    self.current = (self.current + 1) % len(self.clients)
-                    raise Unavailable(f"etcd watch ended ({self._url(c)}: "
-                                      f"{msg['error'].get('message', msg['error'])})")
+                    raise self._moved_on(f"etcd watch ended ({self._url(c)}: "
+                                         f"{msg['error'].get('message', msg['error'])})")
                 r = msg["result"]
                 if int(r.get("compact_revision", 0)):
                     raise Compacted(start)
@@ -281,13 +278,16 @@ class Etcd:
         except (requests.RequestException, ValueError) as e:
             if created and "Read timed out" in str(e):
                 return      # idle: the caller's turn
-            self.current = (self.current + 1) % len(self.clients)
-            raise Unavailable(f"etcd watch ended ({self._url(c)}: {_reason(e)})") from None
+            raise self._moved_on(f"etcd watch ended ({self._url(c)}: {_reason(e)})") from None
         finally:
             resp.close()
         # the stream ended: etcd went away
+        raise self._moved_on(f"etcd closed the watch ({self._url(c)})")
+
+    def _moved_on(self, why):
+        """Unavailable(why), the next watch going to the next endpoint."""
         self.current = (self.current + 1) % len(self.clients)
-        raise Unavailable(f"etcd closed the watch ({self._url(c)})")
+        return Unavailable(why)
 
 
 def _reason(e):

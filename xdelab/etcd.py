@@ -7,9 +7,11 @@ docs/fleet.md says for production): a fleet apply is one transaction of
 every port, so the transaction and request limits are raised.
 """
 import os
+import secrets
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyroute2 import netns
@@ -160,6 +162,22 @@ class Cluster:
     def stop(self):
         for m in self.members:
             m.signal(signal.SIGTERM)
+
+
+@contextmanager
+def standalone(directory, size=1, certs=None):
+    """A cluster in a network namespace of its own (loopback up), on
+    127.0.0.1; stopped and the namespace removed afterwards."""
+    ns = f"xe{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    c = Cluster(ns, "127.0.0.1", directory, size, certs)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def kill_recorded(directory):
