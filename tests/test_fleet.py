@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -82,6 +83,46 @@ def test_every_guest_reaches_every_other(flab):
         assert v2p(flab, sled) == expected_v2p(flab, [port_table(i, flab.sleds)
                                                       for i in range(PORTS)])
     reach_all(flab, names)
+
+
+TCP_SERVER = """
+import hashlib, socket, sys
+s = socket.create_server((sys.argv[1], 5001))
+print("ready", flush=True)
+c, _ = s.accept()
+h, n = hashlib.sha256(), 0
+while chunk := c.recv(65536):
+    h.update(chunk)
+    n += len(chunk)
+print(n, h.hexdigest(), flush=True)
+"""
+TCP_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 5001), timeout=20)
+c.sendall(bytes.fromhex(sys.argv[2]) * (4 << 20 >> 5))
+c.shutdown(socket.SHUT_WR)
+"""
+
+
+def test_tcp_between_guests_on_two_sleds(flab):
+    """4 MiB over TCP from p0's guest (sled1) to p1's (sled2), byte-exact:
+    segments larger than a ping, both ways of a real connection."""
+    import hashlib
+    dst = flab.desired()["p1"]["ip"]
+    src_ns, dst_ns = flab.guest("p0"), flab.guest("p1")
+    pattern = secrets.token_bytes(32)
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{dst_ns}", sys.executable, "-c",
+                               TCP_SERVER, dst], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        subprocess.run(["nsenter", f"--net=/run/netns/{src_ns}", sys.executable, "-c",
+                        TCP_CLIENT, dst, pattern.hex()], check=True, timeout=60)
+        got = server.stdout.readline().split()
+    finally:
+        server.kill()
+        server.wait()
+    data = pattern * (4 << 20 >> 5)
+    assert got == [str(len(data)), hashlib.sha256(data).hexdigest()]
 
 
 def test_status_and_dump(flab):
